@@ -1,0 +1,1 @@
+"""The Streamlit dashboard of spectralscope (installed as ``spectralscope.dashboards``)."""

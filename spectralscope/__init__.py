@@ -1,0 +1,28 @@
+"""spectralscope: spectral diagnostics of PyTorch training, built around Muon's Newton–Schulz.
+
+    rec = ss.watch(optimizer, model, "runs/x.zarr")   # record
+    tree = ss.open_run("runs/x.zarr")                  # read (xarray.DataTree)
+"""
+
+__version__ = "0.1.0"
+
+from .adapters import register_adapter  # noqa: E402
+from .newton_schulz import NSConfig, newton_schulz, ns_threshold, scalar_map  # noqa: E402
+from .recorder import Recorder, watch  # noqa: E402
+from .spectra import DEFAULT_QUANTILES, quantiles, singular_values  # noqa: E402
+from .store import open_run  # noqa: E402
+
+__all__ = [
+    "DEFAULT_QUANTILES",
+    "NSConfig",
+    "Recorder",
+    "__version__",
+    "newton_schulz",
+    "ns_threshold",
+    "open_run",
+    "quantiles",
+    "register_adapter",
+    "scalar_map",
+    "singular_values",
+    "watch",
+]

@@ -1,0 +1,93 @@
+"""Where each optimizer keeps its momentum, and how (if at all) it orthogonalises it.
+
+An adapter answers two questions for one parameter after ``optimizer.step()``: which matrix M the
+optimizer's update is built from (SPEC §6 "momentum"), and which Newton–Schulz configuration it
+applies to M (None for optimizers without NS). Adapters are looked up along the optimizer class's MRO,
+so subclasses of a supported optimizer are supported too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .newton_schulz import NSConfig
+
+MomentumFn = Callable[[Tensor, Mapping[str, Any], Mapping[str, Any]], Tensor | None]
+NSFn = Callable[[Mapping[str, Any]], NSConfig | None]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """``momentum(param, group, state)`` → M or None; ``ns(group)`` → NSConfig or None.
+
+    ``describe`` lists the hyper-parameter names copied from ``param_groups[0]`` into the run's
+    ``optimizer`` attribute."""
+
+    momentum: MomentumFn
+    ns: NSFn = lambda group: None
+    describe: tuple[str, ...] = ("lr", "momentum", "weight_decay")
+
+
+_REGISTRY: dict[type, Adapter] = {}
+
+
+def register_adapter(
+    optimizer_class: type,
+    momentum: MomentumFn,
+    ns: NSFn | None = None,
+    describe: tuple[str, ...] = ("lr", "momentum", "weight_decay"),
+) -> Adapter:
+    """Teach spectralscope a new optimizer class.
+
+    ``momentum(param, group, state)`` is called after each recorded step with the parameter, its
+    param group and ``optimizer.state[param]``, and returns the matrix the update is built from (or
+    None). ``ns(group)`` returns the `NSConfig` the optimizer applies to it, or None.
+    """
+    if not isinstance(optimizer_class, type):
+        raise TypeError(f"optimizer_class must be a class, got {optimizer_class!r}")
+    if not callable(momentum):
+        raise TypeError("momentum must be callable (param, group, state) -> Tensor | None")
+    adapter = Adapter(momentum, ns or (lambda group: None), tuple(describe))
+    _REGISTRY[optimizer_class] = adapter
+    return adapter
+
+
+def adapter_for(optimizer: torch.optim.Optimizer) -> Adapter:
+    """The adapter registered for the optimizer's class or its nearest base; a no-momentum adapter otherwise."""
+    for cls in type(optimizer).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return Adapter(lambda p, g, s: None)
+
+
+def _muon_momentum(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor | None:
+    # After the step buf = B_t; Muon feeds NS with g.lerp(B_t, μ) under Nesterov, else B_t.
+    buf = state.get("momentum_buffer")
+    if buf is None or p.grad is None:
+        return buf
+    return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+
+def _muon_ns(group: Mapping[str, Any]) -> NSConfig:
+    return NSConfig(tuple(group["ns_coefficients"]), int(group["ns_steps"]), float(group["eps"]), torch.bfloat16)
+
+
+register_adapter(
+    torch.optim.SGD,
+    lambda p, g, s: s.get("momentum_buffer"),
+    describe=("lr", "momentum", "nesterov", "weight_decay", "dampening"),
+)
+register_adapter(torch.optim.Adam, lambda p, g, s: s.get("exp_avg"), describe=("lr", "betas", "eps", "weight_decay"))
+register_adapter(torch.optim.AdamW, lambda p, g, s: s.get("exp_avg"), describe=("lr", "betas", "eps", "weight_decay"))
+if hasattr(torch.optim, "Muon"):
+    register_adapter(
+        torch.optim.Muon,
+        _muon_momentum,
+        _muon_ns,
+        describe=("lr", "momentum", "nesterov", "ns_steps", "ns_coefficients", "eps", "weight_decay", "adjust_lr_fn"),
+    )

@@ -1,0 +1,107 @@
+"""The ``spectralscope`` command line (SPEC §4). User mistakes print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .store import open_run
+
+#: Per-layer metrics shown by ``info``, with the quantile taken where the metric has one.
+INFO_METRICS: tuple[tuple[str, float | None], ...] = (
+    ("momentum_sv", 0.5),
+    ("ns_fail_frac", None),
+    ("ns_polar_err", None),
+    ("update_rms", None),
+    ("update_erank", None),
+    ("neuron_cv", None),
+    ("weight_spectral_norm", None),
+)
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported in one line, no traceback."""
+
+
+def _fmt(x: object) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def info_text(path: str) -> str:
+    """The report of ``spectralscope info``: attributes, layers, steps and last values, as text tables."""
+    try:
+        tree = open_run(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    attrs = tree.attrs
+    lines = [f"run        {path}"]
+    for key in ("name", "status", "model_size", "created", "every", "steps"):
+        if key in attrs:
+            lines.append(f"{key:<10} {attrs[key]}")
+    lines.append(f"{'optimizer':<10} {json.dumps(attrs.get('optimizer', {}))}")
+    lines.append(f"{'meta':<10} {json.dumps(attrs.get('meta', {}))}")
+    errors = attrs.get("errors", {})
+    n_err = sum(sum(v.values()) for v in errors.values()) if isinstance(errors, dict) else 0
+    lines.append(f"{'errors':<10} {n_err}" + (f"  {json.dumps(errors)}" if n_err else ""))
+    lines.append("")
+    for name, node in tree.children.items():
+        ds = node.dataset
+        steps = ds["step"].values if "step" in ds.coords else np.array([])
+        span = f"steps {steps[0]}..{steps[-1]}" if len(steps) else "no steps yet"
+        lines.append(f"[{name}] {len(steps)} rows, {span}")
+    if "optimizer" in tree.children:
+        ds = tree["optimizer"].dataset
+        table = pd.DataFrame(
+            {
+                "layer": ds["layer"].values.tolist(),
+                "kind": ds["kind"].values.tolist(),
+                "depth": ds["depth"].values,
+                "shape": [f"{r}x{c}" for r, c in zip(ds["rows"].values, ds["cols"].values, strict=True)],
+            }
+        )
+        if ds.sizes.get("step", 0):
+            last = ds.isel(step=-1)
+            for var, q in INFO_METRICS:
+                if var not in last:
+                    continue
+                da = last[var].sel(quantile=q) if q is not None else last[var]
+                table[f"{var}@q{q}" if q is not None else var] = da.values
+            lines += ["", f"last recorded step: {int(ds['step'].values[-1])}"]
+        lines += ["", table.to_string(index=False, float_format=_fmt)]
+    if "scalars" in tree.children:
+        ds = tree["scalars"].dataset
+        if ds.sizes.get("step", 0) and ds.data_vars:
+            last = ds.isel(step=-1)
+            vals = ", ".join(f"{k}={_fmt(float(last[k].values))}" for k in ds.data_vars)
+            lines += ["", f"scalars at step {int(last['step'].values)}: {vals}"]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spectralscope", description="Spectral diagnostics of PyTorch training.")
+    sub = p.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="print a run's attributes, layers, steps and last values")
+    info.add_argument("run", help="path or URL of a run store (…/name.zarr)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "info":
+            print(info_text(args.run))
+        return 0
+    except UserError as exc:
+        print(f"spectralscope {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

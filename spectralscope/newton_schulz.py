@@ -1,0 +1,119 @@
+"""Newton–Schulz orthogonalisation: the matrix iteration as Muon runs it, its scalar map, and the
+failure threshold.
+
+One NS step maps X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ; on each singular value it acts as the odd
+quintic p(x) = a·x + b·x³ + c·x⁵, so k steps act as f_k = p_k ∘ … ∘ p_1 (one (a, b, c) per step, or
+the same triple every step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+#: Keller Jordan's quintic, the default of ``torch.optim.Muon``.
+MUON_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+MUON_EPS = 1e-7
+
+Coefficients = tuple[float, float, float] | Sequence[tuple[float, float, float]]
+
+
+def step_coefficients(coefficients: Coefficients, steps: int) -> list[tuple[float, float, float]]:
+    """The (a, b, c) of each of ``steps`` steps: a single triple repeated, or a per-step list (its length
+    must equal ``steps``)."""
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    coeffs = list(coefficients)
+    if len(coeffs) == 3 and all(isinstance(c, (int, float)) for c in coeffs):
+        return [tuple(float(c) for c in coeffs)] * steps  # type: ignore[list-item]
+    triples = [tuple(float(x) for x in t) for t in coeffs]
+    if any(len(t) != 3 for t in triples):
+        raise ValueError("coefficients must be one (a, b, c) triple or a list of (a, b, c) triples")
+    if len(triples) != steps:
+        raise ValueError(f"a per-step coefficient list has {len(triples)} entries but steps={steps}")
+    return triples  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class NSConfig:
+    """How an optimizer orthogonalises: coefficients (one triple or per step), steps, eps and dtype."""
+
+    coefficients: Coefficients = MUON_COEFFICIENTS
+    steps: int = 5
+    eps: float = MUON_EPS
+    dtype: torch.dtype = torch.bfloat16
+
+    def triples(self) -> list[tuple[float, float, float]]:
+        return step_coefficients(self.coefficients, self.steps)
+
+
+def newton_schulz(m: Tensor, config: NSConfig = NSConfig()) -> Tensor:
+    """O = NS_k(M), operation for operation as ``torch.optim.Muon`` computes it.
+
+    X = M in ``config.dtype``, transposed when rows > cols (so A = X·Xᵀ is the small Gram),
+    X ← X / max(‖X‖_F, eps), then for each step X ← a·X + (b·A + c·A·A)·X; transposed back.
+    The result has M's shape and ``config.dtype``.
+    """
+    x = m.to(config.dtype)
+    tall = m.shape[0] > m.shape[1]
+    if tall:
+        x = x.T
+    x = x.div(x.norm().clamp(min=config.eps))
+    for a, b, c in config.triples():
+        g = x @ x.T
+        poly = torch.addmm(g, g, g, beta=b, alpha=c)
+        x = torch.addmm(x, poly, x, beta=a)
+    return x.T if tall else x
+
+
+def scalar_map(x: np.ndarray | float, coefficients: Coefficients = MUON_COEFFICIENTS, steps: int = 5) -> np.ndarray:
+    """f_k(x): the k-step NS map on one singular value, in float64: x ← a·x + b·x³ + c·x⁵ per step."""
+    y = np.asarray(x, dtype=np.float64).copy()
+    for a, b, c in step_coefficients(coefficients, steps):
+        y2 = y * y
+        y = y * (a + y2 * (b + c * y2))
+    return y
+
+
+@lru_cache(maxsize=256)
+def _threshold(steps: int, triples: tuple[tuple[float, float, float], ...], floor: float) -> float:
+    f = lambda s: scalar_map(s, list(triples), steps)  # noqa: E731
+    if f(1.0) < floor:
+        raise ValueError(
+            f"f_{steps}(1) = {float(f(1.0)):.4g} < floor {floor}: no σ in (0, 1] has f_k ≥ floor on all of [σ, 1]"
+        )
+    # A log grid resolves the rise near 0, a linear grid the oscillating band near 1; the last grid point
+    # where f_k < floor brackets the answer, which bisection then pins to float64 precision.
+    grid = np.unique(np.concatenate([np.logspace(-300, 0, 60001), np.linspace(0.0, 1.0, 200001)[1:]]))
+    below = np.nonzero(f(grid) < floor)[0]
+    if below.size == 0:
+        return float(grid[0])
+    i = below[-1]
+    lo, hi = grid[i], grid[i + 1]  # f(lo) < floor <= f(s) for s in [hi, 1]
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if f(mid) < floor:
+            lo = mid
+        else:
+            hi = mid
+    return float(hi)
+
+
+def ns_threshold(steps: int, coefficients: Coefficients = MUON_COEFFICIENTS, floor: float = 0.5) -> float:
+    """The smallest σ ∈ (0, 1] such that f_k(s) ≥ ``floor`` for every s in [σ, 1].
+
+    Singular values of the normalised input M/‖M‖_F below it come out of k NS steps under ``floor``
+    ("NS failure"). Raises ``ValueError`` when no σ qualifies, e.g. a floor above f_k(1).
+    Reference (default quintic, floor 0.5): 5 steps → 1.067e-3, 10 steps → 2.201e-6.
+    """
+    if not 0 < floor:
+        raise ValueError(f"floor must be > 0, got {floor}")
+    triples = tuple(step_coefficients(coefficients, int(steps)))
+    return _threshold(int(steps), triples, float(floor))

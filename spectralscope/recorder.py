@@ -1,0 +1,372 @@
+"""`watch`: the thin shell that hooks an optimizer and streams its metrics into a run store.
+
+The recorder only reads. It attaches ``register_step_pre_hook`` (snapshot W before a recorded step)
+and ``register_step_post_hook`` (measure after it); it never touches the optimizer's state, the
+parameters, their gradients or the global random state, so training proceeds bit for bit as without it.
+After construction nothing it does raises into the training loop: a metric that cannot be computed is
+stored as NaN, counted in the run's ``errors`` attribute and warned about once per (metric, layer).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import math
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .adapters import adapter_for
+from .layers import Layer, select_layers
+from .newton_schulz import newton_schulz
+from .optimizer_metrics import momentum_metrics, newton_schulz_metrics, update_metrics, weight_metrics
+from .spectra import DEFAULT_QUANTILES, as_matrix
+from .store import GroupSpec, RunWriter
+
+log = logging.getLogger("spectralscope")
+
+#: Variables of the ``optimizer`` group and whether they carry a quantile axis.
+OPTIMIZER_VARIABLES: dict[str, bool] = {
+    "momentum_sv": True,
+    "momentum_norm": False,
+    "ns_out_sv": True,
+    "ns_polar_err": False,
+    "ns_orth_err": False,
+    "ns_fail_frac": False,
+    "update_rms": False,
+    "update_sv": True,
+    "update_erank": False,
+    "neuron_norm": True,
+    "neuron_cv": False,
+    "weight_spectral_norm": False,
+}
+_FAMILIES = {
+    "momentum": ("momentum_sv", "momentum_norm", "ns_fail_frac"),
+    "newton_schulz": ("ns_out_sv", "ns_polar_err", "ns_orth_err"),
+    "update": ("update_rms", "update_sv", "update_erank", "neuron_norm", "neuron_cv"),
+    "weight": ("weight_spectral_norm",),
+}
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, (tuple, list)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return repr(x)
+
+
+def _check(cond: bool, arg: str, accepted: str, got: Any) -> None:
+    if not cond:
+        raise ValueError(f"watch(): {arg} must be {accepted}, got {got!r}")
+
+
+class Recorder:
+    """Records one optimizer's watched layers into a run store. Made by `watch`; see there."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module | None,
+        path: str | Path,
+        *,
+        every: int = 10,
+        meta: Mapping[str, Any] | None = None,
+        layers: str | Callable[[str, Tensor], bool] | None = None,
+        quantiles: Sequence[float] = DEFAULT_QUANTILES,
+        name: str | None = None,
+        model_size: int | None = None,
+        ns_floor: float = 0.5,
+        flush_seconds: float = 5.0,
+        resume: bool = False,
+        overwrite: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+    ):
+        _check(isinstance(optimizer, torch.optim.Optimizer), "optimizer", "a torch.optim.Optimizer", optimizer)
+        _check(model is None or isinstance(model, nn.Module), "model", "an nn.Module or None", model)
+        _check(isinstance(path, (str, Path)) and str(path) != "", "path", "a non-empty str or Path", path)
+        _check(isinstance(every, int) and not isinstance(every, bool) and every >= 1, "every", "an int >= 1", every)
+        _check(meta is None or isinstance(meta, Mapping), "meta", "a dict of JSON values or None", meta)
+        _check(
+            layers is None or isinstance(layers, str) or callable(layers),
+            "layers", "a regex string, a callable (name, param) -> bool, or None", layers,
+        )
+        qs = [float(q) for q in quantiles]
+        _check(len(qs) > 0 and all(0 <= q <= 1 for q in qs) and qs == sorted(set(qs)),
+               "quantiles", "increasing distinct levels in [0, 1]", quantiles)
+        _check(model_size is None or (isinstance(model_size, int) and model_size > 0),
+               "model_size", "a positive int or None", model_size)
+        _check(0 < ns_floor, "ns_floor", "a float > 0", ns_floor)
+        _check(flush_seconds > 0, "flush_seconds", "a number > 0", flush_seconds)
+        if meta is not None:
+            try:
+                json.dumps(dict(meta))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"watch(): meta must hold JSON values only ({exc})") from exc
+
+        self.optimizer = optimizer
+        self.every = every
+        self.quantiles = qs
+        self.ns_floor = float(ns_floor)
+        self.adapter = adapter_for(optimizer)
+        self.layers: list[Layer] = select_layers(optimizer, model, layers)
+        if not self.layers:
+            raise ValueError(
+                "watch(): no parameter to watch — the optimizer updates no parameter with ndim >= 2"
+                + (f" whose name matches layers={layers!r}" if layers is not None else "")
+            )
+        self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        if model_size is None:
+            params = model.parameters() if model is not None else (p for g in optimizer.param_groups for p in g["params"])
+            model_size = sum(p.numel() for p in {id(p): p for p in params}.values())
+        group0 = optimizer.param_groups[0]
+        ns0 = self.adapter.ns(group0)
+        opt_attrs = {"class": type(optimizer).__name__}
+        opt_attrs.update({k: _jsonable(group0[k]) for k in self.adapter.describe if k in group0})
+        opt_attrs.setdefault("ns_steps", ns0.steps if ns0 else None)
+        opt_attrs.setdefault("ns_coefficients", _jsonable(ns0.coefficients) if ns0 else None)
+        opt_attrs.setdefault("nesterov", group0.get("nesterov"))
+        opt_attrs.setdefault("momentum", _jsonable(group0.get("momentum", group0.get("betas"))))
+        attrs = {
+            "name": name or Path(str(path).rstrip("/")).name.removesuffix(".zarr"),
+            "model_size": int(model_size),
+            "optimizer": opt_attrs,
+            "meta": dict(meta or {}),
+            "every": every,
+        }
+        self.writer = RunWriter(
+            path, self._group_specs(), attrs, resume=resume, overwrite=overwrite,
+            flush_seconds=flush_seconds, storage_options=storage_options,
+        )
+        self.path = self.writer.path
+        self._errors: dict[str, dict[str, int]] = {}
+        if resume:
+            self._errors = {k: dict(v) for k, v in dict(self.writer._attrs.get("errors", {})).items()}
+        self._step = self._resume_step() if resume else 0
+        self._before: dict[int, Tensor] | None = None
+        self._vectors: dict[str, Tensor] = {}
+        self._scalars: dict[str, float] = {}
+        self._scalar_step: int | None = None
+        self._closed = False
+        self._handles = [
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+        ]
+        self._atexit = _close_at_exit(self)
+        atexit.register(self._atexit)
+
+    # ---- layout ----------------------------------------------------------------------------------
+    def _group_specs(self) -> list[GroupSpec]:
+        ls = self.layers
+        coords = {
+            "layer": ("layer", np.array([lay.name for lay in ls])),
+            "kind": ("layer", np.array([lay.kind for lay in ls])),
+            "depth": ("layer", np.array([lay.depth for lay in ls], dtype=np.float64)),
+            "rows": ("layer", np.array([lay.rows for lay in ls], dtype=np.int64)),
+            "cols": ("layer", np.array([lay.cols for lay in ls], dtype=np.int64)),
+            "quantile": ("quantile", np.array(self.quantiles, dtype=np.float64)),
+        }
+        variables = {v: ("step", "layer", "quantile") if q else ("step", "layer") for v, q in OPTIMIZER_VARIABLES.items()}
+        return [GroupSpec("optimizer", coords, variables), GroupSpec("scalars", dynamic=True)]
+
+    def _resume_step(self) -> int:
+        seen = [int(self.writer._attrs.get("steps", 0))]
+        for g in ("optimizer", "scalars"):
+            last = self.writer.last_step(g)
+            if last is not None:
+                seen.append(last + 1)
+        return max(seen)
+
+    # ---- public ------------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Index of the last completed optimizer step (−1 before the first)."""
+        return self._step - 1
+
+    @property
+    def errors(self) -> dict[str, dict[str, int]]:
+        """Counts of metrics that came out NaN/Inf or failed, as {metric: {layer: count}}."""
+        return {k: dict(v) for k, v in self._errors.items()}
+
+    def log(self, **scalars: float | Tensor) -> None:
+        """Record scalars (``loss=loss``) at the current step into group ``scalars``; tensors are read
+        when the row is written, one host copy per step."""
+        if self._closed:
+            return
+        step = max(self.step, 0)
+        if self._scalar_step is not None and step != self._scalar_step:
+            self._push_scalars()
+        self._scalar_step = step
+        for k, v in scalars.items():
+            self._scalars[str(k)] = v.detach() if isinstance(v, Tensor) else v
+
+    def flush(self) -> None:
+        """Commit everything recorded so far (blocks until written)."""
+        self._push_scalars()
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Remove every hook, commit what is pending and mark the run finished. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        atexit.unregister(self._atexit)
+        self._push_scalars()
+        self.writer.update_attrs(steps=self._step, errors=self.errors)
+        self.writer.close()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- hooks -------------------------------------------------------------------------------------
+    def _recording(self) -> bool:
+        return self._step % self.every == 0
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._before = None
+        if not self._recording():
+            return
+        try:
+            with torch.no_grad():
+                self._before = {id(lay.param): lay.param.detach().clone() for lay in self.layers}
+        except Exception as exc:  # out of memory for the snapshot: skip update metrics this step
+            self._warn("update", "*", exc)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        try:
+            if self._recording():
+                with torch.no_grad():
+                    row = self._measure()
+                self.writer.append("optimizer", self._step, row)
+                self.writer.update_attrs(steps=self._step + 1, errors=self.errors)
+        except Exception as exc:  # never into the training loop
+            self._warn("optimizer", "*", exc)
+        finally:
+            self._before = None
+            self._step += 1
+
+    # ---- measuring ---------------------------------------------------------------------------------
+    def _measure(self) -> dict[str, np.ndarray]:
+        nq, nl = len(self.quantiles), len(self.layers)
+        row = {v: np.full((nl, nq) if q else (nl,), np.nan) for v, q in OPTIMIZER_VARIABLES.items()}
+        for i, lay in enumerate(self.layers):
+            for var, value in self._measure_layer(lay).items():
+                row[var][i] = value
+        return row
+
+    def _measure_layer(self, lay: Layer) -> dict[str, np.ndarray]:
+        p = lay.param
+        group = self._group_of.get(id(p), self.optimizer.param_groups[0])
+        state = self.optimizer.state.get(p, {})
+        ns = self.adapter.ns(group)
+        qs = self.quantiles
+        out: dict[str, Tensor] = {}
+        reasons: dict[str, str] = {}
+
+        def fail(name: str, exc: BaseException) -> None:
+            for var in _FAMILIES[name]:
+                out[var] = torch.full((len(qs),) if OPTIMIZER_VARIABLES[var] else (), float("nan"))
+                reasons[var] = f"failed ({type(exc).__name__}: {exc})"
+
+        def family(name: str, fn: Callable[[], dict[str, Tensor]]) -> None:
+            try:
+                out.update(fn())
+            except Exception as exc:
+                fail(name, exc)
+
+        m = None
+        try:
+            m = self.adapter.momentum(p, group, state)
+        except Exception as exc:
+            fail("momentum", exc)
+        if m is not None:
+            mat = as_matrix(m.detach())
+            family("momentum", lambda: momentum_metrics(mat, qs, ns, self.ns_floor))
+            if ns is not None:
+                family("newton_schulz", lambda: newton_schulz_metrics(newton_schulz(mat, ns), qs))
+        if self._before is not None and id(p) in self._before:
+            w0 = self._before[id(p)]
+            family("update", lambda: update_metrics(p.detach() - w0, qs))
+
+        def weight() -> dict[str, Tensor]:
+            metrics, v = weight_metrics(p.detach(), self._vectors.get(lay.name))
+            if bool(torch.isfinite(v).all()):
+                self._vectors[lay.name] = v
+            return metrics
+
+        family("weight", weight)
+        host = {k: v.detach().to("cpu", torch.float64).numpy() for k, v in out.items()}
+        for var, value in host.items():
+            if not np.isfinite(value).all():
+                self._count(var, lay.name, reasons.get(var, "is not finite"))
+        return host
+
+    def _count(self, metric: str, layer: str, reason: str) -> None:
+        per = self._errors.setdefault(metric, {})
+        first = layer not in per
+        per[layer] = per.get(layer, 0) + 1
+        if first:
+            log.warning("spectralscope: %s of %s %s at step %d; recorded as NaN (warned once per metric and layer)",
+                        metric, layer, reason, self._step)
+
+    def _warn(self, metric: str, layer: str, exc: BaseException) -> None:
+        self._count(metric, layer, f"failed ({type(exc).__name__}: {exc})")
+
+    def _push_scalars(self) -> None:
+        if not self._scalars or self._scalar_step is None:
+            return
+        values = {}
+        for k, v in self._scalars.items():
+            try:
+                values[k] = float(v)
+            except (TypeError, ValueError, RuntimeError):
+                values[k] = float("nan")
+        self.writer.append("scalars", self._scalar_step, values)
+        self._scalars = {}
+        self._scalar_step = None
+
+
+def _close_at_exit(rec: Recorder) -> Callable[[], None]:
+    ref = weakref.ref(rec)
+
+    def close() -> None:
+        r = ref()
+        if r is not None:
+            r.close()
+
+    return close
+
+
+def watch(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module | None = None,
+    path: str | Path = "runs/run.zarr",
+    **options: Any,
+) -> Recorder:
+    """Hook ``optimizer`` (and name its parameters after ``model``) and stream metrics into ``path``.
+
+    Options: ``every`` (record the optimizer group every N steps, default 10), ``meta`` (JSON dict),
+    ``layers`` (regex or callable narrowing the watched parameters), ``quantiles``, ``name``,
+    ``model_size`` (default: the model's parameter count), ``ns_floor`` (the f_k floor behind
+    ``ns_fail_frac``, default 0.5), ``flush_seconds`` (default 5), ``resume`` / ``overwrite``,
+    ``storage_options`` (fsspec). Returns the `Recorder`; use it as a context manager or call ``close()``.
+    """
+    return Recorder(optimizer, model, path, **options)

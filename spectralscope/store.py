@@ -1,0 +1,352 @@
+"""The run store: one Zarr v3 group per run, written by a background thread (SPEC §5).
+
+Commit protocol. Rows are buffered in memory; the writer thread writes them when they complete a chunk
+of the step axis (``chunk_steps`` ≥ 256 rows) and every ``flush_seconds`` (the partial tail chunk), then
+sets the group's ``n_rows`` attribute — after the data. Zarr writes every chunk and metadata document
+to a temporary file and renames it into place, so a reader sees each file old or new, never half
+written; reading ``n_rows`` first and then only rows below it therefore never shows a torn row, and a
+process killed at any instant leaves every committed row intact. Arrays are allocated ahead of the
+data along ``step`` and trimmed to ``n_rows`` on close, so a finished run opens with plain
+``xarray.open_zarr(path, group=...)``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+import zarr.storage
+
+from . import __version__
+
+log = logging.getLogger("spectralscope")
+
+SCHEMA = 1
+
+
+@dataclass
+class GroupSpec:
+    """Layout of one sub-group: its non-step coordinates and its variables' dimensions.
+
+    ``coords`` maps a coordinate name to (dimension, values); the dimension coordinates (``layer``,
+    ``quantile``, ...) have the dimension's own name. ``variables`` maps a variable name to its dims,
+    the first of which is always ``step``. With ``dynamic=True`` variables unknown in advance
+    (``rec.log`` scalars) are added, as (step,) float64, when first appended.
+    """
+
+    name: str
+    coords: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
+    variables: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    dynamic: bool = False
+
+    def shape(self, var: str) -> tuple[int, ...]:
+        sizes = {dim: len(vals) for name, (dim, vals) in self.coords.items() if name == dim}
+        return tuple(sizes[d] for d in self.variables[var][1:])
+
+
+def is_url(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def open_store(path: str | Path, storage_options: Mapping[str, Any] | None = None, read_only: bool = False):
+    """A Zarr store for a local directory or an fsspec URL (``s3://bucket/run.zarr``)."""
+    if is_url(path):
+        return zarr.storage.FsspecStore.from_url(
+            str(path), storage_options=dict(storage_options or {}), read_only=read_only
+        )
+    return zarr.storage.LocalStore(str(path), read_only=read_only)
+
+
+def _exists(path: str | Path, storage_options: Mapping[str, Any] | None) -> bool:
+    if not is_url(path):
+        p = Path(path)
+        return p.exists() and (p.is_file() or any(p.iterdir()))
+    try:
+        zarr.open_group(open_store(path, storage_options, read_only=True), mode="r")
+        return True
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return False
+
+
+class _GroupState:
+    def __init__(self, spec: GroupSpec, group: zarr.Group, n_rows: int, capacity: int):
+        self.spec = spec
+        self.group = group
+        self.n = n_rows
+        self.capacity = capacity
+        self.pending: list[tuple[int, dict[str, Any]]] = []
+
+
+class RunWriter:
+    """Owns a run's Zarr group and the thread that commits rows to it.
+
+    ``append`` and ``update_attrs`` only enqueue and return at once; all I/O happens on the writer
+    thread. Errors while writing are logged once and retried at the next flush, never raised to the
+    caller.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        groups: Sequence[GroupSpec],
+        attrs: Mapping[str, Any],
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        flush_seconds: float = 5.0,
+        chunk_steps: int = 256,
+        storage_options: Mapping[str, Any] | None = None,
+    ):
+        if chunk_steps < 256:
+            raise ValueError(f"chunk_steps must be >= 256, got {chunk_steps}")
+        if not flush_seconds > 0:
+            raise ValueError(f"flush_seconds must be > 0, got {flush_seconds}")
+        if resume and overwrite:
+            raise ValueError("resume=True and overwrite=True exclude each other")
+        self.path = str(path)
+        self.chunk = int(chunk_steps)
+        self.flush_seconds = float(flush_seconds)
+        store = open_store(path, storage_options)
+        exists = _exists(path, storage_options)
+        if exists and not (resume or overwrite):
+            raise FileExistsError(f"{self.path} already exists; pass resume=True to append or overwrite=True")
+        self._groups: dict[str, _GroupState] = {}
+        if exists and resume:
+            self.root = zarr.open_group(store, mode="r+")
+            check_run(self.root, self.path)
+            for spec in groups:
+                self._groups[spec.name] = self._resume_group(spec)
+            self._attrs = dict(self.root.attrs)
+            self._attrs.update({k: v for k, v in attrs.items() if k not in ("created", "errors")})
+        else:
+            self.root = zarr.open_group(store, mode="w", zarr_format=3)
+            self._attrs = {
+                "spectralscope": {"schema": SCHEMA, "version": __version__},
+                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "errors": {},
+                **dict(attrs),
+            }
+            for spec in groups:
+                self._groups[spec.name] = self._create_group(spec)
+        self._attrs["status"] = "running"
+        self.root.attrs.put(self._attrs)
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._error_logged = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"spectralscope-writer:{self.path}", daemon=True)
+        self._thread.start()
+
+    # ---- layout ---------------------------------------------------------------------------------
+    def _create_array(self, group: zarr.Group, name: str, shape, dims, dtype, chunks, fill):
+        return group.create_array(
+            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, dimension_names=dims, overwrite=True
+        )
+
+    def _create_group(self, spec: GroupSpec) -> _GroupState:
+        g = self.root.create_group(spec.name)
+        for name, (dim, values) in spec.coords.items():
+            values = np.asarray(values)
+            dtype = str if values.dtype.kind in "US" else values.dtype
+            a = self._create_array(g, name, values.shape, (dim,), dtype, values.shape or None, None)
+            if values.size:
+                a[...] = values
+        self._create_array(g, "step", (self.chunk,), ("step",), "int64", (self.chunk,), -1)
+        for var in spec.variables:
+            self._add_variable(g, spec, var, self.chunk)
+        g.attrs.put({"n_rows": 0})
+        return _GroupState(spec, g, 0, self.chunk)
+
+    def _add_variable(self, g: zarr.Group, spec: GroupSpec, var: str, capacity: int) -> None:
+        dims = spec.variables[var]
+        inner = spec.shape(var)
+        a = self._create_array(g, var, (capacity, *inner), dims, "float64", (self.chunk, *inner), np.nan)
+        aux = [c for c, (d, _) in spec.coords.items() if c != d and d in dims]
+        if aux:
+            a.attrs["coordinates"] = " ".join(aux)
+
+    def _resume_group(self, spec: GroupSpec) -> _GroupState:
+        if spec.name not in self.root:
+            return self._create_group(spec)
+        g = self.root[spec.name]
+        for name, (dim, values) in spec.coords.items():
+            if name == dim and name in g and name not in ("quantile",):
+                old = [v.item() if hasattr(v, "item") else v for v in np.asarray(g[name][...])]
+                if list(np.asarray(old)) != list(np.asarray(values)):
+                    raise ValueError(
+                        f"cannot resume {self.path}: its {spec.name} {name}s differ from the watched ones "
+                        f"(store has {list(old)[:5]}…, watching {list(values)[:5]}…)"
+                    )
+        n = int(g.attrs.get("n_rows", 0))
+        capacity = g["step"].shape[0]
+        for var in spec.variables:
+            if var not in g:
+                self._add_variable(g, spec, var, capacity)
+        if spec.dynamic:
+            for name in g.array_keys():
+                if name != "step" and name not in spec.coords and name not in spec.variables:
+                    spec.variables[name] = ("step",)
+        return _GroupState(spec, g, n, capacity)
+
+    # ---- public, called from the training thread -----------------------------------------------
+    def append(self, group: str, step: int, values: Mapping[str, Any]) -> None:
+        """Queue one row of ``group`` at ``step``; values are numpy arrays or floats shaped as the spec says."""
+        if self._closed:
+            return
+        self._queue.put(("row", (group, int(step), dict(values))))
+
+    def update_attrs(self, **attrs: Any) -> None:
+        """Merge JSON-serialisable root attributes; written with the next flush."""
+        self._queue.put(("attrs", attrs))
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Write everything queued so far and wait until it is committed."""
+        done = threading.Event()
+        self._queue.put(("flush", done))
+        done.wait(timeout)
+
+    def close(self, status: str = "finished") -> None:
+        """Commit every queued row, trim the arrays to ``n_rows``, mark the run ``status``, stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(("close", status))
+        self._thread.join()
+
+    def n_rows(self, group: str) -> int:
+        st = self._groups[group]
+        return st.n + len(st.pending)
+
+    def last_step(self, group: str) -> int | None:
+        st = self._groups[group]
+        if st.pending:
+            return st.pending[-1][0]
+        if st.n == 0:
+            return None
+        return int(st.group["step"][st.n - 1])
+
+    # ---- writer thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.flush_seconds
+        while True:
+            try:
+                kind, item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self._commit_all()
+                deadline = time.monotonic() + self.flush_seconds
+                continue
+            if kind == "row":
+                name, step, values = item
+                st = self._groups[name]
+                st.pending.append((step, values))
+                if (st.n + len(st.pending)) % self.chunk == 0:
+                    self._guard(self._commit, st)
+            elif kind == "attrs":
+                self._attrs.update(item)
+            elif kind == "flush":
+                self._commit_all()
+                item.set()
+            elif kind == "close":
+                self._commit_all()
+                self._attrs["status"] = item
+                self._guard(self._finish)
+                return
+            if time.monotonic() >= deadline:
+                self._commit_all()
+                deadline = time.monotonic() + self.flush_seconds
+
+    def _guard(self, fn, *args) -> bool:
+        try:
+            fn(*args)
+            return True
+        except Exception as exc:  # a full disk or a lost bucket must not take training down
+            if not self._error_logged:
+                log.warning("spectralscope: writing %s failed (%s: %s); will retry", self.path, type(exc).__name__, exc)
+                self._error_logged = True
+            return False
+
+    def _commit_all(self) -> None:
+        for st in self._groups.values():
+            if st.pending:
+                self._guard(self._commit, st)
+        self._guard(self.root.attrs.put, self._attrs)
+
+    def _commit(self, st: _GroupState) -> None:
+        rows = st.pending
+        spec = st.spec
+        start, stop = st.n, st.n + len(rows)
+        if spec.dynamic:
+            for _, values in rows:
+                for var in values:
+                    if var not in spec.variables:
+                        spec.variables[var] = ("step",)
+                        self._add_variable(st.group, spec, var, st.capacity)
+        if stop > st.capacity:
+            new = max(2 * st.capacity, math.ceil(stop / self.chunk) * self.chunk)
+            for name in ["step", *spec.variables]:
+                arr = st.group[name]
+                arr.resize((new, *arr.shape[1:]))
+            st.capacity = new
+        for var in spec.variables:
+            shape = spec.shape(var)
+            block = np.full((len(rows), *shape), np.nan)
+            for i, (_, values) in enumerate(rows):
+                if var in values:
+                    block[i] = values[var]
+            st.group[var][start:stop] = block
+        st.group["step"][start:stop] = np.array([s for s, _ in rows], dtype=np.int64)
+        st.group.attrs.put({**dict(st.group.attrs), "n_rows": stop})
+        st.n = stop
+        st.pending = []
+
+    def _finish(self) -> None:
+        for st in self._groups.values():
+            for name in ["step", *st.spec.variables]:
+                arr = st.group[name]
+                if arr.shape[0] != st.n:
+                    arr.resize((st.n, *arr.shape[1:]))
+            st.capacity = st.n
+        self.root.attrs.put(self._attrs)
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+def check_run(root: zarr.Group, path: str) -> dict[str, Any]:
+    """The run's root attributes, or ``ValueError`` naming ``path`` when it is not a spectralscope run
+    of a schema this version reads."""
+    attrs = dict(root.attrs)
+    info = attrs.get("spectralscope")
+    if not isinstance(info, dict) or "schema" not in info:
+        raise ValueError(f"{path} is a Zarr group but not a spectralscope run (no 'spectralscope' attribute)")
+    if info["schema"] != SCHEMA:
+        raise ValueError(f"{path} has store schema {info['schema']}; this spectralscope reads schema {SCHEMA}")
+    return attrs
+
+
+def open_run(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> xr.DataTree:
+    """The committed prefix of a run as an ``xarray.DataTree``: the root holds the run's attributes,
+    one child per sub-group, each cut to its ``n_rows`` committed steps. Data are read lazily."""
+    store = open_store(path, storage_options, read_only=True)
+    try:
+        root = zarr.open_group(store, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise FileNotFoundError(f"{path}: no spectralscope run there") from exc
+    attrs = check_run(root, str(path))
+    tree: dict[str, xr.Dataset] = {"/": xr.Dataset(attrs=attrs)}
+    for name in sorted(root.group_keys()):
+        # n_rows first, data second: rows below n_rows were complete before n_rows was written.
+        n = int(root[name].attrs.get("n_rows", 0))
+        ds = xr.open_zarr(store, group=name, consolidated=False, chunks=None, zarr_format=3)
+        ds = ds.isel(step=slice(0, n))
+        ds.attrs.pop("n_rows", None)
+        tree[f"/{name}"] = ds
+    return xr.DataTree.from_dict(tree)
