@@ -2,7 +2,8 @@
 
 Notation: W ∈ R^{m×n} (rows = output neurons), r = min(m, n), σ descending singular values,
 q(·) the linear-interpolation quantile at the recorded levels. Every function returns a dict of float64
-tensors on the input's device, keyed by the store's variable names; non-finite input gives NaN values.
+tensors on the input's device, keyed by the store's variable names; input with any NaN/Inf entry gives
+NaN for every metric of the family.
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ def _scalar(x: float | Tensor, device: torch.device) -> Tensor:
     return torch.as_tensor(x, dtype=torch.float64, device=device)
 
 
+def _all_nan(names: dict[str, bool], nq: int, device: torch.device) -> dict[str, Tensor]:
+    """NaN for every metric: a matrix with NaN/Inf entries has no meaningful spectrum or norm."""
+    return {k: torch.full((nq,) if q else (), _NAN, dtype=torch.float64, device=device) for k, q in names.items()}
+
+
+def _finite(x: Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
 def momentum_metrics(m: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES, ns_config: NSConfig | None = None,
                      floor: float = 0.5) -> dict[str, Tensor]:
     """Spectrum of the matrix M that the optimizer orthogonalises.
@@ -40,6 +50,9 @@ def momentum_metrics(m: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES, ns_conf
     """
     mat = as_matrix(m)
     dev = mat.device
+    if not _finite(mat):
+        names = {"momentum_norm": False, "momentum_sv": True}
+        return _all_nan(names | ({"ns_fail_frac": False} if ns_config else {}), len(qs), dev)
     norm = torch.linalg.matrix_norm(mat.to(torch.float64))
     sigma = singular_values(mat)
     finite_pos = bool(torch.isfinite(norm)) and float(norm) > 0
@@ -59,6 +72,8 @@ def newton_schulz_metrics(o: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) ->
     ``ns_orth_err`` = ‖O·Oᵀ − I_r‖_F / √r with O·Oᵀ taken on the smaller side.
     """
     mat = as_matrix(o)
+    if not _finite(mat):
+        return _all_nan({"ns_out_sv": True, "ns_polar_err": False, "ns_orth_err": False}, len(qs), mat.device)
     r = min(mat.shape)
     g = gram(mat)
     sigma = singular_values(mat, g=g)
@@ -79,6 +94,9 @@ def update_metrics(dw: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) -> dict[
     (population std, ddof = 0). Normalised quantities are NaN for a zero step.
     """
     mat = as_matrix(dw).to(torch.float64)
+    if not _finite(mat):
+        names = {"update_rms": False, "update_sv": True, "update_erank": False, "neuron_norm": True, "neuron_cv": False}
+        return _all_nan(names, len(qs), mat.device)
     sigma = singular_values(mat)
     rho = torch.linalg.vector_norm(mat, dim=1)
     mean = rho.mean()

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import prescribed
+from torch.optim._muon import _zeropower_via_newtonschulz
+
+from spectralscope.newton_schulz import NSConfig, newton_schulz, ns_threshold, scalar_map, step_coefficients
+
+A, B, C = 3.4445, -4.7750, 2.0315
+
+
+def _ref_map(x: np.ndarray, triples) -> np.ndarray:
+    # independent float64 evaluation of the composed polynomial via numpy.polynomial
+    y = np.asarray(x, dtype=np.float64)
+    for a, b, c in triples:
+        y = np.polynomial.polynomial.polyval(y, [0.0, a, 0.0, b, 0.0, c])
+    return y
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (64, 32), (48, 48), (1, 20), (20, 1)])
+@pytest.mark.parametrize("steps", [1, 5, 7])
+def test_matrix_iteration_is_bitwise_torch_muon(shape, steps):
+    g = torch.randn(*shape)
+    ours = newton_schulz(g, NSConfig((A, B, C), steps, 1e-7, torch.bfloat16))
+    theirs = _zeropower_via_newtonschulz(g, (A, B, C), steps, 1e-7)
+    assert ours.dtype == torch.bfloat16 and ours.shape == g.shape
+    assert torch.equal(ours, theirs)
+
+
+def test_float64_iteration_acts_on_singular_values_by_the_scalar_map():
+    s = np.geomspace(1.0, 1e-3, 16)
+    m = prescribed(16, 40, s, seed=2)
+    o = newton_schulz(torch.from_numpy(m), NSConfig((A, B, C), 5, 0.0, torch.float64)).numpy()
+    got = np.sort(np.linalg.svd(o, compute_uv=False))
+    want = np.sort(np.abs(_ref_map(s / np.linalg.norm(s), [(A, B, C)] * 5)))
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_scalar_map_fixed_and_per_step_coefficients():
+    x = np.linspace(0, 1, 101)
+    np.testing.assert_allclose(scalar_map(x, (A, B, C), 5), _ref_map(x, [(A, B, C)] * 5), rtol=1e-12, atol=1e-15)
+    sched = [(4.0, -5.0, 2.0), (3.5, -4.5, 1.9), (3.0, -3.0, 1.0)]
+    np.testing.assert_allclose(scalar_map(x, sched, 3), _ref_map(x, sched), rtol=1e-12, atol=1e-15)
+    assert float(scalar_map(0.5545, (A, B, C), 1)) == pytest.approx(1.2024, abs=1e-4)
+    assert float(scalar_map(1.0, (A, B, C), 5)) == pytest.approx(0.696, abs=1e-3)
+    with pytest.raises(ValueError, match="per-step"):
+        step_coefficients(sched, 5)
+
+
+@pytest.mark.parametrize(
+    "steps,floor,ref", [(5, 0.5, 1.067e-3), (10, 0.5, 2.201e-6), (5, 0.1, 2.065e-4), (10, 0.1, 4.259e-7)]
+)
+def test_ns_threshold_reference_values(steps, floor, ref):
+    thr = ns_threshold(steps, floor=floor)
+    assert thr == pytest.approx(ref, rel=5e-4)
+    # definition: f_k ≥ floor on [thr, 1] and < floor just below thr
+    grid = np.linspace(thr, 1.0, 200001)
+    assert np.all(_ref_map(grid, [(A, B, C)] * steps) >= floor - 1e-12)
+    assert _ref_map(thr * (1 - 1e-6), [(A, B, C)] * steps) < floor
+
+
+def test_ns_threshold_without_a_qualifying_sigma_raises():
+    with pytest.raises(ValueError, match="floor"):
+        ns_threshold(5, floor=0.7)
+    with pytest.raises(ValueError):
+        ns_threshold(5, floor=0.0)
+
+
+def test_ns_threshold_per_step_schedule_matches_bisection_of_reference_map():
+    sched = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+             (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)]
+    thr = ns_threshold(5, sched, floor=0.5)
+    assert _ref_map(thr, sched) >= 0.5 - 1e-12
+    assert _ref_map(thr * (1 - 1e-6), sched) < 0.5
+    assert np.all(_ref_map(np.linspace(thr, 1, 100001), sched) >= 0.5 - 1e-12)

@@ -1,0 +1,349 @@
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import np_quantile, prescribed
+from torch import nn
+
+import spectralscope as ss
+from spectralscope.spectra import DEFAULT_QUANTILES as QS
+
+THRESHOLD_5 = 1.067e-3  # SPEC §7 reference value of ns_threshold(5)
+
+
+def _grad_spectrum(r: int) -> np.ndarray:
+    return np.concatenate([np.geomspace(2.0, 0.05, r - 4), np.full(4, 2e-5)])
+
+
+class Tiny(nn.Module):
+    def __init__(self, d_in=12, d=16, d_out=6):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d, bias=False)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"mlp": nn.ModuleDict({"c_fc": nn.Linear(d, 2 * d), "c_proj": nn.Linear(2 * d, d)})})
+            for _ in range(2)
+        )
+        self.head = nn.Linear(d, d_out, bias=False)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for b in self.blocks:
+            h = h + b["mlp"]["c_proj"](torch.tanh(b["mlp"]["c_fc"](h)))
+        return self.head(h)
+
+
+def _one_param_step(tmp_path, opt_factory, grads, **watch_kw):
+    """Run len(grads) optimizer steps on one 20×36 matrix with prescribed gradients; return (tree, param history)."""
+    w = nn.Parameter(torch.zeros(20, 36))
+    opt = opt_factory([w])
+    rec = ss.watch(opt, None, tmp_path / "r.zarr", every=1, **watch_kw)
+    hist = [w.detach().clone()]
+    for g in grads:
+        w.grad = torch.from_numpy(g).float()
+        opt.step()
+        hist.append(w.detach().clone())
+    rec.close()
+    return ss.open_run(tmp_path / "r.zarr"), hist
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_momentum_spectrum_is_exact(tmp_path, nesterov):
+    mu = 0.9
+    g1 = prescribed(20, 36, _grad_spectrum(20), seed=1)
+    g2 = prescribed(20, 36, _grad_spectrum(20)[::-1].copy() * 0.5 + 0.01, seed=2)
+    tree, hist = _one_param_step(
+        tmp_path, lambda p: torch.optim.Muon(p, lr=0.01, momentum=mu, nesterov=nesterov, weight_decay=0.0), [g1, g2]
+    )
+    opt = tree["optimizer"]
+    assert list(opt.step.values) == [0, 1]
+    # reference: float64 numpy, from the gradients alone (B_t = μ B_{t-1} + (1−μ) g_t)
+    g1f, g2f = g1.astype(np.float32).astype(np.float64), g2.astype(np.float32).astype(np.float64)
+    b1 = (1 - mu) * g1f
+    b2 = mu * b1 + (1 - mu) * g2f
+    for t, (g, b) in enumerate([(g1f, b1), (g2f, b2)]):
+        m = (1 - mu) * g + mu * b if nesterov else b
+        sv = np.linalg.svd(m, compute_uv=False)
+        fro = np.linalg.norm(m)
+        # the optimizer forms M in float32: its tiny singular values carry ~1e-7·σ_max of rounding
+        np.testing.assert_allclose(opt.momentum_sv.values[t, 0], np_quantile(sv / fro, QS), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(opt.momentum_norm.values[t, 0], fro, rtol=1e-5)
+        assert opt.ns_fail_frac.values[t, 0] == pytest.approx(np.mean(sv / fro < THRESHOLD_5))
+    assert opt.ns_fail_frac.values[0, 0] == pytest.approx(4 / 20)
+    # the NS output is the one the optimizer applied: with wd = 0, ΔW = −lr·O (adjust 1 for a wide matrix)
+    for t in range(2):
+        o = -(hist[t + 1] - hist[t]).double().numpy() / 0.01
+        np.testing.assert_allclose(opt.ns_out_sv.values[t, 0], np_quantile(np.linalg.svd(o, compute_uv=False), QS),
+                                   rtol=2e-3, atol=1e-4)
+        dw = (hist[t + 1] - hist[t]).double().numpy()
+        np.testing.assert_allclose(opt.update_sv.values[t, 0], np_quantile(np.linalg.svd(dw, compute_uv=False), QS),
+                                   rtol=1e-9, atol=1e-12)
+
+
+def test_sgd_and_adamw_record_their_momentum(tmp_path):
+    g = prescribed(20, 36, _grad_spectrum(20), seed=3)
+    sv = np.linalg.svd(g.astype(np.float32).astype(np.float64), compute_uv=False)
+    for name, factory in [("sgd", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
+                          ("adamw", lambda p: torch.optim.AdamW(p, lr=1e-3))]:
+        tree, _ = _one_param_step(tmp_path / name, factory, [g])
+        opt = tree["optimizer"]
+        # first step: SGD buf = g, AdamW exp_avg = (1 − β1)·g — same normalised spectrum
+        np.testing.assert_allclose(opt.momentum_sv.values[0, 0], np_quantile(sv / np.linalg.norm(sv), QS),
+                                   rtol=1e-5, atol=1e-6)
+        assert np.isnan(opt.ns_fail_frac.values).all() and np.isnan(opt.ns_polar_err.values).all()
+        assert np.isfinite(opt.update_rms.values).all()
+        assert tree.attrs["optimizer"]["class"] == type(factory([nn.Parameter(torch.zeros(1))])).__name__
+
+
+def test_optimizer_without_momentum_still_records_updates(tmp_path):
+    g = prescribed(20, 36, _grad_spectrum(20), seed=4)
+    tree, hist = _one_param_step(tmp_path, lambda p: torch.optim.SGD(p, lr=0.1), [g])
+    opt = tree["optimizer"]
+    assert np.isnan(opt.momentum_sv.values).all()
+    dw = (hist[1] - hist[0]).double().numpy()
+    np.testing.assert_allclose(opt.update_rms.values[0, 0], np.sqrt(np.mean(dw**2)), rtol=1e-12)
+
+
+def _train(model, steps, watch_path=None, every=1):
+    hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("blocks")]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and n.startswith("blocks"))]
+    muon = torch.optim.Muon(hidden, lr=0.05, momentum=0.95)
+    adamw = torch.optim.AdamW(rest, lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(muon, step_size=3, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    recs = []
+    if watch_path is not None:
+        recs = [ss.watch(muon, model, watch_path / "muon.zarr", every=every),
+                ss.watch(adamw, model, watch_path / "adamw.zarr", every=every)]
+    gen = torch.Generator().manual_seed(5)
+    for step in range(steps):
+        x = torch.randn(32, 12, generator=gen)
+        loss = model(x).pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.step(muon)
+        scaler.step(adamw)
+        scaler.update()
+        sched.step()
+        muon.zero_grad()
+        adamw.zero_grad()
+        if step == steps // 2:  # checkpoint round trip in the middle of training
+            muon.load_state_dict(copy.deepcopy(muon.state_dict()))
+            adamw.load_state_dict(copy.deepcopy(adamw.state_dict()))
+            scaler.load_state_dict(copy.deepcopy(scaler.state_dict()))
+    for r in recs:
+        r.close()
+    return muon, adamw
+
+
+def test_training_is_bit_for_bit_unchanged(tmp_path):
+    torch.manual_seed(0)
+    a = Tiny()
+    b = copy.deepcopy(a)
+    torch.manual_seed(1)
+    opt_a = _train(a, 8)
+    rng_a = torch.get_rng_state()
+    torch.manual_seed(1)
+    opt_b = _train(b, 8, watch_path=tmp_path)
+    rng_b = torch.get_rng_state()
+    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(pa, pb), na
+    assert torch.equal(rng_a, rng_b)
+    for oa, ob in zip(opt_a, opt_b, strict=True):
+        sa, sb = oa.state_dict(), ob.state_dict()
+        assert sa["param_groups"] == sb["param_groups"]
+        for k in sa["state"]:
+            for key, v in sa["state"][k].items():
+                assert torch.equal(v, sb["state"][k][key]) if isinstance(v, torch.Tensor) else v == sb["state"][k][key]
+    tree = ss.open_run(tmp_path / "muon.zarr")
+    assert tree["optimizer"].sizes["step"] == 8
+    assert np.isfinite(tree["optimizer"].momentum_sv.values).all()
+
+
+def test_close_removes_every_hook(tmp_path):
+    model = Tiny()
+    opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.01)
+    before = (dict(opt._optimizer_step_pre_hooks), dict(opt._optimizer_step_post_hooks))
+    rec = ss.watch(opt, model, tmp_path / "r.zarr")
+    assert len(opt._optimizer_step_pre_hooks) == len(before[0]) + 1
+    assert len(opt._optimizer_step_post_hooks) == len(before[1]) + 1
+    rec.close()
+    assert (dict(opt._optimizer_step_pre_hooks), dict(opt._optimizer_step_post_hooks)) == before
+    rec.close()  # idempotent
+
+
+def test_layer_names_kinds_depths(tmp_path):
+    model = Tiny()
+    opt = torch.optim.AdamW(model.parameters())
+    with ss.watch(opt, model, tmp_path / "r.zarr") as rec:
+        names = [lay.name for lay in rec.layers]
+    assert names == ["embed.weight", "blocks.0.mlp.c_fc.weight", "blocks.0.mlp.c_proj.weight", "blocks.1.mlp.c_fc.weight",
+                     "blocks.1.mlp.c_proj.weight", "head.weight"]
+    ds = ss.open_run(tmp_path / "r.zarr")["optimizer"]
+    assert list(ds.kind.values) == ["embed", "mlp_in", "mlp_out", "mlp_in", "mlp_out", "head"]
+    np.testing.assert_array_equal(ds["depth"].values, [np.nan, 0, 0, 1, 1, np.nan])
+    assert list(ds["rows"].values) == [16, 32, 16, 32, 16, 6] and list(ds["cols"].values) == [12, 16, 32, 16, 32, 16]
+    with ss.watch(opt, model, tmp_path / "c.zarr", layers=r"c_proj") as rec:
+        assert [lay.name for lay in rec.layers] == ["blocks.0.mlp.c_proj.weight", "blocks.1.mlp.c_proj.weight"]
+    with ss.watch(opt, model, tmp_path / "d.zarr", layers=lambda n, p: p.shape[0] == 6) as rec:
+        assert [lay.name for lay in rec.layers] == ["head.weight"]
+
+
+def test_conv_weights_are_viewed_as_matrices(tmp_path):
+    conv = nn.Conv2d(3, 8, 3)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9)
+    with ss.watch(opt, conv, tmp_path / "r.zarr", every=1):
+        conv(torch.randn(4, 3, 10, 10)).square().mean().backward()
+        grad = conv.weight.grad.detach().reshape(8, -1).double().numpy()
+        opt.step()
+    ds = ss.open_run(tmp_path / "r.zarr")["optimizer"]
+    assert list(ds.layer.values) == ["weight"] and int(ds["rows"][0]) == 8 and int(ds["cols"][0]) == 27
+    sv = np.linalg.svd(grad, compute_uv=False)
+    np.testing.assert_allclose(ds.momentum_sv.values[0, 0], np_quantile(sv / np.linalg.norm(grad), QS), rtol=1e-5)
+
+
+class SignMomentum(torch.optim.Optimizer):
+    """A custom optimizer: keeps its momentum under an unusual key and steps by its sign."""
+
+    def __init__(self, params, lr=0.01, beta=0.8):
+        super().__init__(params, {"lr": lr, "beta": beta})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                st.setdefault("avg", torch.zeros_like(p)).mul_(group["beta"]).add_(p.grad)
+                p.add_(st["avg"].sign(), alpha=-group["lr"])
+
+
+def test_register_adapter_for_a_custom_optimizer(tmp_path):
+    ss.register_adapter(SignMomentum, momentum=lambda p, group, state: state.get("avg"), describe=("lr", "beta"))
+    g = prescribed(20, 36, _grad_spectrum(20), seed=6)
+    tree, _ = _one_param_step(tmp_path, lambda p: SignMomentum(p), [g])
+    sv = np.linalg.svd(g.astype(np.float32).astype(np.float64), compute_uv=False)
+    np.testing.assert_allclose(tree["optimizer"].momentum_sv.values[0, 0], np_quantile(sv / np.linalg.norm(sv), QS),
+                               rtol=1e-5, atol=1e-6)
+    assert tree.attrs["optimizer"] == {"class": "SignMomentum", "lr": 0.01, "beta": 0.8, "ns_steps": None,
+                                       "ns_coefficients": None, "nesterov": None, "momentum": None}
+
+
+def test_every_and_scalars(tmp_path):
+    model = Tiny()
+    opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.01)
+    with ss.watch(opt, model, tmp_path / "r.zarr", every=3) as rec:
+        for i in range(10):
+            model(torch.randn(8, 12)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            rec.log(loss=torch.tensor(float(i)), lr=0.01)
+            if i == 4:
+                rec.log(extra=7.0)
+    tree = ss.open_run(tmp_path / "r.zarr")
+    assert list(tree["optimizer"].step.values) == [0, 3, 6, 9]
+    sc = tree["scalars"]
+    assert list(sc.step.values) == list(range(10))
+    np.testing.assert_array_equal(sc.loss.values, np.arange(10.0))
+    assert sc.extra.values[4] == 7.0 and np.isnan(np.delete(sc.extra.values, 4)).all()
+    assert tree.attrs["status"] == "finished" and tree.attrs["steps"] == 10
+
+
+def _nan_run(tmp_path, caplog, name):
+    model = Tiny()
+    opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.01)
+    with caplog.at_level(logging.WARNING, logger="spectralscope"):
+        rec = ss.watch(opt, model, tmp_path / name, every=1)
+        for i in range(4):
+            model(torch.randn(8, 12)).square().mean().backward()
+            if i in (2, 3):  # the head's gradient: NaN reaches its weights only after the last forward
+                model.head.weight.grad[0, 0] = float("nan")
+            opt.step()  # must not raise
+            opt.zero_grad()
+        rec.close()
+    return rec
+
+
+def test_nan_gradient_never_raises_and_is_counted_once_warned(tmp_path, caplog):
+    rec = _nan_run(tmp_path, caplog, "r.zarr")
+    tree = ss.open_run(tmp_path / "r.zarr")
+    ds = tree["optimizer"]
+    bad = "head.weight"
+    assert np.isfinite(ds.momentum_sv.sel(layer=bad).values[:2]).all()
+    assert np.isnan(ds.momentum_sv.sel(layer=bad).values[2:]).all()
+    errors = tree.attrs["errors"]
+    assert errors == rec.errors
+    assert errors["momentum_sv"][bad] == 2 and errors["update_rms"][bad] == 2
+    warned = [r.getMessage() for r in caplog.records if "momentum_sv of head.weight" in r.getMessage()]
+    assert len(warned) == 1
+    # each (metric, layer) is warned exactly once
+    keys = [tuple(r.getMessage().split(" ")[1:4:2]) for r in caplog.records]
+    assert len(keys) == len(set(keys))
+    others = [n for n in ds.layer.values if n != bad]
+    assert np.isfinite(ds.momentum_sv.sel(layer=others).values[:3]).all()  # step 3 sees NaN weights downstream
+
+
+def test_diverging_run_never_raises(tmp_path, caplog):
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=1e6, momentum=0.9)
+    losses = []
+    with caplog.at_level(logging.WARNING, logger="spectralscope"), ss.watch(opt, model, tmp_path / "r.zarr",
+                                                                              every=1) as rec:
+        for _ in range(12):
+            loss = model(torch.randn(8, 12)).pow(4).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            rec.log(loss=loss)
+            losses.append(loss.item())
+    assert not np.isfinite(losses[-1])
+    tree = ss.open_run(tmp_path / "r.zarr")
+    assert tree["optimizer"].sizes["step"] == 12
+    assert np.isnan(tree["optimizer"].momentum_sv.values[-1]).all()
+    assert sum(sum(v.values()) for v in tree.attrs["errors"].values()) > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"every": 0}, "every"), ({"every": 1.5}, "every"), ({"quantiles": [0.5, 0.1]}, "quantiles"),
+     ({"meta": {"x": object()}}, "meta"), ({"layers": 3}, "layers"), ({"flush_seconds": 0}, "flush_seconds"),
+     ({"layers": "nothing-matches"}, "no parameter")],
+)
+def test_bad_arguments_raise_naming_the_argument(tmp_path, kwargs, match):
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=match):
+        ss.watch(opt, model, tmp_path / "r.zarr", **kwargs)
+    with pytest.raises(ValueError, match="optimizer"):
+        ss.watch("sgd", model, tmp_path / "r.zarr")
+
+
+def test_existing_store_needs_resume_or_overwrite(tmp_path):
+    model = Tiny()
+    opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.01)
+    path = tmp_path / "r.zarr"
+
+    def train(rec, n):
+        for _ in range(n):
+            model(torch.randn(8, 12)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            rec.log(loss=1.0)
+
+    with ss.watch(opt, model, path, every=2) as rec:
+        train(rec, 5)
+    with pytest.raises(FileExistsError, match=str(path)):
+        ss.watch(opt, model, path)
+    with ss.watch(opt, model, path, every=2, resume=True) as rec:
+        assert rec.step == 4
+        train(rec, 5)
+    tree = ss.open_run(path)
+    assert list(tree["optimizer"].step.values) == [0, 2, 4, 6, 8]
+    assert list(tree["scalars"].step.values) == list(range(10))
+    other = torch.optim.Muon([model.blocks[0]["mlp"]["c_fc"].weight], lr=0.01)
+    with pytest.raises(ValueError, match="layers differ"):
+        ss.watch(other, model, path, resume=True)
+    with ss.watch(opt, model, path, overwrite=True) as rec:
+        train(rec, 1)
+    assert ss.open_run(path)["optimizer"].sizes["step"] == 1
