@@ -18,6 +18,7 @@ import math
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ from . import __version__
 log = logging.getLogger("spectralscope")
 
 SCHEMA = 1
+#: Arrays start with room for this many chunks of steps (missing chunks cost nothing on disk) and
+#: double when full, so resizes — the one multi-file change — are rare.
+INITIAL_CHUNKS = 16
 
 
 @dataclass
@@ -106,6 +110,7 @@ class RunWriter:
         overwrite: bool = False,
         flush_seconds: float = 5.0,
         chunk_steps: int = 256,
+        initial_chunks: int = INITIAL_CHUNKS,
         storage_options: Mapping[str, Any] | None = None,
     ):
         if chunk_steps < 256:
@@ -116,6 +121,7 @@ class RunWriter:
             raise ValueError("resume=True and overwrite=True exclude each other")
         self.path = str(path)
         self.chunk = int(chunk_steps)
+        self.initial_chunks = max(1, int(initial_chunks))
         self.flush_seconds = float(flush_seconds)
         store = open_store(path, storage_options)
         exists = _exists(path, storage_options)
@@ -140,6 +146,7 @@ class RunWriter:
             for spec in groups:
                 self._groups[spec.name] = self._create_group(spec)
         self._attrs["status"] = "running"
+        # Last: a root with these attributes is a complete run layout.
         self.root.attrs.put(self._attrs)
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._error_logged = False
@@ -161,11 +168,12 @@ class RunWriter:
             a = self._create_array(g, name, values.shape, (dim,), dtype, values.shape or None, None)
             if values.size:
                 a[...] = values
-        self._create_array(g, "step", (self.chunk,), ("step",), "int64", (self.chunk,), -1)
+        capacity = self.chunk * self.initial_chunks
+        self._create_array(g, "step", (capacity,), ("step",), "int64", (self.chunk,), -1)
         for var in spec.variables:
-            self._add_variable(g, spec, var, self.chunk)
+            self._add_variable(g, spec, var, capacity)
         g.attrs.put({"n_rows": 0})
-        return _GroupState(spec, g, 0, self.chunk)
+        return _GroupState(spec, g, 0, capacity)
 
     def _add_variable(self, g: zarr.Group, spec: GroupSpec, var: str, capacity: int) -> None:
         dims = spec.variables[var]
@@ -332,6 +340,30 @@ def check_run(root: zarr.Group, path: str) -> dict[str, Any]:
     return attrs
 
 
+def _open_group(store, group: zarr.Group, name: str) -> xr.Dataset:
+    """One sub-group cut to its committed rows, read lazily."""
+    # n_rows first, data second: rows below n_rows were complete before n_rows was written.
+    n = int(group.attrs.get("n_rows", 0))
+    # Arrays are resized one after another (growth, and the trim on close); a reader in between, or a
+    # writer killed in between, leaves them with different step lengths, all ≥ n_rows. Open each
+    # length class on its own and join them once cut to n_rows.
+    by_length: dict[int, list[str]] = {}
+    for key, arr in group.arrays():
+        dims = arr.metadata.dimension_names or ()
+        if dims and dims[0] == "step":
+            by_length.setdefault(arr.shape[0], []).append(key)
+    every = [k for keys in by_length.values() for k in keys]
+    parts = []
+    for keys in by_length.values() or [[]]:
+        drop = [k for k in every if k not in keys]
+        ds = xr.open_zarr(store, group=name, consolidated=False, chunks=None, zarr_format=3, drop_variables=drop)
+        parts.append(ds.isel(step=slice(0, n)) if "step" in ds.dims else ds)
+    ds = parts[0] if len(parts) == 1 else xr.merge(parts, compat="override", join="override",
+                                                   combine_attrs="override")
+    ds.attrs.pop("n_rows", None)
+    return ds
+
+
 def open_run(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> xr.DataTree:
     """The committed prefix of a run as an ``xarray.DataTree``: the root holds the run's attributes,
     one child per sub-group, each cut to its ``n_rows`` committed steps. Data are read lazily."""
@@ -342,11 +374,16 @@ def open_run(path: str | Path, storage_options: Mapping[str, Any] | None = None)
         raise FileNotFoundError(f"{path}: no spectralscope run there") from exc
     attrs = check_run(root, str(path))
     tree: dict[str, xr.Dataset] = {"/": xr.Dataset(attrs=attrs)}
-    for name in sorted(root.group_keys()):
-        # n_rows first, data second: rows below n_rows were complete before n_rows was written.
-        n = int(root[name].attrs.get("n_rows", 0))
-        ds = xr.open_zarr(store, group=name, consolidated=False, chunks=None, zarr_format=3)
-        ds = ds.isel(step=slice(0, n))
-        ds.attrs.pop("n_rows", None)
-        tree[f"/{name}"] = ds
+    with warnings.catch_warnings():
+        # a live writer's temporary files (*.partial) are not part of the hierarchy
+        warnings.filterwarnings("ignore", message=".*is not recognized as a component of a Zarr hierarchy")
+        for name in sorted(root.group_keys()):
+            for attempt in range(100):
+                try:
+                    tree[f"/{name}"] = _open_group(store, root[name], name)
+                    break
+                except ValueError as exc:  # a live writer resized arrays between our two metadata reads
+                    if "conflicting sizes" not in str(exc) or attempt == 99:
+                        raise
+                    time.sleep(0.01)
     return xr.DataTree.from_dict(tree)
