@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+import spectralscope as ss
+from spectralscope.cli import main
+
+
+def _run(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 24), torch.nn.Tanh(), torch.nn.Linear(24, 4))
+    opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02)
+    path = tmp_path / "w24.zarr"
+    with ss.watch(opt, model, path, every=5, meta={"width": 24}) as rec:
+        for _ in range(12):
+            loss = model(torch.randn(16, 8)).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            rec.log(loss=loss)
+    return path
+
+
+def test_info_prints_attributes_layers_steps_and_last_values(tmp_path, capsys):
+    path = _run(tmp_path)
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    ds = ss.open_run(path)["optimizer"].dataset
+    assert "status     finished" in out and '"width": 24' in out and '"class": "Muon"' in out
+    assert "[optimizer] 3 rows, steps 0..10" in out and "[scalars] 12 rows, steps 0..11" in out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().startswith(("0.weight", "2.weight"))}
+    assert lines["0.weight"][1:4] == ["other", "NaN", "24x8"]
+    assert lines["2.weight"][3] == "4x24"
+    last = float(ds["momentum_sv"].sel(quantile=0.5).values[-1, 0])
+    assert float(lines["0.weight"][4]) == float(f"{last:.4g}")
+
+
+def test_user_mistakes_print_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "spectralscope.cli", "info", str(tmp_path / "nope.zarr")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "nope.zarr" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "plain.zarr").mkdir()
+    import zarr
+
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    proc = subprocess.run([sys.executable, "-m", "spectralscope.cli", "info", str(tmp_path / "plain.zarr")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "not a spectralscope run" in proc.stderr and "Traceback" not in proc.stderr
