@@ -22,6 +22,7 @@ from .spectra import (
     quantiles,
     singular_values,
     spectral_norm,
+    top_singular_value,
 )
 
 _NAN = float("nan")
@@ -54,7 +55,7 @@ def momentum_metrics(m: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES, ns_conf
         names = {"momentum_norm": False, "momentum_sv": True}
         return _all_nan(names | ({"ns_fail_frac": False} if ns_config else {}), len(qs), dev)
     norm = torch.linalg.matrix_norm(mat.to(torch.float64))
-    sigma = singular_values(mat)
+    sigma = singular_values(mat, assume_finite=True)
     finite_pos = bool(torch.isfinite(norm)) and float(norm) > 0
     sig_n = sigma / norm if finite_pos else torch.full_like(sigma, _NAN)
     out = {"momentum_norm": norm, "momentum_sv": quantiles(sig_n, qs)}
@@ -76,7 +77,7 @@ def newton_schulz_metrics(o: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) ->
         return _all_nan({"ns_out_sv": True, "ns_polar_err": False, "ns_orth_err": False}, len(qs), mat.device)
     r = min(mat.shape)
     g = gram(mat)
-    sigma = singular_values(mat, g=g)
+    sigma = singular_values(mat, g=g, assume_finite=True)
     eye = torch.eye(r, dtype=torch.float64, device=mat.device)
     return {
         "ns_out_sv": quantiles(sigma, qs),
@@ -97,7 +98,7 @@ def update_metrics(dw: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) -> dict[
     if not _finite(mat):
         names = {"update_rms": False, "update_sv": True, "update_erank": False, "neuron_norm": True, "neuron_cv": False}
         return _all_nan(names, len(qs), mat.device)
-    sigma = singular_values(mat)
+    sigma = singular_values(mat, assume_finite=True)
     rho = torch.linalg.vector_norm(mat, dim=1)
     mean = rho.mean()
     ok = bool(torch.isfinite(mean)) and float(mean) > 0
@@ -111,9 +112,17 @@ def update_metrics(dw: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) -> dict[
     }
 
 
-def weight_metrics(w: Tensor, v0: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
-    """``weight_spectral_norm`` = σ_1(W) by warm-started power iteration; returns the metrics and the
-    singular-vector estimate to pass back as ``v0`` next time."""
+#: Up to this smaller side σ_1(W) is computed exactly (one eigenvalue of the Gram matrix costs less than
+#: the matrix–vector products of power iteration); above it, warm-started power iteration.
+EXACT_TOP_MAX = 512
+
+
+def weight_metrics(w: Tensor, v0: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor | None]:
+    """``weight_spectral_norm`` = σ_1(W): exact for min(m, n) ≤ ``EXACT_TOP_MAX``, else by power iteration
+    warm-started from ``v0`` (to 1e-6 relative change). Returns the metrics and the singular-vector
+    estimate to pass back as ``v0`` next time (None on the exact path)."""
+    if min(as_matrix(w).shape) <= EXACT_TOP_MAX:
+        return {"weight_spectral_norm": top_singular_value(w)}, None
     s1, v = spectral_norm(w, v0)
     return {"weight_spectral_norm": s1}, v
 

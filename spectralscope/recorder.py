@@ -308,7 +308,7 @@ class Recorder:
 
         def weight() -> dict[str, Tensor]:
             metrics, v = weight_metrics(p.detach(), self._vectors.get(lay.name))
-            if bool(torch.isfinite(v).all()):
+            if v is not None and bool(torch.isfinite(v).all()):
                 self._vectors[lay.name] = v
             return metrics
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+import scipy.linalg
 import torch
 from torch import Tensor
 
@@ -31,7 +33,29 @@ def as_matrix(w: Tensor) -> Tensor:
 def gram(a: Tensor) -> Tensor:
     """G = A Aᵀ (if rows ≤ cols) or AᵀA, in float64: the r×r Gram matrix of the smaller side, r = min(m, n)."""
     a = as_matrix(a).to(torch.float64)
-    return a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+    if a.device.type != "cpu":
+        return a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+    # On the CPU, BLAS syrk computes one triangle: half the flops of a matmul, and it reads the
+    # row-major matrix through its transpose without a copy.
+    x = a.numpy().T  # Fortran-ordered view, (n, m)
+    lower = scipy.linalg.blas.dsyrk(1.0, x, trans=1 if a.shape[0] <= a.shape[1] else 0, lower=1)
+    g = np.tril(lower) + np.tril(lower, -1).T
+    return torch.from_numpy(g)
+
+
+def _eigvalsh(g: Tensor) -> Tensor:
+    """Eigenvalues of a symmetric matrix, ascending (LAPACK syevd; SciPy's on the CPU, the faster binding)."""
+    if g.device.type != "cpu":
+        return torch.linalg.eigvalsh(g)
+    return torch.from_numpy(scipy.linalg.eigh(g.numpy(), eigvals_only=True, driver="evd", check_finite=False))
+
+
+def _smallest_eigenvectors(g: Tensor, k: int) -> Tensor:
+    """Eigenvectors of the k smallest eigenvalues (only those are computed on the CPU: LAPACK syevr)."""
+    if g.device.type != "cpu":
+        return torch.linalg.eigh(g)[1][:, :k]
+    _, v = scipy.linalg.eigh(g.numpy(), subset_by_index=[0, k - 1], driver="evr", check_finite=False)
+    return torch.from_numpy(v)
 
 
 def _nan(n: int, device: torch.device) -> Tensor:
@@ -39,7 +63,12 @@ def _nan(n: int, device: torch.device) -> Tensor:
 
 
 def singular_values(
-    a: Tensor, *, method: str = "gram", refine_below: float = REFINE_BELOW, g: Tensor | None = None
+    a: Tensor,
+    *,
+    method: str = "gram",
+    refine_below: float = REFINE_BELOW,
+    g: Tensor | None = None,
+    assume_finite: bool = False,
 ) -> Tensor:
     """σ(A), descending, float64, length r = min(m, n).
 
@@ -49,14 +78,14 @@ def singular_values(
     are G's eigenvectors for those eigenvalues (Rayleigh–Ritz on the small subspace): their relative error
     becomes ≈ ε·σ_1/σ_i, as good as a direct SVD. ``method="svd"``: ``torch.linalg.svdvals`` in float64.
 
-    ``g`` may pass ``gram(a)`` when the caller already has it. Non-finite input gives all NaN; an
-    all-zero matrix gives zeros.
+    ``g`` may pass ``gram(a)`` when the caller already has it, and ``assume_finite`` skips the NaN/Inf
+    scan when the caller has done it. Non-finite input gives all NaN; an all-zero matrix gives zeros.
     """
     m = as_matrix(a)
     r = min(m.shape)
     if r == 0:
         return torch.empty(0, dtype=torch.float64, device=m.device)
-    if not bool(torch.isfinite(m).all()):
+    if not assume_finite and not bool(torch.isfinite(m).all()):
         return _nan(r, m.device)
     m64 = m.to(torch.float64)
     try:
@@ -65,8 +94,8 @@ def singular_values(
         if method != "gram":
             raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
         if g is None:
-            g = m64 @ m64.T if m64.shape[0] <= m64.shape[1] else m64.T @ m64
-        lam = torch.linalg.eigvalsh(g).flip(0).clamp_min(0.0)
+            g = gram(m64)
+        lam = _eigvalsh(g).flip(0).clamp_min(0.0)
         sigma = lam.sqrt()
         top = sigma[0]
         if top == 0 or refine_below <= 0:
@@ -77,26 +106,49 @@ def singular_values(
             return sigma
         # The eigenvectors of the k smallest eigenvalues span the small singular subspace to within ε;
         # A restricted to it has exactly those singular values, now without the squared conditioning.
-        _, vecs = torch.linalg.eigh(g)
-        vs = vecs[:, :k]
+        vs = _smallest_eigenvectors(g, k)
         side = m64 @ vs if m64.shape[0] > m64.shape[1] else m64.T @ vs
         sigma[r - k :] = torch.linalg.svdvals(side)
         return sigma
-    except RuntimeError:
+    except (RuntimeError, np.linalg.LinAlgError, ValueError):
         # LAPACK convergence failure on pathological input: report NaN, never raise into training.
         return _nan(r, m.device)
 
 
+def top_singular_value(a: Tensor) -> Tensor:
+    """σ_1(A) exactly: sqrt of the largest eigenvalue of the float64 Gram matrix (on the CPU only that
+    eigenvalue is computed, LAPACK syevr). NaN for non-finite input."""
+    m = as_matrix(a)
+    if m.numel() == 0 or not bool(torch.isfinite(m).all()):
+        return torch.tensor(float("nan"), dtype=torch.float64, device=m.device)
+    g = gram(m)
+    r = g.shape[0]
+    try:
+        if g.device.type != "cpu":
+            return torch.linalg.eigvalsh(g)[-1].clamp_min(0.0).sqrt()
+        top = scipy.linalg.eigh(g.numpy(), eigvals_only=True, subset_by_index=[r - 1, r - 1], driver="evr",
+                                check_finite=False)
+        return torch.tensor(float(np.sqrt(max(top[0], 0.0))), dtype=torch.float64)
+    except (RuntimeError, np.linalg.LinAlgError, ValueError):
+        return torch.tensor(float("nan"), dtype=torch.float64, device=m.device)
+
+
 def quantiles(values: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) -> Tensor:
-    """q(v) for each level in ``qs``, linear interpolation — the same as ``numpy.quantile(v, q, method="linear")``.
+    """q(v) for each level in ``qs``, linear interpolation — the same as ``numpy.quantile(v, q, method="linear")``:
+    with v sorted ascending and h = (n − 1)·q, q(v) = v[⌊h⌋] + (h − ⌊h⌋)·(v[⌊h⌋+1] − v[⌊h⌋]).
 
     NaN anywhere in ``values`` (or no values) gives NaN for every level.
     """
     q = torch.as_tensor(list(qs), dtype=torch.float64, device=values.device)
     v = values.to(torch.float64).reshape(-1)
-    if v.numel() == 0 or bool(torch.isnan(v).any()):
+    n = v.numel()
+    if n == 0 or bool(torch.isnan(v).any()):
         return torch.full_like(q, float("nan"))
-    return torch.quantile(v, q)
+    v = torch.sort(v).values
+    h = (n - 1) * q
+    lo = h.floor().long().clamp(0, n - 1)
+    hi = (lo + 1).clamp(max=n - 1)
+    return v[lo] + (h - lo) * (v[hi] - v[lo])
 
 
 def entropy_rank(weights: Tensor) -> Tensor:

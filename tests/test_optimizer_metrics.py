@@ -67,8 +67,11 @@ def test_update_metrics(shape):
 def test_weight_metrics_spectral_norm():
     w = prescribed(30, 50, np.linspace(2.0, 0.1, 30), seed=4)
     out, v = weight_metrics(torch.from_numpy(w))
-    assert out["weight_spectral_norm"].item() == pytest.approx(2.0, rel=1e-3)
-    assert v.shape == (50,)
+    assert out["weight_spectral_norm"].item() == pytest.approx(2.0, rel=1e-12) and v is None  # exact path
+    spec = np.concatenate([[3.0, 2.9], np.linspace(2.8, 0.1, 518)])  # σ2/σ1 = 0.967
+    big = prescribed(520, 600, spec, seed=5)  # above EXACT_TOP_MAX: power iteration
+    out, v = weight_metrics(torch.from_numpy(big))
+    assert out["weight_spectral_norm"].item() == pytest.approx(3.0, rel=1e-3) and v.shape == (600,)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -13,6 +13,7 @@ from spectralscope.spectra import (
     quantiles,
     singular_values,
     spectral_norm,
+    top_singular_value,
 )
 
 SHAPES = [(40, 40), (30, 70), (70, 30), (1, 50), (50, 1), (1, 1)]
@@ -125,3 +126,10 @@ def test_spectral_norm_does_not_touch_global_rng():
     spectral_norm(torch.ones(10, 10))
     x2 = torch.randn(5)
     assert torch.equal(x1, x2)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (32, 128), (200, 50), (1, 30)])
+def test_top_singular_value_is_exact(shape):
+    a = prescribed(*shape, np.linspace(2.0, 0.1, min(shape)), seed=12)
+    assert float(top_singular_value(torch.from_numpy(a))) == pytest.approx(2.0, rel=1e-12)
+    assert torch.isnan(top_singular_value(torch.full(shape, float("inf"))))
