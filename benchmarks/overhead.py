@@ -1,6 +1,6 @@
 """Overhead of recording at defaults on a small transformer trained with Muon.
 
-    python benchmarks/overhead.py [--pairs 20] [--width 128] [--depth 4] [--every 10]
+    python benchmarks/overhead.py [--pairs 20] [--width 128] [--depth 4] [--batch 32] [--ctx 128] [--every 10]
 
 Two identical models train side by side in one process, one plain and one under `ss.watch` at defaults
 (every=10). Blocks of `every` steps alternate A B, B A, … on one thread, each timed with
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--every", type=int, default=10)
     args = ap.parse_args()

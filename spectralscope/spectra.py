@@ -30,8 +30,10 @@ def as_matrix(w: Tensor) -> Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def gram(a: Tensor) -> Tensor:
-    """G = A Aᵀ (if rows ≤ cols) or AᵀA, in float64: the r×r Gram matrix of the smaller side, r = min(m, n)."""
+def gram(a: Tensor, full: bool = True) -> Tensor:
+    """G = A Aᵀ (if rows ≤ cols) or AᵀA, in float64: the r×r Gram matrix of the smaller side, r = min(m, n).
+
+    With ``full=False`` only the lower triangle is guaranteed (what the symmetric eigensolvers read)."""
     a = as_matrix(a).to(torch.float64)
     if a.device.type != "cpu":
         return a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
@@ -39,8 +41,9 @@ def gram(a: Tensor) -> Tensor:
     # row-major matrix through its transpose without a copy.
     x = a.numpy().T  # Fortran-ordered view, (n, m)
     lower = scipy.linalg.blas.dsyrk(1.0, x, trans=1 if a.shape[0] <= a.shape[1] else 0, lower=1)
-    g = np.tril(lower) + np.tril(lower, -1).T
-    return torch.from_numpy(g)
+    if full:
+        lower = np.tril(lower) + np.tril(lower, -1).T
+    return torch.from_numpy(lower)
 
 
 def _eigvalsh(g: Tensor) -> Tensor:
@@ -94,7 +97,7 @@ def singular_values(
         if method != "gram":
             raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
         if g is None:
-            g = gram(m64)
+            g = gram(m64, full=False)
         lam = _eigvalsh(g).flip(0).clamp_min(0.0)
         sigma = lam.sqrt()
         top = sigma[0]
@@ -121,7 +124,7 @@ def top_singular_value(a: Tensor) -> Tensor:
     m = as_matrix(a)
     if m.numel() == 0 or not bool(torch.isfinite(m).all()):
         return torch.tensor(float("nan"), dtype=torch.float64, device=m.device)
-    g = gram(m)
+    g = gram(m, full=False)
     r = g.shape[0]
     try:
         if g.device.type != "cpu":
