@@ -7,12 +7,14 @@
 __version__ = "0.1.0"
 
 from .adapters import register_adapter  # noqa: E402
+from .hooks.activations import ActivationSpectra  # noqa: E402
 from .newton_schulz import NSConfig, newton_schulz, ns_threshold, scalar_map  # noqa: E402
 from .recorder import Recorder, watch  # noqa: E402
 from .spectra import DEFAULT_QUANTILES, quantiles, singular_values  # noqa: E402
 from .store import open_run  # noqa: E402
 
 __all__ = [
+    "ActivationSpectra",
     "DEFAULT_QUANTILES",
     "NSConfig",
     "Recorder",

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from spectralscope.hooks.activations import ActivationSpectra
+
 from .adapters import adapter_for
 from .layers import Layer, select_layers
 from .newton_schulz import newton_schulz
@@ -93,6 +95,7 @@ class Recorder:
         resume: bool = False,
         overwrite: bool = False,
         storage_options: Mapping[str, Any] | None = None,
+        activations: ActivationSpectra | bool | None = True,
     ):
         _check(isinstance(optimizer, torch.optim.Optimizer), "optimizer", "a torch.optim.Optimizer", optimizer)
         _check(model is None or isinstance(model, nn.Module), "model", "an nn.Module or None", model)
@@ -127,6 +130,12 @@ class Recorder:
                 "watch(): no parameter to watch — the optimizer updates no parameter with ndim >= 2"
                 + (f" whose name matches layers={layers!r}" if layers is not None else "")
             )
+        _check(activations is None or isinstance(activations, (bool, ActivationSpectra)), "activations",
+               "an ss.ActivationSpectra, True (defaults) or None/False (off)", activations)
+        default_activations = activations is True
+        if default_activations:
+            activations = ActivationSpectra()
+        self.instruments: list[ActivationSpectra] = [activations] if activations else []
         self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         if model_size is None:
             params = model.parameters() if model is not None else (p for g in optimizer.param_groups for p in g["params"])
@@ -146,12 +155,28 @@ class Recorder:
             "meta": dict(meta or {}),
             "every": every,
         }
-        self.writer = RunWriter(
-            path, self._group_specs(), attrs, resume=resume, overwrite=overwrite,
-            flush_seconds=flush_seconds, storage_options=storage_options,
-        )
-        self.path = self.writer.path
+        self._step = 0
         self._errors: dict[str, dict[str, int]] = {}
+        try:
+            for inst in list(self.instruments):
+                try:
+                    inst.bind(model, self.layers, lambda: self._step, self._count)
+                except ValueError:
+                    if not (default_activations and isinstance(inst, ActivationSpectra)):
+                        raise
+                    # on by default only where there is something to hook: a model with watched nn.Linear
+                    inst.remove()
+                    self.instruments.remove(inst)
+            specs = self._group_specs() + [inst.spec() for inst in self.instruments]
+            self.writer = RunWriter(
+                path, specs, attrs, resume=resume, overwrite=overwrite,
+                flush_seconds=flush_seconds, storage_options=storage_options,
+            )
+        except BaseException:
+            for inst in self.instruments:
+                inst.remove()
+            raise
+        self.path = self.writer.path
         if resume:
             self._errors = {k: dict(v) for k, v in dict(self.writer._attrs.get("errors", {})).items()}
         self._step = self._resume_step() if resume else 0
@@ -225,6 +250,8 @@ class Recorder:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for inst in self.instruments:
+            inst.remove()
         atexit.unregister(self._atexit)
         self._push_scalars()
         self.writer.update_attrs(steps=self._step, errors=self.errors)
@@ -256,6 +283,11 @@ class Recorder:
                 with torch.no_grad():
                     row = self._measure()
                 self.writer.append("optimizer", self._step, row)
+            for inst in self.instruments:
+                inst_row = inst.row(self._step)
+                if inst_row is not None:
+                    self.writer.append(inst.group, self._step, inst_row)
+            if self._recording() or any(self._step % inst.every == 0 for inst in self.instruments):
                 self.writer.update_attrs(steps=self._step + 1, errors=self.errors)
         except Exception as exc:  # never into the training loop
             self._warn("optimizer", "*", exc)
@@ -367,6 +399,8 @@ def watch(
     ``layers`` (regex or callable narrowing the watched parameters), ``quantiles``, ``name``,
     ``model_size`` (default: the model's parameter count), ``ns_floor`` (the f_k floor behind
     ``ns_fail_frac``, default 0.5), ``flush_seconds`` (default 5), ``resume`` / ``overwrite``,
-    ``storage_options`` (fsspec). Returns the `Recorder`; use it as a context manager or call ``close()``.
+    ``storage_options`` (fsspec), ``activations`` (an `ss.ActivationSpectra`; True, the default, records
+    the inputs of the watched linear layers every 50 steps; None turns it off).
+    Returns the `Recorder`; use it as a context manager or call ``close()``.
     """
     return Recorder(optimizer, model, path, **options)

@@ -1,0 +1,148 @@
+"""`ActivationSpectra`: covariance spectra of the inputs of linear layers, from forward pre-hooks.
+
+At a recorded step (step % every == 0) every forward pass before ``optimizer.step()`` adds its inputs,
+flattened to (tokens, d), to float64 sufficient statistics, up to ``max_tokens`` tokens per module
+(a uniform subsample from a private generator once the budget would be exceeded); after the step the
+spectrum is taken and the statistics reset. The formulas live in `spectralscope.covariance`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from spectralscope.covariance import CovarianceStats, activation_metrics, covariance_eigenvalues, token_matrix
+from spectralscope.layers import Layer, block_index, layer_kind
+from spectralscope.store import GroupSpec
+
+Report = Callable[[str, str, str], None]
+
+SCALARS = ("act_soft_rank", "act_hard_rank", "act_tail_alpha", "act_top10_share", "act_tokens")
+
+
+class ActivationSpectra:
+    """Record ``act_eig``, ``act_soft_rank``, ``act_hard_rank``, ``act_tail_alpha``, ``act_top10_share`` and
+    ``act_tokens`` every ``every`` optimizer steps, for the inputs of the watched ``nn.Linear`` layers or of
+    the modules named in ``modules``."""
+
+    group = "activations"
+
+    def __init__(self, every: int = 50, max_tokens: int = 4096, modules: Sequence[str] | None = None, seed: int = 0):
+        if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+            raise ValueError(f"ActivationSpectra: every must be an int >= 1, got {every!r}")
+        if not (isinstance(max_tokens, int) and max_tokens >= 2):
+            raise ValueError(f"ActivationSpectra: max_tokens must be an int >= 2, got {max_tokens!r}")
+        if modules is not None and (isinstance(modules, str) or not all(isinstance(m, str) for m in modules)):
+            raise ValueError(f"ActivationSpectra: modules must be a list of module names or None, got {modules!r}")
+        self.every = every
+        self.max_tokens = max_tokens
+        self.modules = list(modules) if modules is not None else None
+        self.seed = seed
+        self._names: list[str] = []
+        self._dims: list[int] = []
+        self._stats: list[CovarianceStats | None] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._gen: torch.Generator | None = None
+        self.paused = False
+
+    # ---- wiring -------------------------------------------------------------------------------------
+    def bind(self, model: nn.Module | None, layers: Sequence[Layer], step: Callable[[], int], report: Report) -> None:
+        """Find the modules and register a forward pre-hook on each."""
+        if model is None:
+            raise ValueError("ActivationSpectra needs the model: watch(optimizer, model, ...)")
+        named = dict(model.named_modules())
+        if self.modules is not None:
+            missing = [m for m in self.modules if m not in named]
+            if missing:
+                raise ValueError(f"ActivationSpectra: no module named {missing[0]!r} in the model")
+            chosen = [(m, named[m]) for m in self.modules]
+        else:
+            watched = {id(lay.param) for lay in layers}
+            chosen = [(n, m) for n, m in named.items() if isinstance(m, nn.Linear) and id(m.weight) in watched]
+        if not chosen:
+            raise ValueError("ActivationSpectra: no nn.Linear among the watched layers; name modules= explicitly")
+        self._step, self._report = step, report
+        for i, (name, module) in enumerate(chosen):
+            d = module.in_features if isinstance(module, nn.Linear) else None
+            self._names.append(name)
+            self._dims.append(d if d is not None else -1)
+            self._stats.append(None)
+            self._handles.append(module.register_forward_pre_hook(self._hook(i)))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def spec(self) -> GroupSpec:
+        if any(d < 0 for d in self._dims):
+            raise ValueError("ActivationSpectra: modules other than nn.Linear need their input width known")
+        blocks = [b for b in (block_index(n) for n in self._names) if b is not None]
+        top = max(blocks) if blocks else 0
+        depth = [np.nan if (b := block_index(n)) is None else (1.0 if top == 0 else b / top) for n in self._names]
+        coords = {
+            "module": ("module", np.array(self._names)),
+            "kind": ("module", np.array([layer_kind(n + ".weight") for n in self._names])),
+            "depth": ("module", np.array(depth, dtype=np.float64)),
+            "width": ("module", np.array(self._dims, dtype=np.int64)),
+            "rank": ("rank", np.arange(1, max(self._dims) + 1, dtype=np.int64)),
+        }
+        variables = {"act_eig": ("step", "module", "rank"), **{v: ("step", "module") for v in SCALARS}}
+        return GroupSpec(self.group, coords, variables)
+
+    # ---- hooks --------------------------------------------------------------------------------------
+    def _hook(self, i: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self.paused or not args or self._step() % self.every != 0:
+                return
+            try:
+                self._add(i, args[0])
+            except Exception as exc:  # never into the forward pass
+                self._report("act_eig", self._names[i], f"failed ({type(exc).__name__}: {exc})")
+
+        return hook
+
+    def _add(self, i: int, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            x = token_matrix(x.detach())
+            st = self._stats[i]
+            if st is None:
+                st = self._stats[i] = CovarianceStats.zeros(x.shape[-1], x.device)
+            room = self.max_tokens - int(st.n)
+            if room <= 0:
+                return
+            if x.shape[0] > room:
+                if self._gen is None or self._gen.device != x.device:
+                    self._gen = torch.Generator(device=x.device).manual_seed(self.seed)
+                keep = torch.randperm(x.shape[0], generator=self._gen, device=x.device)[:room]
+                x = x[keep]
+            st.add(x)
+
+    def row(self, step: int) -> dict[str, np.ndarray] | None:
+        """The record for ``step`` (after its optimizer step), or None when ``step`` is not recorded."""
+        if step % self.every != 0:
+            return None
+        nm, nr = len(self._names), max(self._dims)
+        out = {"act_eig": np.full((nm, nr), np.nan), **{v: np.full(nm, np.nan) for v in SCALARS}}
+        for i, st in enumerate(self._stats):
+            self._stats[i] = None
+            if st is None:
+                continue
+            try:
+                metrics = activation_metrics(covariance_eigenvalues(st))
+            except Exception as exc:
+                self._report("act_eig", self._names[i], f"failed ({type(exc).__name__}: {exc})")
+                continue
+            lam = metrics.pop("act_eig").cpu().numpy()
+            out["act_eig"][i, : len(lam)] = lam
+            for k, v in metrics.items():
+                out[k][i] = float(v)
+            out["act_tokens"][i] = float(st.n)
+            for k in ("act_eig", "act_soft_rank", "act_hard_rank", "act_top10_share"):
+                val = out[k][i]
+                if not np.isfinite(val[: len(lam)] if k == "act_eig" else val).all():
+                    self._report(k, self._names[i], "is not finite")
+        return out
