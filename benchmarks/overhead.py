@@ -3,9 +3,10 @@
     python benchmarks/overhead.py [--pairs 20] [--width 128] [--depth 4] [--batch 32] [--ctx 128] [--every 10]
 
 Two identical models train side by side in one process, one plain and one under `ss.watch` at defaults
-(every=10). Blocks of `every` steps alternate A B, B A, … on one thread, each timed with
-time.process_time() (which also counts the writer thread). The table gives the median over pairs of
-the ratio watched/plain, with its spread, and the cost of one record in units of a training step.
+(optimizer spectra every 10 steps, activation spectra every 50). Blocks of `--block` steps (default 50,
+so every block holds the same records) alternate A B, B A, … on one thread, each timed with
+time.process_time() (which also counts the writer thread). The table gives the median over pairs of the
+ratio watched/plain, with its spread, and the cost of the records per block in units of a training step.
 """
 
 from __future__ import annotations
@@ -82,12 +83,14 @@ def make_block(model, opts, batches):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", type=int, default=20)
+    ap.add_argument("--pairs", type=int, default=10)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--block", type=int, default=50)
+    ap.add_argument("--no-activations", action="store_true", help="watch with activations=None")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -103,29 +106,31 @@ def main() -> None:
     opts_a, opts_b = optimizers(plain), optimizers(watched)
     run_a, run_b = make_block(plain, opts_a, batches()), make_block(watched, opts_b, batches())
     with tempfile.TemporaryDirectory() as tmp:
-        rec = ss.watch(opts_b[0], watched, f"{tmp}/bench.zarr", every=args.every)
-        run_a(args.every), run_b(args.every)  # warm-up
+        extra = {"activations": None} if args.no_activations else {}
+        rec = ss.watch(opts_b[0], watched, f"{tmp}/bench.zarr", every=args.every, **extra)
+        run_a(args.block), run_b(args.block)  # warm-up
         ratios, ta, tb = [], [], []
         for i in range(args.pairs):
             if i % 2 == 0:
-                a, b = run_a(args.every), run_b(args.every)
+                a, b = run_a(args.block), run_b(args.block)
             else:
-                b, a = run_b(args.every), run_a(args.every)
+                b, a = run_b(args.block), run_a(args.block)
             ratios.append(b / a)
             ta.append(a)
             tb.append(b)
         rec.close()
         n_layers = len(rec.layers)
     n_params = sum(p.numel() for p in plain.parameters())
-    step = statistics.median(ta) / args.every
+    step = statistics.median(ta) / args.block
     q = statistics.quantiles(ratios, n=4)
     print(f"model: GPT width {args.width}, depth {args.depth}, {n_params / 1e6:.2f}M parameters, "
           f"batch {args.batch}x{args.ctx} tokens; {n_layers} watched matrices; "
-          f"record every {args.every} steps; {args.pairs} pairs of blocks")
-    print(f"{'plain step':>11} {'watched/plain':>14} {'IQR':>15} {'min–max':>15} {'record cost':>14}")
+          f"optimizer record every {args.every} steps, activations {'off' if args.no_activations else 'every 50'}; "
+          f"{args.pairs} pairs of {args.block}-step blocks")
+    print(f"{'plain step':>11} {'watched/plain':>14} {'IQR':>15} {'min–max':>15} {'records per block':>18}")
     overhead = statistics.median(ratios) - 1
     print(f"{1e3 * step:9.1f}ms {100 * overhead:+13.2f}% {100 * (q[0] - 1):+6.2f}…{100 * (q[2] - 1):+.2f}% "
-          f"{100 * (min(ratios) - 1):+6.2f}…{100 * (max(ratios) - 1):+.2f}% {overhead * args.every:11.2f} steps")
+          f"{100 * (min(ratios) - 1):+6.2f}…{100 * (max(ratios) - 1):+.2f}% {overhead * args.block:15.2f} steps")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ spectrum is taken and the statistics reset. The formulas live in `spectralscope.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -46,6 +47,9 @@ class ActivationSpectra:
         self._stats: list[CovarianceStats | None] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._gen: torch.Generator | None = None
+        # inputs already accumulated this step, by tensor identity: q, k and v read the same tensor, and
+        # its statistics are computed once and shared
+        self._seen: dict[int, tuple[weakref.ref, int]] = {}
         self.paused = False
 
     # ---- wiring -------------------------------------------------------------------------------------
@@ -106,6 +110,13 @@ class ActivationSpectra:
         return hook
 
     def _add(self, i: int, x: torch.Tensor) -> None:
+        seen = self._seen.get(id(x))
+        if seen is not None and seen[0]() is x:
+            owner = seen[1]
+            if self._stats[i] is None or self._stats[i] is self._stats[owner]:
+                self._stats[i] = self._stats[owner]
+                return
+        self._seen[id(x)] = (weakref.ref(x), i)
         with torch.no_grad():
             x = token_matrix(x.detach())
             st = self._stats[i]
@@ -125,14 +136,18 @@ class ActivationSpectra:
         """The record for ``step`` (after its optimizer step), or None when ``step`` is not recorded."""
         if step % self.every != 0:
             return None
+        self._seen.clear()
         nm, nr = len(self._names), max(self._dims)
         out = {"act_eig": np.full((nm, nr), np.nan), **{v: np.full(nm, np.nan) for v in SCALARS}}
+        done: dict[int, dict[str, torch.Tensor]] = {}  # shared statistics are decomposed once
         for i, st in enumerate(self._stats):
             self._stats[i] = None
             if st is None:
                 continue
             try:
-                metrics = activation_metrics(covariance_eigenvalues(st))
+                if id(st) not in done:
+                    done[id(st)] = activation_metrics(covariance_eigenvalues(st))
+                metrics = dict(done[id(st)])
             except Exception as exc:
                 self._report("act_eig", self._names[i], f"failed ({type(exc).__name__}: {exc})")
                 continue

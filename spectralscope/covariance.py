@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .spectra import entropy_rank, participation_rank
+from .spectra import entropy_rank, gram, participation_rank
 
 
 @dataclass
@@ -35,7 +35,8 @@ class CovarianceStats:
         x64 = x.detach().to(torch.float64)
         self.n += x64.shape[0]
         self.s += x64.sum(0)
-        self.ss += x64.T @ x64
+        # xᵀx; with more tokens than features it is the Gram of the smaller side (BLAS syrk on the CPU)
+        self.ss += gram(x64) if x64.shape[0] > x64.shape[1] else x64.T @ x64
 
 
 def token_matrix(x: Tensor) -> Tensor:

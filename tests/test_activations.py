@@ -100,3 +100,31 @@ def test_off_and_hooks_removed(tmp_path):
     with pytest.raises(ValueError, match="no module named"):
         ss.watch(opt, model, tmp_path / "bad.zarr", activations=ss.ActivationSpectra(modules=["nope"]))
     assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())  # nothing left behind on failure
+
+
+class Attn(nn.Module):
+    """q, k and v read one tensor: its statistics are accumulated once and shared."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.o_proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.o_proj(self.q_proj(x) * self.k_proj(x) + self.v_proj(x))
+
+
+def test_modules_reading_one_tensor_share_its_statistics(tmp_path):
+    model = Attn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    seen, handles = _capture(model)
+    with ss.watch(opt, model, tmp_path / "r.zarr", activations=ss.ActivationSpectra(every=1)):
+        for _ in range(2):
+            model(torch.randn(20, 8)).sum().backward()
+        opt.step()
+    for h in handles:
+        h.remove()
+    ds = ss.open_run(tmp_path / "r.zarr")["activations"].dataset
+    for j, name in enumerate(ds["module"].values):
+        np.testing.assert_allclose(ds["act_eig"].values[0, j], _ref_eig(seen[str(name)]), rtol=1e-9, atol=1e-13)
+        assert ds["act_tokens"].values[0, j] == 40
