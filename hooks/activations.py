@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed
 from torch import nn
 
 from spectralscope.covariance import CovarianceStats, activation_metrics, covariance_eigenvalues, token_matrix
@@ -132,11 +133,35 @@ class ActivationSpectra:
                 x = x[keep]
             st.add(x)
 
+    def _all_reduce(self) -> None:
+        """Under torch.distributed, sum every module's (n, Σx, Σxxᵀ) over the ranks in one collective, so each
+        rank decomposes the statistics of the whole batch. Every rank takes part for every module (zeros
+        where it saw nothing), so the collective never waits on a rank that skipped a module."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        if torch.distributed.get_world_size() < 2:
+            return
+        device = next((st.s.device for st in self._stats if st is not None), torch.device("cpu"))
+        if torch.distributed.get_backend() == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        parts = []
+        for st, d in zip(self._stats, self._dims, strict=True):
+            st = st or CovarianceStats.zeros(d, device)
+            parts.append(torch.cat([st.n.reshape(1), st.s, st.ss.reshape(-1)]).to(device))
+        flat = torch.cat(parts)
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for i, d in enumerate(self._dims):
+            n, s, ss = flat[offset], flat[offset + 1 : offset + 1 + d], flat[offset + 1 + d : offset + 1 + d + d * d]
+            offset += 1 + d + d * d
+            self._stats[i] = CovarianceStats(n.clone(), s.clone(), ss.reshape(d, d).clone()) if float(n) > 0 else None
+
     def row(self, step: int) -> dict[str, np.ndarray] | None:
         """The record for ``step`` (after its optimizer step), or None when ``step`` is not recorded."""
         if step % self.every != 0:
             return None
         self._seen.clear()
+        self._all_reduce()
         nm, nr = len(self._names), max(self._dims)
         out = {"act_eig": np.full((nm, nr), np.nan), **{v: np.full(nm, np.nan) for v in SCALARS}}
         done: dict[int, dict[str, torch.Tensor]] = {}  # shared statistics are decomposed once

@@ -1,0 +1,62 @@
+"""Under DDP the activation statistics are summed over ranks before the eigendecomposition: each rank's
+record equals the single-process record on the full batch. Two real gloo processes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import spectralscope as ss
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 6))
+
+
+def _batches(steps: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(8, 5, 10, generator=g) for _ in range(steps)]
+
+
+def _train(model, wrapped, path, batches, rank=0, world=1):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with ss.watch(opt, wrapped, path, every=1, activations=ss.ActivationSpectra(every=1)):
+        for x in batches:
+            part = x.chunk(world)[rank]
+            wrapped(part).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+
+def _worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        _train(model, ddp, f"{out}/rank{rank}.zarr", _batches(3), rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_record_equals_single_process_on_the_full_batch(tmp_path):
+    mp.spawn(_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    model = _model()
+    _train(model, model, tmp_path / "single.zarr", _batches(3))
+    ref = ss.open_run(tmp_path / "single.zarr")["activations"].dataset
+    for rank in range(2):
+        ds = ss.open_run(tmp_path / f"rank{rank}.zarr")["activations"].dataset
+        assert [m.removeprefix("module.") for m in ds["module"].values.tolist()] == ref["module"].values.tolist()
+        np.testing.assert_array_equal(ds["act_tokens"].values, ref["act_tokens"].values)  # 40 tokens: the full batch
+        assert (ref["act_tokens"].values == 40).all()
+        for var in ("act_eig", "act_soft_rank", "act_hard_rank", "act_top10_share"):
+            # step 0 sees identical weights: equal to float64 rounding
+            np.testing.assert_allclose(ds[var].values[0], ref[var].values[0], rtol=1e-9, atol=1e-12)
+            # later steps: DDP averages float32 gradients across ranks, the single process takes the mean over
+            # the full batch; the weights, and so the second layer's inputs, differ in the last float32 bits
+            np.testing.assert_allclose(ds[var].values[1:], ref[var].values[1:], rtol=1e-5, atol=1e-9)
