@@ -17,8 +17,10 @@ import torch.distributed
 from torch import nn
 
 from spectralscope.covariance import CovarianceStats, activation_metrics, covariance_eigenvalues, token_matrix
-from spectralscope.layers import Layer, block_index, layer_kind
+from spectralscope.layers import Layer
 from spectralscope.store import GroupSpec
+
+from .modules import check_every, find_modules, module_coords
 
 Report = Callable[[str, str, str], None]
 
@@ -33,8 +35,7 @@ class ActivationSpectra:
     group = "activations"
 
     def __init__(self, every: int = 50, max_tokens: int = 4096, modules: Sequence[str] | None = None, seed: int = 0):
-        if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
-            raise ValueError(f"ActivationSpectra: every must be an int >= 1, got {every!r}")
+        check_every("ActivationSpectra", every)
         if not (isinstance(max_tokens, int) and max_tokens >= 2):
             raise ValueError(f"ActivationSpectra: max_tokens must be an int >= 2, got {max_tokens!r}")
         if modules is not None and (isinstance(modules, str) or not all(isinstance(m, str) for m in modules)):
@@ -56,24 +57,13 @@ class ActivationSpectra:
     # ---- wiring -------------------------------------------------------------------------------------
     def bind(self, model: nn.Module | None, layers: Sequence[Layer], step: Callable[[], int], report: Report) -> None:
         """Find the modules and register a forward pre-hook on each."""
-        if model is None:
-            raise ValueError("ActivationSpectra needs the model: watch(optimizer, model, ...)")
-        named = dict(model.named_modules())
-        if self.modules is not None:
-            missing = [m for m in self.modules if m not in named]
-            if missing:
-                raise ValueError(f"ActivationSpectra: no module named {missing[0]!r} in the model")
-            chosen = [(m, named[m]) for m in self.modules]
-        else:
-            watched = {id(lay.param) for lay in layers}
-            chosen = [(n, m) for n, m in named.items() if isinstance(m, nn.Linear) and id(m.weight) in watched]
-        if not chosen:
-            raise ValueError("ActivationSpectra: no nn.Linear among the watched layers; name modules= explicitly")
+        chosen = find_modules(model, layers, self.modules, "ActivationSpectra")
         self._step, self._report = step, report
         for i, (name, module) in enumerate(chosen):
-            d = module.in_features if isinstance(module, nn.Linear) else None
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"ActivationSpectra: {name!r} is a {type(module).__name__}, not an nn.Linear")
             self._names.append(name)
-            self._dims.append(d if d is not None else -1)
+            self._dims.append(module.in_features)
             self._stats.append(None)
             self._handles.append(module.register_forward_pre_hook(self._hook(i)))
 
@@ -83,15 +73,8 @@ class ActivationSpectra:
         self._handles = []
 
     def spec(self) -> GroupSpec:
-        if any(d < 0 for d in self._dims):
-            raise ValueError("ActivationSpectra: modules other than nn.Linear need their input width known")
-        blocks = [b for b in (block_index(n) for n in self._names) if b is not None]
-        top = max(blocks) if blocks else 0
-        depth = [np.nan if (b := block_index(n)) is None else (1.0 if top == 0 else b / top) for n in self._names]
         coords = {
-            "module": ("module", np.array(self._names)),
-            "kind": ("module", np.array([layer_kind(n + ".weight") for n in self._names])),
-            "depth": ("module", np.array(depth, dtype=np.float64)),
+            **module_coords(self._names),
             "width": ("module", np.array(self._dims, dtype=np.int64)),
             "rank": ("rank", np.arange(1, max(self._dims) + 1, dtype=np.int64)),
         }

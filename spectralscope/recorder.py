@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from spectralscope.hooks.activations import ActivationSpectra
+from spectralscope.hooks.gradients import GradientSpectra
 
 from .adapters import adapter_for
 from .layers import Layer, select_layers
@@ -96,6 +97,7 @@ class Recorder:
         overwrite: bool = False,
         storage_options: Mapping[str, Any] | None = None,
         activations: ActivationSpectra | bool | None = True,
+        gradients: GradientSpectra | bool | None = None,
     ):
         _check(isinstance(optimizer, torch.optim.Optimizer), "optimizer", "a torch.optim.Optimizer", optimizer)
         _check(model is None or isinstance(model, nn.Module), "model", "an nn.Module or None", model)
@@ -132,10 +134,14 @@ class Recorder:
             )
         _check(activations is None or isinstance(activations, (bool, ActivationSpectra)), "activations",
                "an ss.ActivationSpectra, True (defaults) or None/False (off)", activations)
+        _check(gradients is None or isinstance(gradients, (bool, GradientSpectra)), "gradients",
+               "an ss.GradientSpectra, True (defaults) or None/False (off)", gradients)
         default_activations = activations is True
         if default_activations:
             activations = ActivationSpectra()
-        self.instruments: list[ActivationSpectra] = [activations] if activations else []
+        if gradients is True:
+            gradients = GradientSpectra()
+        self.instruments: list[ActivationSpectra | GradientSpectra] = [i for i in (activations, gradients) if i]
         self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         if model_size is None:
             params = model.parameters() if model is not None else (p for g in optimizer.param_groups for p in g["params"])
@@ -400,7 +406,8 @@ def watch(
     ``model_size`` (default: the model's parameter count), ``ns_floor`` (the f_k floor behind
     ``ns_fail_frac``, default 0.5), ``flush_seconds`` (default 5), ``resume`` / ``overwrite``,
     ``storage_options`` (fsspec), ``activations`` (an `ss.ActivationSpectra`; True, the default, records
-    the inputs of the watched linear layers every 50 steps; None turns it off).
+    the inputs of the watched linear layers every 50 steps; None turns it off), ``gradients`` (an
+    `ss.GradientSpectra`, or True for every=100, max_samples=64; off by default).
     Returns the `Recorder`; use it as a context manager or call ``close()``.
     """
     return Recorder(optimizer, model, path, **options)

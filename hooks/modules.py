@@ -1,0 +1,46 @@
+"""Which modules an instrument hooks, and their coordinates in the store (shared by the instruments)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from torch import nn
+
+from spectralscope.layers import Layer, block_index, layer_kind
+
+
+def find_modules(model: nn.Module | None, layers: Sequence[Layer], names: Sequence[str] | None,
+                 owner: str) -> list[tuple[str, nn.Module]]:
+    """The modules named in ``names``, or else every ``nn.Linear`` whose weight is watched. ``ValueError``
+    (prefixed with ``owner``) when there is no model, a name is unknown, or nothing is found."""
+    if model is None:
+        raise ValueError(f"{owner} needs the model: watch(optimizer, model, ...)")
+    named = dict(model.named_modules())
+    if names is not None:
+        missing = [m for m in names if m not in named]
+        if missing:
+            raise ValueError(f"{owner}: no module named {missing[0]!r} in the model")
+        return [(m, named[m]) for m in names]
+    watched = {id(lay.param) for lay in layers}
+    chosen = [(n, m) for n, m in named.items() if isinstance(m, nn.Linear) and id(m.weight) in watched]
+    if not chosen:
+        raise ValueError(f"{owner}: no nn.Linear among the watched layers; name modules= explicitly")
+    return chosen
+
+
+def module_coords(names: Sequence[str]) -> dict[str, tuple[str, np.ndarray]]:
+    """``module`` with its ``kind`` (from ``name + ".weight"``) and ``depth`` (block / (blocks − 1))."""
+    blocks = [b for b in (block_index(n) for n in names) if b is not None]
+    top = max(blocks) if blocks else 0
+    depth = [np.nan if (b := block_index(n)) is None else (1.0 if top == 0 else b / top) for n in names]
+    return {
+        "module": ("module", np.array(list(names))),
+        "kind": ("module", np.array([layer_kind(n + ".weight") for n in names])),
+        "depth": ("module", np.array(depth, dtype=np.float64)),
+    }
+
+
+def check_every(owner: str, every: object) -> None:
+    if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+        raise ValueError(f"{owner}: every must be an int >= 1, got {every!r}")

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import spectralscope as ss
+from spectralscope.per_sample import gradient_metrics, per_sample_gram
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 9), nn.Linear(9, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _per_sample_grads(model: nn.Module, x: torch.Tensor, batch: int) -> dict[str, np.ndarray]:
+    """Independent reference: vmap over grad of each sample's share of the batch loss (mean over the batch)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, xs):
+        return functional_call(model, p, (xs.unsqueeze(0),)).square().sum() / batch
+
+    g = vmap(grad(loss_one), in_dims=(None, 0))(params, x)
+    return {k: v.reshape(v.shape[0], -1).numpy() for k, v in g.items()}
+
+
+@pytest.mark.parametrize("shape", [(12, 6), (7, 5, 6)])  # (batch, features) and (batch, tokens, features)
+def test_grad_sv_matches_explicit_per_sample_gradients(tmp_path, shape):
+    torch.manual_seed(0)
+    model = Net().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    ref = _per_sample_grads(model, x, shape[0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ss.watch(opt, model, tmp_path / "r.zarr", activations=None, gradients=ss.GradientSpectra(every=1)):
+        model(x).square().sum().div(shape[0]).backward()
+        w_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+    ds = ss.open_run(tmp_path / "r.zarr")["gradients"].dataset
+    assert list(ds["module"].values) == ["fc1", "fc2"] and ds.sizes["rank"] == 64
+    for j, name in enumerate(["fc1", "fc2"]):
+        rows = ref[f"{name}.weight"]
+        # the per-sample gradients sum to the layer's weight gradient
+        np.testing.assert_allclose(rows.sum(0), w_grads[f"{name}.weight"].reshape(-1).numpy(), rtol=1e-10, atol=1e-14)
+        sv = np.linalg.svd(rows, compute_uv=False)
+        got = ds["grad_sv"].values[0, j]
+        keep = sv > 1e-7 * sv[0]
+        np.testing.assert_allclose(got[: len(sv)][keep], sv[keep], rtol=1e-8)
+        assert np.isnan(got[len(sv):]).all() and ds["grad_samples"].values[0, j] == shape[0]
+        p = sv**2 / (sv**2).sum()
+        assert ds["grad_soft_rank"].values[0, j] == pytest.approx(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()), rel=1e-8)
+
+
+def test_blocked_gram_equals_direct_formula(rng):
+    a = torch.from_numpy(rng.standard_normal((9, 4, 5)))
+    d = torch.from_numpy(rng.standard_normal((9, 4, 3)))
+    direct = np.einsum("sti,rui,stj,ruj->sr", d.numpy(), d.numpy(), a.numpy(), a.numpy())
+    for max_elements in (1, 50, 1 << 22):  # one sample per block … all at once
+        np.testing.assert_allclose(per_sample_gram(a, d, max_elements).numpy(), direct, rtol=1e-12)
+    bad = per_sample_gram(a, d)
+    bad[0, 0] = float("nan")
+    assert torch.isnan(gradient_metrics(bad)["grad_sv"]).all()
+
+
+def test_max_samples_and_gradient_accumulation(tmp_path):
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ss.watch(opt, model, tmp_path / "r.zarr", activations=None, gradients=ss.GradientSpectra(every=2, max_samples=5)):
+        for _ in range(3):
+            for _ in range(2):  # two micro-batches: the first one is used
+                model(torch.randn(8, 6)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    ds = ss.open_run(tmp_path / "r.zarr")["gradients"].dataset
+    assert list(ds["step"].values) == [0, 2] and ds.sizes["rank"] == 5
+    assert (ds["grad_samples"].values == 5).all() and np.isfinite(ds["grad_sv"].values).all()
