@@ -9,7 +9,7 @@ spectrum is taken and the statistics reset. The formulas live in `spectralscope.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -17,12 +17,9 @@ import torch.distributed
 from torch import nn
 
 from spectralscope.covariance import CovarianceStats, activation_metrics, covariance_eigenvalues, token_matrix
-from spectralscope.layers import Layer
 from spectralscope.store import GroupSpec
 
-from .modules import check_every, find_modules, module_coords
-
-Report = Callable[[str, str, str], None]
+from .modules import Context, check_every, find_modules, module_coords
 
 SCALARS = ("act_soft_rank", "act_hard_rank", "act_tail_alpha", "act_top10_share", "act_tokens")
 
@@ -55,10 +52,10 @@ class ActivationSpectra:
         self.paused = False
 
     # ---- wiring -------------------------------------------------------------------------------------
-    def bind(self, model: nn.Module | None, layers: Sequence[Layer], step: Callable[[], int], report: Report) -> None:
+    def bind(self, ctx: Context) -> None:
         """Find the modules and register a forward pre-hook on each."""
-        chosen = find_modules(model, layers, self.modules, "ActivationSpectra")
-        self._step, self._report = step, report
+        chosen = find_modules(ctx.model, ctx.layers, self.modules, "ActivationSpectra")
+        self._step, self._report = ctx.step, ctx.report
         for i, (name, module) in enumerate(chosen):
             if not isinstance(module, nn.Linear):
                 raise ValueError(f"ActivationSpectra: {name!r} is a {type(module).__name__}, not an nn.Linear")

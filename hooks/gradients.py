@@ -9,19 +9,16 @@ the spectrum is taken. Gradient accumulation: only the first micro-batch of the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from spectralscope.layers import Layer
 from spectralscope.per_sample import gradient_metrics, per_sample_gram
 from spectralscope.store import GroupSpec
 
-from .modules import check_every, find_modules, module_coords
-
-Report = Callable[[str, str, str], None]
+from .modules import Context, check_every, find_modules, module_coords
 
 
 class GradientSpectra:
@@ -45,10 +42,10 @@ class GradientSpectra:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.paused = False
 
-    def bind(self, model: nn.Module | None, layers: Sequence[Layer], step: Callable[[], int], report: Report) -> None:
+    def bind(self, ctx: Context) -> None:
         """Find the modules and register a forward hook on each."""
-        chosen = find_modules(model, layers, self.modules, "GradientSpectra")
-        self._step, self._report = step, report
+        chosen = find_modules(ctx.model, ctx.layers, self.modules, "GradientSpectra")
+        self._step, self._report = ctx.step, ctx.report
         for i, (name, module) in enumerate(chosen):
             if not isinstance(module, nn.Linear):
                 raise ValueError(f"GradientSpectra: {name!r} is a {type(module).__name__}, not an nn.Linear")

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from spectralscope.layers import Layer, block_index, layer_kind
+
+
+@dataclass
+class Context:
+    """What the recorder hands an instrument: the model, the watched layers, the optimizer, the index of the
+    optimizer step under way, ``report(metric, layer, reason)`` (count + warn once), and ``pause(flag)``,
+    which stops every instrument's hooks (the sharpness probe's own passes are not recorded)."""
+
+    model: nn.Module | None
+    layers: Sequence[Layer]
+    optimizer: torch.optim.Optimizer
+    step: Callable[[], int]
+    report: Callable[[str, str, str], None]
+    pause: Callable[[bool], None]
 
 
 def find_modules(model: nn.Module | None, layers: Sequence[Layer], names: Sequence[str] | None,

@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .adapters import register_adapter  # noqa: E402
 from .hooks.activations import ActivationSpectra  # noqa: E402
 from .hooks.gradients import GradientSpectra  # noqa: E402
+from .hooks.sharpness import Sharpness  # noqa: E402
 from .newton_schulz import NSConfig, newton_schulz, ns_threshold, scalar_map  # noqa: E402
 from .recorder import Recorder, watch  # noqa: E402
 from .spectra import DEFAULT_QUANTILES, quantiles, singular_values  # noqa: E402
@@ -17,6 +18,7 @@ from .store import open_run  # noqa: E402
 __all__ = [
     "ActivationSpectra",
     "GradientSpectra",
+    "Sharpness",
     "DEFAULT_QUANTILES",
     "NSConfig",
     "Recorder",

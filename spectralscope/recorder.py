@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 from spectralscope.hooks.activations import ActivationSpectra
 from spectralscope.hooks.gradients import GradientSpectra
+from spectralscope.hooks.modules import Context
+from spectralscope.hooks.sharpness import Sharpness
 
 from .adapters import adapter_for
 from .layers import Layer, select_layers
@@ -98,6 +100,7 @@ class Recorder:
         storage_options: Mapping[str, Any] | None = None,
         activations: ActivationSpectra | bool | None = True,
         gradients: GradientSpectra | bool | None = None,
+        sharpness: Sharpness | None = None,
     ):
         _check(isinstance(optimizer, torch.optim.Optimizer), "optimizer", "a torch.optim.Optimizer", optimizer)
         _check(model is None or isinstance(model, nn.Module), "model", "an nn.Module or None", model)
@@ -136,12 +139,16 @@ class Recorder:
                "an ss.ActivationSpectra, True (defaults) or None/False (off)", activations)
         _check(gradients is None or isinstance(gradients, (bool, GradientSpectra)), "gradients",
                "an ss.GradientSpectra, True (defaults) or None/False (off)", gradients)
+        _check(sharpness is None or isinstance(sharpness, Sharpness), "sharpness",
+               "an ss.Sharpness(loss_fn, batch, every=..., per_layer=...) or None", sharpness)
         default_activations = activations is True
         if default_activations:
             activations = ActivationSpectra()
         if gradients is True:
             gradients = GradientSpectra()
-        self.instruments: list[ActivationSpectra | GradientSpectra] = [i for i in (activations, gradients) if i]
+        self.instruments: list[ActivationSpectra | GradientSpectra | Sharpness] = [
+            i for i in (activations, gradients, sharpness) if i
+        ]
         self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         if model_size is None:
             params = model.parameters() if model is not None else (p for g in optimizer.param_groups for p in g["params"])
@@ -166,7 +173,7 @@ class Recorder:
         try:
             for inst in list(self.instruments):
                 try:
-                    inst.bind(model, self.layers, lambda: self._step, self._count)
+                    inst.bind(Context(model, self.layers, optimizer, lambda: self._step, self._count, self._pause))
                 except ValueError:
                     if not (default_activations and isinstance(inst, ActivationSpectra)):
                         raise
@@ -270,11 +277,21 @@ class Recorder:
         self.close()
 
     # ---- hooks -------------------------------------------------------------------------------------
+    def _pause(self, flag: bool) -> None:
+        for inst in self.instruments:
+            inst.paused = flag
+
     def _recording(self) -> bool:
         return self._step % self.every == 0
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._before = None
+        for inst in self.instruments:
+            if hasattr(inst, "before_step"):
+                try:
+                    inst.before_step(self._step)
+                except Exception as exc:  # out of memory for a snapshot: that record is skipped
+                    self._warn(inst.group, "*", exc)
         if not self._recording():
             return
         try:
@@ -407,7 +424,8 @@ def watch(
     ``ns_fail_frac``, default 0.5), ``flush_seconds`` (default 5), ``resume`` / ``overwrite``,
     ``storage_options`` (fsspec), ``activations`` (an `ss.ActivationSpectra`; True, the default, records
     the inputs of the watched linear layers every 50 steps; None turns it off), ``gradients`` (an
-    `ss.GradientSpectra`, or True for every=100, max_samples=64; off by default).
+    `ss.GradientSpectra`, or True for every=100, max_samples=64; off by default), ``sharpness`` (an
+    `ss.Sharpness(loss_fn, batch, every=100, per_layer=False)`; off by default).
     Returns the `Recorder`; use it as a context manager or call ``close()``.
     """
     return Recorder(optimizer, model, path, **options)
