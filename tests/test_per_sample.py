@@ -79,3 +79,13 @@ def test_max_samples_and_gradient_accumulation(tmp_path):
     ds = ss.open_run(tmp_path / "r.zarr")["gradients"].dataset
     assert list(ds["step"].values) == [0, 2] and ds.sizes["rank"] == 5
     assert (ds["grad_samples"].values == 5).all() and np.isfinite(ds["grad_sv"].values).all()
+
+
+def test_close_removes_the_forward_hooks(tmp_path):
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = ss.watch(opt, model, tmp_path / "r.zarr", gradients=True)
+    assert all(len(m._forward_hooks) == 1 for m in (model.fc1, model.fc2))
+    assert all(len(m._forward_pre_hooks) == 1 for m in (model.fc1, model.fc2))  # activations, on by default
+    rec.close()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
