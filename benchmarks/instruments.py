@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--only", default="", help="run the rows whose label contains this text")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -62,6 +63,8 @@ def main() -> None:
           f"parameters, batch {args.batch}x{args.ctx} tokens; {args.pairs} pairs of single steps per row")
     print(f"{'instrument':<52} {'plain step':>11} {'one record':>12} {'min–max':>17}")
     for label, kw in cases.items():
+        if args.only not in label:
+            continue
         plain, watched = copy.deepcopy(base), copy.deepcopy(base)
         oa, ob = optimizers(plain), optimizers(watched)
         run_a, run_b = make_block(plain, oa, batches()), make_block(watched, ob, batches())

@@ -60,8 +60,13 @@ def test_blocked_gram_equals_direct_formula(rng):
     a = torch.from_numpy(rng.standard_normal((9, 4, 5)))
     d = torch.from_numpy(rng.standard_normal((9, 4, 3)))
     direct = np.einsum("sti,rui,stj,ruj->sr", d.numpy(), d.numpy(), a.numpy(), a.numpy())
-    for max_elements in (1, 50, 1 << 22):  # one sample per block … all at once
+    for max_elements in (1, 50, 1 << 22):  # kernel route: one sample per block … ; per-sample-gradient route
         np.testing.assert_allclose(per_sample_gram(a, d, max_elements).numpy(), direct, rtol=1e-12)
+    long_a = torch.from_numpy(rng.standard_normal((5, 40, 3)))  # T² ≫ d_in·d_out: the per-sample route is cheaper
+    long_d = torch.from_numpy(rng.standard_normal((5, 40, 2)))
+    ref = np.einsum("sti,rui,stj,ruj->sr", long_d.numpy(), long_d.numpy(), long_a.numpy(), long_a.numpy())
+    for max_elements in (1, 1 << 22):  # 1: no room for per-sample gradients, so the kernel route
+        np.testing.assert_allclose(per_sample_gram(long_a, long_d, max_elements).numpy(), ref, rtol=1e-12)
     bad = per_sample_gram(a, d)
     bad[0, 0] = float("nan")
     assert torch.isnan(gradient_metrics(bad)["grad_sv"]).all()
