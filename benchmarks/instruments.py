@@ -20,7 +20,7 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 
 import torch  # noqa: E402
-from overhead import GPT, make_block, optimizers  # noqa: E402
+from overhead import GPT, VOCAB, make_block, model_arguments, optimizers, token_batches  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import spectralscope as ss  # noqa: E402
@@ -30,22 +30,12 @@ NEVER = 10**9  # the optimizer group is recorded at step 0 only, outside the tim
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", type=int, default=9)
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--ctx", type=int, default=128)
+    model_arguments(ap, pairs=9)
     ap.add_argument("--only", default="", help="run the rows whose label contains this text")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    vocab = 256
-
-    def batches():
-        g = torch.Generator().manual_seed(1)
-        while True:
-            yield torch.randint(0, vocab, (args.batch, args.ctx + 1), generator=g)
-
+    batches = lambda: token_batches(args.batch, args.ctx)  # noqa: E731
     probe_batch = next(batches())
 
     def loss_fn(model, x):
@@ -58,7 +48,7 @@ def main() -> None:
         "sharpness probe (per_layer=True)": {"activations": None,
                                              "sharpness": ss.Sharpness(loss_fn, probe_batch, every=1, per_layer=True)},
     }
-    base = GPT(vocab, args.width, args.depth, args.ctx)
+    base = GPT(VOCAB, args.width, args.depth, args.ctx)
     print(f"model: GPT width {args.width}, depth {args.depth}, {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M "
           f"parameters, batch {args.batch}x{args.ctx} tokens; {args.pairs} pairs of single steps per row")
     print(f"{'instrument':<52} {'plain step':>11} {'one record':>12} {'min–max':>17}")

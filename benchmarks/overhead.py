@@ -81,30 +81,39 @@ def make_block(model, opts, batches):
     return run
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", type=int, default=10)
+VOCAB = 256
+
+
+def model_arguments(ap: argparse.ArgumentParser, pairs: int) -> None:
+    """The options shared by the benchmarks that train this transformer."""
+    ap.add_argument("--pairs", type=int, default=pairs)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=128)
+
+
+def token_batches(batch: int, ctx: int):
+    """An endless stream of random token batches (batch, ctx + 1) from a fixed seed."""
+    g = torch.Generator().manual_seed(1)
+    while True:
+        yield torch.randint(0, VOCAB, (batch, ctx + 1), generator=g)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    model_arguments(ap, pairs=10)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--block", type=int, default=50)
     ap.add_argument("--no-activations", action="store_true", help="watch with activations=None")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    vocab = 256
-
-    def batches():
-        g = torch.Generator().manual_seed(1)
-        while True:
-            yield torch.randint(0, vocab, (args.batch, args.ctx + 1), generator=g)
-
-    plain = GPT(vocab, args.width, args.depth, args.ctx)
+    plain = GPT(VOCAB, args.width, args.depth, args.ctx)
     watched = copy.deepcopy(plain)
     opts_a, opts_b = optimizers(plain), optimizers(watched)
-    run_a, run_b = make_block(plain, opts_a, batches()), make_block(watched, opts_b, batches())
+    run_a = make_block(plain, opts_a, token_batches(args.batch, args.ctx))
+    run_b = make_block(watched, opts_b, token_batches(args.batch, args.ctx))
     with tempfile.TemporaryDirectory() as tmp:
         extra = {"activations": None} if args.no_activations else {}
         rec = ss.watch(opts_b[0], watched, f"{tmp}/bench.zarr", every=args.every, **extra)
