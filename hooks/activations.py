@@ -19,7 +19,7 @@ from torch import nn
 from spectralscope.covariance import CovarianceStats, activation_metrics, covariance_eigenvalues, token_matrix
 from spectralscope.store import GroupSpec
 
-from .modules import Context, check_every, find_modules, module_coords
+from .modules import Context, check_every, check_modules, find_modules, module_coords
 
 SCALARS = ("act_soft_rank", "act_hard_rank", "act_tail_alpha", "act_top10_share", "act_tokens")
 
@@ -35,11 +35,9 @@ class ActivationSpectra:
         check_every("ActivationSpectra", every)
         if not (isinstance(max_tokens, int) and max_tokens >= 2):
             raise ValueError(f"ActivationSpectra: max_tokens must be an int >= 2, got {max_tokens!r}")
-        if modules is not None and (isinstance(modules, str) or not all(isinstance(m, str) for m in modules)):
-            raise ValueError(f"ActivationSpectra: modules must be a list of module names or None, got {modules!r}")
         self.every = every
         self.max_tokens = max_tokens
-        self.modules = list(modules) if modules is not None else None
+        self.modules = check_modules("ActivationSpectra", modules)
         self.seed = seed
         self._names: list[str] = []
         self._dims: list[int] = []
@@ -57,8 +55,6 @@ class ActivationSpectra:
         chosen = find_modules(ctx.model, ctx.layers, self.modules, "ActivationSpectra")
         self._step, self._report = ctx.step, ctx.report
         for i, (name, module) in enumerate(chosen):
-            if not isinstance(module, nn.Linear):
-                raise ValueError(f"ActivationSpectra: {name!r} is a {type(module).__name__}, not an nn.Linear")
             self._names.append(name)
             self._dims.append(module.in_features)
             self._stats.append(None)

@@ -18,7 +18,7 @@ from torch import nn
 from spectralscope.per_sample import gradient_metrics, per_sample_gram
 from spectralscope.store import GroupSpec
 
-from .modules import Context, check_every, find_modules, module_coords
+from .modules import Context, check_every, check_modules, find_modules, module_coords
 
 
 class GradientSpectra:
@@ -31,11 +31,9 @@ class GradientSpectra:
         check_every("GradientSpectra", every)
         if not (isinstance(max_samples, int) and not isinstance(max_samples, bool) and max_samples >= 1):
             raise ValueError(f"GradientSpectra: max_samples must be an int >= 1, got {max_samples!r}")
-        if modules is not None and (isinstance(modules, str) or not all(isinstance(m, str) for m in modules)):
-            raise ValueError(f"GradientSpectra: modules must be a list of module names or None, got {modules!r}")
         self.every = every
         self.max_samples = max_samples
-        self.modules = list(modules) if modules is not None else None
+        self.modules = check_modules("GradientSpectra", modules)
         self._names: list[str] = []
         self._grams: list[torch.Tensor | None] = []
         self._taken: list[bool] = []
@@ -47,8 +45,6 @@ class GradientSpectra:
         chosen = find_modules(ctx.model, ctx.layers, self.modules, "GradientSpectra")
         self._step, self._report = ctx.step, ctx.report
         for i, (name, module) in enumerate(chosen):
-            if not isinstance(module, nn.Linear):
-                raise ValueError(f"GradientSpectra: {name!r} is a {type(module).__name__}, not an nn.Linear")
             self._names.append(name)
             self._grams.append(None)
             self._taken.append(False)

@@ -29,7 +29,8 @@ class Context:
 def find_modules(model: nn.Module | None, layers: Sequence[Layer], names: Sequence[str] | None,
                  owner: str) -> list[tuple[str, nn.Module]]:
     """The modules named in ``names``, or else every ``nn.Linear`` whose weight is watched. ``ValueError``
-    (prefixed with ``owner``) when there is no model, a name is unknown, or nothing is found."""
+    (prefixed with ``owner``) when there is no model, a name is unknown or not an ``nn.Linear``, or nothing
+    is found."""
     if model is None:
         raise ValueError(f"{owner} needs the model: watch(optimizer, model, ...)")
     named = dict(model.named_modules())
@@ -37,6 +38,9 @@ def find_modules(model: nn.Module | None, layers: Sequence[Layer], names: Sequen
         missing = [m for m in names if m not in named]
         if missing:
             raise ValueError(f"{owner}: no module named {missing[0]!r} in the model")
+        for m in names:
+            if not isinstance(named[m], nn.Linear):
+                raise ValueError(f"{owner}: {m!r} is a {type(named[m]).__name__}, not an nn.Linear")
         return [(m, named[m]) for m in names]
     watched = {id(lay.param) for lay in layers}
     chosen = [(n, m) for n, m in named.items() if isinstance(m, nn.Linear) and id(m.weight) in watched]
@@ -60,3 +64,12 @@ def module_coords(names: Sequence[str]) -> dict[str, tuple[str, np.ndarray]]:
 def check_every(owner: str, every: object) -> None:
     if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
         raise ValueError(f"{owner}: every must be an int >= 1, got {every!r}")
+
+
+def check_modules(owner: str, modules: object) -> list[str] | None:
+    """``modules`` as a list of module names (None stays None); ``ValueError`` for anything else."""
+    if modules is None:
+        return None
+    if isinstance(modules, str) or not all(isinstance(m, str) for m in modules):
+        raise ValueError(f"{owner}: modules must be a list of module names or None, got {modules!r}")
+    return list(modules)
