@@ -75,12 +75,20 @@ def info_text(path: str) -> str:
                 table[f"{var}@q{q}" if q is not None else var] = da.values
             lines += ["", f"last recorded step: {int(ds['step'].values[-1])}"]
         lines += ["", table.to_string(index=False, float_format=_fmt)]
-    if "scalars" in tree.children:
-        ds = tree["scalars"].dataset
-        if ds.sizes.get("step", 0) and ds.data_vars:
-            last = ds.isel(step=-1)
-            vals = ", ".join(f"{k}={_fmt(float(last[k].values))}" for k in ds.data_vars)
-            lines += ["", f"scalars at step {int(last['step'].values)}: {vals}"]
+    for group in ("activations", "gradients"):
+        if group in tree.children and tree[group].dataset.sizes.get("step", 0):
+            last = tree[group].dataset.isel(step=-1)
+            table = pd.DataFrame({"module": last["module"].values.tolist(), "kind": last["kind"].values.tolist()})
+            for var, da in last.data_vars.items():
+                if da.dims == ("module",):
+                    table[var] = da.values
+            lines += ["", f"[{group}] last recorded step {int(last['step'].values)}",
+                      table.to_string(index=False, float_format=_fmt)]
+    for group in ("sharpness", "scalars"):
+        if group in tree.children and tree[group].dataset.sizes.get("step", 0):
+            last = tree[group].dataset.isel(step=-1)
+            vals = ", ".join(f"{k}={_fmt(float(v.values))}" for k, v in last.data_vars.items() if v.dims == ())
+            lines += ["", f"{group} at step {int(last['step'].values)}: {vals}"]
     return "\n".join(lines)
 
 

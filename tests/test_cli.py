@@ -36,6 +36,13 @@ def test_info_prints_attributes_layers_steps_and_last_values(tmp_path, capsys):
     assert lines["2.weight"][3] == "4x24"
     last = float(ds["momentum_sv"].sel(quantile=0.5).values[-1, 0])
     assert float(lines["0.weight"][4]) == float(f"{last:.4g}")
+    # activation spectra (on by default, recorded at step 0): one row per module with its last values
+    act = ss.open_run(path)["activations"].dataset
+    assert "[activations] last recorded step 0" in out
+    row = next(line.split() for line in out.splitlines() if line.split()[:2] == ["0", "other"])
+    header = next(line.split() for line in out.splitlines() if line.split()[:2] == ["module", "kind"])
+    hard = float(act["act_hard_rank"].values[-1, 0])
+    assert float(row[header.index("act_hard_rank")]) == float(f"{hard:.4g}")
 
 
 def test_user_mistakes_print_one_line_and_exit_2(tmp_path):
