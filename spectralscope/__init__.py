@@ -7,6 +7,7 @@
 __version__ = "0.1.0"
 
 from .adapters import register_adapter  # noqa: E402
+from .fit import PowerLawFit, power_law  # noqa: E402
 from .hooks.activations import ActivationSpectra  # noqa: E402
 from .hooks.gradients import GradientSpectra  # noqa: E402
 from .hooks.sharpness import Sharpness  # noqa: E402
@@ -21,11 +22,13 @@ __all__ = [
     "Sharpness",
     "DEFAULT_QUANTILES",
     "NSConfig",
+    "PowerLawFit",
     "Recorder",
     "__version__",
     "newton_schulz",
     "ns_threshold",
     "open_run",
+    "power_law",
     "quantiles",
     "register_adapter",
     "scalar_map",
