@@ -117,3 +117,19 @@ def ns_threshold(steps: int, coefficients: Coefficients = MUON_COEFFICIENTS, flo
         raise ValueError(f"floor must be > 0, got {floor}")
     triples = tuple(step_coefficients(coefficients, int(steps)))
     return _threshold(int(steps), triples, float(floor))
+
+
+def fewest_ns_steps(sigma: float, coefficients: tuple[float, float, float] = MUON_COEFFICIENTS, floor: float = 0.5,
+                    max_steps: int = 100) -> int:
+    """The fewest k ≥ 1 with ``ns_threshold(k, coefficients, floor)`` ≤ ``sigma``: how many NS steps lift every
+    normalised singular value in [σ, 1] to at least ``floor``. ``ValueError`` if none up to ``max_steps`` does
+    (or σ is not in (0, 1])."""
+    if not (0 < sigma <= 1):
+        raise ValueError(f"sigma must be in (0, 1], got {sigma!r}")
+    for k in range(1, max_steps + 1):
+        try:
+            if ns_threshold(k, coefficients, floor) <= sigma:
+                return k
+        except ValueError:  # this k cannot reach the floor at all; more steps may
+            continue
+    raise ValueError(f"no k ≤ {max_steps} lifts σ = {sigma:g} to {floor}")

@@ -6,7 +6,14 @@ import torch
 from conftest import prescribed
 from torch.optim._muon import _zeropower_via_newtonschulz
 
-from spectralscope.newton_schulz import NSConfig, newton_schulz, ns_threshold, scalar_map, step_coefficients
+from spectralscope.newton_schulz import (
+    NSConfig,
+    fewest_ns_steps,
+    newton_schulz,
+    ns_threshold,
+    scalar_map,
+    step_coefficients,
+)
 
 A, B, C = 3.4445, -4.7750, 2.0315
 
@@ -75,3 +82,16 @@ def test_ns_threshold_per_step_schedule_matches_bisection_of_reference_map():
     assert _ref_map(thr, sched) >= 0.5 - 1e-12
     assert _ref_map(thr * (1 - 1e-6), sched) < 0.5
     assert np.all(_ref_map(np.linspace(thr, 1, 100001), sched) >= 0.5 - 1e-12)
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.1e-3, 5e-5, 1e-7])
+def test_fewest_ns_steps_against_direct_iteration(sigma):
+    k = fewest_ns_steps(sigma)
+    grid = np.geomspace(sigma, 1.0, 20001)
+
+    def lifted(steps):  # direct float64 iteration of the scalar map on [σ, 1]
+        return np.all(_ref_map(grid, [(A, B, C)] * steps) >= 0.5)
+
+    assert lifted(k) and (k == 1 or not lifted(k - 1))
+    if sigma == 5e-5:
+        assert k == 8  # RESEARCH.md: the final O projection at σ ≈ 5e-5 needs 8 steps, not 5
