@@ -95,3 +95,192 @@ def _power_law_offset(x: np.ndarray, y: np.ndarray) -> PowerLawFit:
     t = float(scipy.stats.t.ppf(0.975, dof))
     return PowerLawFit(b, a, 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0, stderr, b - t * stderr, b + t * stderr,
                        n, offset=c)
+
+
+# ---- scaling laws across runs -------------------------------------------------------------------------------
+GROUP_OF_METRIC = {
+    "optimizer": ("momentum_sv", "momentum_norm", "ns_out_sv", "ns_polar_err", "ns_orth_err", "ns_fail_frac",
+                  "update_rms", "update_sv", "update_erank", "neuron_norm", "neuron_cv", "weight_spectral_norm"),
+    "activations": ("act_soft_rank", "act_hard_rank", "act_tail_alpha", "act_top10_share"),
+    "gradients": ("grad_soft_rank",),
+    "sharpness": ("nds_within",),
+}
+
+
+def _group_for(metric: str) -> str:
+    for group, names in GROUP_OF_METRIC.items():
+        if metric in names:
+            return group
+    known = ", ".join(m for names in GROUP_OF_METRIC.values() for m in names)
+    raise ValueError(f"fit_scaling: unknown metric {metric!r}; per-layer metrics are: {known}")
+
+
+def _run_size(attrs: dict, size: str, where: str) -> float:
+    if size in attrs:
+        return float(attrs[size])
+    meta = attrs.get("meta", {})
+    if isinstance(meta, dict) and size in meta:
+        return float(meta[size])
+    raise ValueError(f"fit_scaling: {where} has no {size!r} attribute (neither at the root nor in meta)")
+
+
+def settled_values(tree, metric: str, quantile: float | None = None, size: str = "model_size",
+                   window: tuple[float, float] = (0.5, 1.0), where: str = "run"):
+    """A tidy DataFrame (layer, kind, depth, quantile, size, value) of one run: for each layer (and quantile),
+    the median of ``metric`` over the recorded steps in ``window`` (fractions of the recorded steps)."""
+    import pandas as pd
+
+    lo, hi = window
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"fit_scaling: window must satisfy 0 <= start < end <= 1, got {window!r}")
+    group = _group_for(metric)
+    if group not in tree.children:
+        raise ValueError(f"fit_scaling: {where} has no {group!r} group (metric {metric!r})")
+    ds = tree[group].dataset
+    n = ds.sizes.get("step", 0)
+    if n == 0:
+        raise ValueError(f"fit_scaling: {where} has no recorded steps in {group!r}")
+    i0, i1 = int(np.floor(lo * n)), max(int(np.ceil(hi * n)), int(np.floor(lo * n)) + 1)
+    da = ds[metric].isel(step=slice(i0, i1))
+    if "quantile" in da.dims:
+        levels = [quantile] if quantile is not None else list(da["quantile"].values)
+        missing = [q for q in levels if not np.isclose(da["quantile"].values, q).any()]
+        if missing:
+            raise ValueError(f"fit_scaling: {where} did not record quantile {missing[0]} "
+                             f"(recorded: {list(da['quantile'].values)})")
+    unit = "layer" if "layer" in da.dims else "module"
+    med = da.median("step", skipna=True)
+    rows = []
+    value_size = _run_size(dict(tree.attrs), size, where)
+    for j, name in enumerate(med[unit].values.tolist()):
+        kind, depth = str(med["kind"].values[j]), float(med["depth"].values[j])
+        if "quantile" in da.dims:
+            for q in levels:
+                v = float(med.isel({unit: j}).sel(quantile=q, method="nearest").values)
+                rows.append((name, kind, depth, float(q), value_size, v))
+        else:
+            rows.append((name, kind, depth, np.nan, value_size, float(med.isel({unit: j}).values)))
+    return pd.DataFrame(rows, columns=["layer", "kind", "depth", "quantile", "size", "value"])
+
+
+def _label(keys: dict) -> str:
+    parts = [str(v) for k, v in keys.items() if k != "depth"]
+    depth = keys.get("depth")
+    label = "/".join(parts)
+    return label if depth is None or (isinstance(depth, float) and np.isnan(depth)) else f"{label}@{depth:g}"
+
+
+def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None, by=("kind", "depth"),
+                size: str = "model_size", window: tuple[float, float] = (0.5, 1.0), storage_options=None):
+    """One `power_law` of the settled value against model size per layer group (and quantile).
+
+    ``runs``: run paths, globs, opened trees (``ss.open_run``), or a tidy DataFrame with the ``by`` columns,
+    ``size``, ``value`` (and optionally ``quantile``). For each run the settled value of a layer is the
+    median over the steps in ``window``; layers are grouped across runs by ``by`` (depth rounded to the
+    nearest 0.25 when the runs' depth grids differ), several layers of one group in one run by their median.
+    Returns a DataFrame: the ``by`` columns, ``group``, ``quantile``, ``slope``, ``intercept``, ``r2``,
+    ``stderr``, ``ci_low``, ``ci_high``, ``n_sizes``; ``.attrs["current_steps"]`` holds the runs' NS steps.
+    """
+    import glob as _glob
+
+    import pandas as pd
+    import xarray as xr
+
+    from .store import open_run
+
+    by = [by] if isinstance(by, str) else list(by)
+    current_steps = None
+    if not isinstance(runs, pd.DataFrame):
+        _group_for(metric)  # an unknown metric is reported before any run is opened
+    if isinstance(runs, pd.DataFrame):
+        tidy = runs.copy()
+        missing = [c for c in [*by, "value"] if c not in tidy.columns]
+        if missing:
+            raise ValueError(f"fit_scaling: the DataFrame lacks column(s) {missing}")
+        if "size" not in tidy.columns and size in tidy.columns:
+            tidy = tidy.rename(columns={size: "size"})
+        if "size" not in tidy.columns:
+            raise ValueError(f"fit_scaling: the DataFrame lacks the size column {size!r}")
+        if "quantile" not in tidy.columns:
+            tidy["quantile"] = np.nan
+        tidy["run"] = tidy["size"]
+    else:
+        items = [runs] if isinstance(runs, (str, xr.DataTree)) or hasattr(runs, "__fspath__") else list(runs)
+        trees = []
+        for item in items:
+            if isinstance(item, xr.DataTree):
+                trees.append((f"tree{len(trees)}", item))
+                continue
+            text = str(item)
+            paths = sorted(_glob.glob(text)) if any(ch in text for ch in "*?[") and "://" not in text else [text]
+            if not paths:
+                raise ValueError(f"fit_scaling: no run matches {text!r}")
+            trees += [(p, open_run(p, storage_options)) for p in paths]
+        frames, grids, steps = [], [], set()
+        for i, (where, tree) in enumerate(trees):
+            frame = settled_values(tree, metric, quantile, size, window, where)
+            frame["run"] = i
+            frames.append(frame)
+            grids.append(tuple(sorted(set(np.round(frame["depth"].dropna(), 6)))))
+            ns = dict(tree.attrs).get("optimizer", {}).get("ns_steps")
+            if ns is not None:
+                steps.add(int(ns))
+        tidy = pd.concat(frames, ignore_index=True)
+        if "depth" in by and len(set(grids)) > 1:
+            tidy["depth"] = np.round(tidy["depth"] * 4) / 4
+        current_steps = steps.pop() if len(steps) == 1 else None
+    if quantile is not None:
+        tidy = tidy[np.isclose(tidy["quantile"], quantile) | tidy["quantile"].isna()]
+    keys = [*by, "quantile"]
+    per_run = tidy.groupby([*keys, "run"], dropna=False, sort=True).agg(size=("size", "first"),
+                                                                        value=("value", "median")).reset_index()
+    rows = []
+    too_few = []
+    for group_keys, g in per_run.groupby(keys, dropna=False, sort=True):
+        kv = dict(zip(keys, group_keys, strict=True))
+        label = _label({k: kv[k] for k in by})
+        n_sizes = g["size"].nunique()
+        if n_sizes < 3:
+            too_few.append(f"{label} ({n_sizes})")
+            continue
+        bad = g[~(np.isfinite(g["value"]) & (g["value"] > 0))]
+        if len(bad):
+            raise ValueError(f"fit_scaling: group {label} has non-positive or missing {metric} values at size(s) "
+                             f"{sorted(bad['size'].tolist())}; a power law needs positive values")
+        fit = power_law(g["size"].to_numpy(), g["value"].to_numpy())
+        rows.append({**{k: kv[k] for k in by}, "group": label, "quantile": kv["quantile"], "slope": fit.slope,
+                     "intercept": fit.intercept, "r2": fit.r2, "stderr": fit.stderr, "ci_low": fit.ci_low,
+                     "ci_high": fit.ci_high, "n_sizes": int(n_sizes)})
+    if not rows:
+        raise ValueError("fit_scaling: no layer group has runs of at least 3 sizes"
+                         + (f" (sizes per group: {', '.join(too_few[:6])})" if too_few else ""))
+    out = pd.DataFrame(rows)
+    out.attrs["current_steps"] = current_steps
+    return out
+
+
+def recommend_ns_steps(fits, model_size: float, quantile: float = 0.5, floor: float = 0.5,
+                       coefficients: tuple[float, float, float] | None = None):
+    """Per group: ``sigma`` = the fitted settled σ_q extrapolated to ``model_size`` (exp(intercept)·size^slope),
+    ``ns_steps`` = the fewest k with ns_threshold(k, coefficients, floor) ≤ sigma, ``current_steps`` = the k
+    of the recorded optimizer (from ``fits.attrs``)."""
+    import pandas as pd
+
+    from .newton_schulz import MUON_COEFFICIENTS, fewest_ns_steps
+
+    if not model_size > 0:
+        raise ValueError(f"recommend_ns_steps: model_size must be > 0, got {model_size!r}")
+    coefficients = coefficients or MUON_COEFFICIENTS
+    sel = fits[np.isclose(fits["quantile"], quantile)] if fits["quantile"].notna().any() else fits
+    if sel.empty:
+        raise ValueError(f"recommend_ns_steps: the fits hold no quantile {quantile} "
+                         f"(they hold {sorted(set(fits['quantile'].dropna()))})")
+    by = [c for c in fits.columns if c not in ("group", "quantile", "slope", "intercept", "r2", "stderr", "ci_low",
+                                                "ci_high", "n_sizes")]
+    rows = []
+    for _, r in sel.iterrows():
+        sigma = float(np.exp(r["intercept"]) * model_size ** r["slope"])
+        steps = fewest_ns_steps(min(sigma, 1.0), coefficients, floor) if sigma > 0 else None
+        rows.append({**{k: r[k] for k in by}, "group": r["group"], "quantile": r["quantile"], "sigma": sigma,
+                     "ns_steps": steps, "current_steps": fits.attrs.get("current_steps")})
+    return pd.DataFrame(rows)

@@ -46,3 +46,100 @@ def test_too_few_points_raise():
         ss.power_law([1.0, 2.0, 3.0], [1.0, -2.0, 0.0])
     with pytest.raises(ValueError, match="equal"):
         ss.power_law([2.0, 2.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def _write_run(path, size: float, layers: list[tuple[str, str, float]], law, steps: int = 40, ns_steps: int = 5):
+    """A run store written by spectralscope's own writer: momentum_sv follows law(kind, depth, q, size) after a
+    burn-in (the first half of the steps hold a different, larger value)."""
+    from spectralscope.store import GroupSpec, RunWriter
+
+    qs = np.array([0.1, 0.5, 0.9])
+    coords = {
+        "layer": ("layer", np.array([n for n, _, _ in layers])),
+        "kind": ("layer", np.array([k for _, k, _ in layers])),
+        "depth": ("layer", np.array([d for _, _, d in layers])),
+        "quantile": ("quantile", qs),
+    }
+    w = RunWriter(path, [GroupSpec("optimizer", coords, {"momentum_sv": ("step", "layer", "quantile")})],
+                  {"name": path.name, "model_size": int(size), "optimizer": {"class": "Muon", "ns_steps": ns_steps},
+                   "meta": {"width": size / 100}})
+    for s in range(steps):
+        settled = np.array([[law(k, d, q, size) for q in qs] for _, k, d in layers])
+        w.append("optimizer", s, {"momentum_sv": settled if s >= steps // 2 else 10 * settled + 1})
+    w.close()
+
+
+ALPHA = {("attn_o", 0.0): 0.25, ("attn_o", 1.0): 0.66, ("mlp_in", 1.0): 0.96}
+
+
+def _law(kind, depth, q, size):
+    return q * 0.5 * size ** -ALPHA[(kind, depth)]
+
+
+def test_fit_scaling_recovers_known_exponents_from_real_stores(tmp_path):
+    layers = [("h.0.attn.o_proj.weight", "attn_o", 0.0), ("h.1.attn.o_proj.weight", "attn_o", 1.0),
+              ("h.1.mlp.c_fc.weight", "mlp_in", 1.0)]
+    for size in (1e6, 4e6, 1.6e7, 6.4e7):
+        _write_run(tmp_path / f"m{int(size)}.zarr", size, layers, _law)
+    fits = ss.fit_scaling([str(tmp_path / "*.zarr")], metric="momentum_sv")
+    assert list(fits.columns) == ["kind", "depth", "group", "quantile", "slope", "intercept", "r2", "stderr", "ci_low",
+                                  "ci_high", "n_sizes"]
+    assert len(fits) == 3 * 3 and set(fits["group"]) == {"attn_o@0", "attn_o@1", "mlp_in@1"}
+    for _, r in fits.iterrows():
+        assert r["slope"] == pytest.approx(-ALPHA[(r["kind"], r["depth"])], abs=1e-9)
+        assert np.exp(r["intercept"]) == pytest.approx(r["quantile"] * 0.5, rel=1e-9)
+        assert r["n_sizes"] == 4 and r["r2"] == pytest.approx(1.0)
+    one = ss.fit_scaling([str(p) for p in sorted(tmp_path.glob("*.zarr"))], quantile=0.5, size="width")
+    assert len(one) == 3 and (one["quantile"] == 0.5).all()
+    assert one.set_index("group").loc["attn_o@1", "slope"] == pytest.approx(-0.66, abs=1e-9)
+    trees = [ss.open_run(p) for p in sorted(tmp_path.glob("*.zarr"))]
+    assert ss.fit_scaling(trees, quantile=0.9)["slope"].tolist() == pytest.approx(one["slope"].tolist(), abs=1e-9)
+
+    rec = ss.recommend_ns_steps(fits, model_size=6.4e8, quantile=0.5)
+    assert list(rec.columns) == ["kind", "depth", "group", "quantile", "sigma", "ns_steps", "current_steps"]
+    for _, r in rec.iterrows():
+        sigma = 0.25 * 6.4e8 ** -ALPHA[(r["kind"], r["depth"])]
+        assert r["sigma"] == pytest.approx(sigma, rel=1e-8)
+        assert r["ns_steps"] == ss.fewest_ns_steps(sigma) and r["current_steps"] == 5
+        # direct float64 iteration of the scalar map agrees
+        grid = np.geomspace(sigma, 1, 5001)
+        assert np.all(ss.scalar_map(grid, steps=int(r["ns_steps"])) >= 0.5)
+        assert r["ns_steps"] == 1 or not np.all(ss.scalar_map(grid, steps=int(r["ns_steps"]) - 1) >= 0.5)
+
+
+def test_depths_are_rounded_when_runs_differ_in_depth(tmp_path):
+    def law(kind, depth, q, size):
+        return q * size ** -0.3
+
+    grids = {1e6: [0.0, 0.5, 1.0], 4e6: [0.0, 1 / 3, 2 / 3, 1.0], 1.6e7: [0.0, 0.25, 0.5, 0.75, 1.0],
+             6.4e7: [0.0, 1 / 3, 2 / 3, 1.0]}
+    for size, depths in grids.items():
+        layers = [(f"h.{i}.attn.o_proj.weight", "attn_o", d) for i, d in enumerate(depths)]
+        _write_run(tmp_path / f"r{int(size)}.zarr", size, layers, law)
+    fits = ss.fit_scaling(str(tmp_path / "*.zarr"), quantile=0.5)
+    # 1/3 and 2/3 round to 0.25 and 0.75 and join the 5-block run's layers; depth 0.5 spans only 2 sizes
+    assert fits["depth"].tolist() == [0.0, 0.25, 0.75, 1.0]
+    assert fits["n_sizes"].tolist() == [4, 3, 3, 4]
+    assert fits["slope"].tolist() == pytest.approx([-0.3] * 4, abs=1e-9)
+
+
+def test_tidy_dataframe_without_quantile_and_clear_errors(tmp_path):
+    import pandas as pd
+
+    sizes = np.array([1e6, 1e7, 1e8, 1e9])
+    df = pd.DataFrame({"kind": "mlp_out", "depth": 0.5, "model_size": sizes, "value": 2 * sizes**-0.4})
+    fits = ss.fit_scaling(df)
+    assert len(fits) == 1 and np.isnan(fits["quantile"][0]) and fits["slope"][0] == pytest.approx(-0.4, abs=1e-12)
+    with pytest.raises(ValueError, match="at least 3 sizes"):
+        ss.fit_scaling(df.iloc[:2])
+    bad = df.copy()
+    bad.loc[1, "value"] = 0.0
+    with pytest.raises(ValueError, match="non-positive"):
+        ss.fit_scaling(bad)
+    mixed = df.assign(kind=["attn_q", "attn_k", "attn_v", "attn_o"])  # no group spans 3 sizes
+    with pytest.raises(ValueError, match="at least 3 sizes"):
+        ss.fit_scaling(mixed)
+    with pytest.raises(ValueError, match="unknown metric"):
+        ss.fit_scaling([str(tmp_path / "x.zarr")], metric="nope")
+    with pytest.raises(ValueError, match="no run matches"):
+        ss.fit_scaling([str(tmp_path / "none*.zarr")])
