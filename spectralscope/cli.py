@@ -92,11 +92,46 @@ def info_text(path: str) -> str:
     return "\n".join(lines)
 
 
+def fit_text(runs: Sequence[str], metric: str, quantile: float | None, target_size: float | None,
+             csv: str | None) -> str:
+    """The report of ``spectralscope fit``: the power-law table, and the NS recommendation at ``target_size``."""
+    from .fit import fit_scaling, recommend_ns_steps
+
+    try:
+        fits = fit_scaling(list(runs), metric=metric, quantile=quantile)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    if csv:
+        fits.to_csv(csv, index=False)
+    shown = fits.drop(columns=["intercept"])
+    lines = [f"power laws of settled {metric} against model size ({len(fits)} fits)",
+             shown.to_string(index=False, float_format=_fmt)]
+    if target_size is not None:
+        q = quantile if quantile is not None else 0.5
+        if metric not in ("momentum_sv",):
+            raise UserError("--target-size recommends NS steps from momentum_sv fits; use --metric momentum_sv")
+        try:
+            rec = recommend_ns_steps(fits, target_size, quantile=q)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        lines += ["", f"Newton–Schulz steps for a model of {target_size:g} parameters (σ at q={q} ≥ the 0.5 floor)",
+                  rec.to_string(index=False, float_format=_fmt)]
+    if csv:
+        lines += ["", f"fit table written to {csv}"]
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spectralscope", description="Spectral diagnostics of PyTorch training.")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print a run's attributes, layers, steps and last values")
     info.add_argument("run", help="path or URL of a run store (…/name.zarr)")
+    fit = sub.add_parser("fit", help="fit power laws of settled spectra against model size")
+    fit.add_argument("runs", nargs="+", help="run stores or globs (quote globs: 'runs/*.zarr')")
+    fit.add_argument("--metric", default="momentum_sv")
+    fit.add_argument("--quantile", type=float, default=None, help="one quantile level (default: every recorded one)")
+    fit.add_argument("--target-size", type=float, default=None, help="recommend NS steps for this model size")
+    fit.add_argument("--csv", default=None, help="also write the fit table to this CSV file")
     return p
 
 
@@ -105,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "info":
             print(info_text(args.run))
+        elif args.command == "fit":
+            print(fit_text(args.runs, args.metric, args.quantile, args.target_size, args.csv))
         return 0
     except UserError as exc:
         print(f"spectralscope {args.command}: error: {exc}", file=sys.stderr)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import spectralscope as ss
@@ -57,3 +58,25 @@ def test_user_mistakes_print_one_line_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "spectralscope.cli", "info", str(tmp_path / "plain.zarr")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "not a spectralscope run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fit_prints_the_table_and_the_recommendation(tmp_path, capsys):
+    import pandas as pd
+    from test_fit import ALPHA, _law, _write_run
+
+    layers = [("h.0.attn.o_proj.weight", "attn_o", 0.0), ("h.1.attn.o_proj.weight", "attn_o", 1.0)]
+    for size in (1e6, 4e6, 1.6e7):
+        _write_run(tmp_path / f"m{int(size)}.zarr", size, layers, _law)
+    csv = tmp_path / "fits.csv"
+    assert main(["fit", str(tmp_path / "*.zarr"), "--quantile", "0.5", "--target-size", "1.6e8", "--csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    table = pd.read_csv(csv)
+    assert table["slope"].tolist() == [pytest.approx(-ALPHA[("attn_o", 0.0)]), pytest.approx(-ALPHA[("attn_o", 1.0)])]
+    assert "attn_o@1" in out and "Newton–Schulz steps for a model of 1.6e+08 parameters" in out
+    sigma = 0.25 * 1.6e8 ** -0.66
+    steps = ss.fewest_ns_steps(sigma)
+    row = next(line.split() for line in out.splitlines() if line.split()[:1] == ["attn_o"] and "@1" in line
+               and len(line.split()) == 7)
+    assert int(row[5]) == steps and int(row[6]) == 5
+    assert main(["fit", str(tmp_path / "nothing*.zarr")]) == 2
+    assert "no run matches" in capsys.readouterr().err
