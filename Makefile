@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/spectralscope demo
 
 lint: install
 	$(VENV)/bin/ruff check .

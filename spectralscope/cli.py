@@ -126,6 +126,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print a run's attributes, layers, steps and last values")
     info.add_argument("run", help="path or URL of a run store (…/name.zarr)")
+    demo = sub.add_parser("demo", help="train a width sweep of small GPTs with Muon, record, fit and recommend")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--widths", type=int, nargs="+", default=[32, 48, 64, 96])
+    demo.add_argument("--depth", type=int, default=4)
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--data", default="text", help="text (stdlib docs, default), pcfg, or a UTF-8 file")
+    demo.add_argument("--target-size", type=float, default=None, help="default: 10× the largest model")
     fit = sub.add_parser("fit", help="fit power laws of settled spectra against model size")
     fit.add_argument("runs", nargs="+", help="run stores or globs (quote globs: 'runs/*.zarr')")
     fit.add_argument("--metric", default="momentum_sv")
@@ -140,6 +147,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "info":
             print(info_text(args.run))
+        elif args.command == "demo":
+            from .demo import DemoConfig, run_demo
+
+            try:
+                cfg = DemoConfig(out=args.out, widths=args.widths, depth=args.depth, steps=args.steps, data=args.data,
+                                 target_size=args.target_size)
+                print(run_demo(cfg))
+            except ValueError as exc:
+                raise UserError(str(exc)) from exc
         elif args.command == "fit":
             print(fit_text(args.runs, args.metric, args.quantile, args.target_size, args.csv))
         return 0

@@ -167,7 +167,7 @@ def _label(keys: dict) -> str:
     parts = [str(v) for k, v in keys.items() if k != "depth"]
     depth = keys.get("depth")
     label = "/".join(parts)
-    return label if depth is None or (isinstance(depth, float) and np.isnan(depth)) else f"{label}@{depth:g}"
+    return label if depth is None or (isinstance(depth, float) and np.isnan(depth)) else f"{label}@{depth:.3g}"
 
 
 def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None, by=("kind", "depth"),
