@@ -133,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--data", default="text", help="text (stdlib docs, default), pcfg, or a UTF-8 file")
     demo.add_argument("--target-size", type=float, default=None, help="default: 10× the largest model")
+    tb = sub.add_parser("export-tb", help="write a run's main metrics to TensorBoard")
+    tb.add_argument("run")
+    tb.add_argument("--logdir", required=True)
     fit = sub.add_parser("fit", help="fit power laws of settled spectra against model size")
     fit.add_argument("runs", nargs="+", help="run stores or globs (quote globs: 'runs/*.zarr')")
     fit.add_argument("--metric", default="momentum_sv")
@@ -156,6 +159,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(run_demo(cfg))
             except ValueError as exc:
                 raise UserError(str(exc)) from exc
+        elif args.command == "export-tb":
+            from .tensorboard import export_tb
+
+            try:
+                n = export_tb(args.run, args.logdir)
+            except (FileNotFoundError, ValueError) as exc:
+                raise UserError(str(exc)) from exc
+            print(f"wrote {n} scalars of {args.run} to {args.logdir}")
         elif args.command == "fit":
             print(fit_text(args.runs, args.metric, args.quantile, args.target_size, args.csv))
         return 0

@@ -101,6 +101,7 @@ class Recorder:
         activations: ActivationSpectra | bool | None = True,
         gradients: GradientSpectra | bool | None = None,
         sharpness: Sharpness | None = None,
+        tensorboard: str | Path | None = None,
     ):
         _check(isinstance(optimizer, torch.optim.Optimizer), "optimizer", "a torch.optim.Optimizer", optimizer)
         _check(model is None or isinstance(model, nn.Module), "model", "an nn.Module or None", model)
@@ -181,6 +182,13 @@ class Recorder:
                     inst.remove()
                     self.instruments.remove(inst)
             specs = self._group_specs() + [inst.spec() for inst in self.instruments]
+            # what TensorBoard tags are named after: each group's layers or modules, and its quantile levels
+            self._tb_axes = {
+                sp.name: ([str(v) for v in sp.coords[u][1]] if (u := next((d for d in ("layer", "module")
+                                                                           if d in sp.coords), None)) else [],
+                          [float(q) for q in sp.coords["quantile"][1]] if "quantile" in sp.coords else [])
+                for sp in specs
+            }
             self.writer = RunWriter(
                 path, specs, attrs, resume=resume, overwrite=overwrite,
                 flush_seconds=flush_seconds, storage_options=storage_options,
@@ -190,6 +198,11 @@ class Recorder:
                 inst.remove()
             raise
         self.path = self.writer.path
+        self._tb = None
+        if tensorboard is not None:
+            from .tensorboard import TensorBoardSink
+
+            self._tb = TensorBoardSink(tensorboard)
         if resume:
             self._errors = {k: dict(v) for k, v in dict(self.writer._attrs.get("errors", {})).items()}
         self._step = self._resume_step() if resume else 0
@@ -269,6 +282,8 @@ class Recorder:
         self._push_scalars()
         self.writer.update_attrs(steps=self._step, errors=self.errors)
         self.writer.close()
+        if self._tb is not None:
+            self._tb.close()
 
     def __enter__(self) -> Recorder:
         return self
@@ -305,11 +320,11 @@ class Recorder:
             if self._recording():
                 with torch.no_grad():
                     row = self._measure()
-                self.writer.append("optimizer", self._step, row)
+                self._emit("optimizer", row)
             for inst in self.instruments:
                 inst_row = inst.row(self._step)
                 if inst_row is not None:
-                    self.writer.append(inst.group, self._step, inst_row)
+                    self._emit(inst.group, inst_row)
             if self._recording() or any(self._step % inst.every == 0 for inst in self.instruments):
                 self.writer.update_attrs(steps=self._step + 1, errors=self.errors)
         except Exception as exc:  # never into the training loop
@@ -374,6 +389,14 @@ class Recorder:
                 self._count(var, lay.name, reasons.get(var, "is not finite"))
         return host
 
+    def _emit(self, group: str, row: dict[str, np.ndarray]) -> None:
+        self.writer.append(group, self._step, row)
+        if self._tb is not None:
+            try:
+                self._tb.write(group, self._step, row, *self._tb_axes[group])
+            except Exception as exc:  # a full disk must not stop training
+                self._warn("tensorboard", "*", exc)
+
     def _count(self, metric: str, layer: str, reason: str) -> None:
         per = self._errors.setdefault(metric, {})
         first = layer not in per
@@ -425,7 +448,8 @@ def watch(
     ``storage_options`` (fsspec), ``activations`` (an `ss.ActivationSpectra`; True, the default, records
     the inputs of the watched linear layers every 50 steps; None turns it off), ``gradients`` (an
     `ss.GradientSpectra`, or True for every=100, max_samples=64; off by default), ``sharpness`` (an
-    `ss.Sharpness(loss_fn, batch, every=100, per_layer=False)`; off by default).
+    `ss.Sharpness(loss_fn, batch, every=100, per_layer=False)`; off by default), ``tensorboard`` (a log
+    directory: per-layer scalars of the main metrics with a custom-scalars layout).
     Returns the `Recorder`; use it as a context manager or call ``close()``.
     """
     return Recorder(optimizer, model, path, **options)

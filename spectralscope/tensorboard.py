@@ -1,0 +1,108 @@
+"""TensorBoard output: per-layer scalars of the main metrics, with a custom-scalars layout.
+
+The same rows go to TensorBoard live (``watch(..., tensorboard=DIR)``) and from a finished store
+(``spectralscope export-tb RUN --logdir DIR``). Tags are ``{metric}/{layer}`` (``momentum_sv_q0.5/…``
+for quantile metrics); the layout puts each metric's layers on one multi-line chart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+#: (group, variable, quantile or None) written to TensorBoard.
+TB_METRICS: tuple[tuple[str, str, float | None], ...] = (
+    ("optimizer", "momentum_sv", 0.1),
+    ("optimizer", "momentum_sv", 0.5),
+    ("optimizer", "momentum_sv", 0.9),
+    ("optimizer", "ns_fail_frac", None),
+    ("optimizer", "neuron_cv", None),
+    ("optimizer", "update_erank", None),
+    ("activations", "act_hard_rank", None),
+    ("sharpness", "nds", None),
+)
+
+
+def tag_of(var: str, quantile: float | None) -> str:
+    return var if quantile is None else f"{var}_q{quantile:g}"
+
+
+def scalars(group: str, row: Mapping[str, np.ndarray], names: Sequence[str],
+            quantiles: Sequence[float] = ()) -> list[tuple[str, float]]:
+    """The (tag, value) pairs of one recorded row: ``names`` are the row's layers (or modules), ``quantiles``
+    the levels along its quantile axis. NaN values are skipped."""
+    out = []
+    for g, var, q in TB_METRICS:
+        if g != group or var not in row:
+            continue
+        values = np.asarray(row[var], dtype=np.float64)
+        if q is not None:
+            idx = [i for i, level in enumerate(quantiles) if np.isclose(level, q)]
+            if not idx:
+                continue
+            values = values[..., idx[0]]
+        tag = tag_of(var, q)
+        if values.ndim == 0:
+            if np.isfinite(values):
+                out.append((tag, float(values)))
+            continue
+        out += [(f"{tag}/{name}", float(v)) for name, v in zip(names, values, strict=True) if np.isfinite(v)]
+    return out
+
+
+def layout() -> dict:
+    """The custom-scalars layout: one multi-line chart per metric, all of its layers on it."""
+    charts = {}
+    for _, var, q in TB_METRICS:
+        tag = tag_of(var, q)
+        charts[tag] = ["Multiline", [rf"^{tag}(/.*)?$"]]
+    return {"spectralscope": charts}
+
+
+class TensorBoardSink:
+    """Writes recorded rows to a TensorBoard log directory."""
+
+    def __init__(self, logdir: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(logdir))
+        self.writer.add_custom_scalars(layout())
+
+    def write(self, group: str, step: int, row: Mapping[str, np.ndarray], names: Sequence[str],
+              quantiles: Sequence[float] = ()) -> None:
+        for tag, value in scalars(group, row, names, quantiles):
+            self.writer.add_scalar(tag, value, global_step=int(step))
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+def export_tb(run: str, logdir: str | Path, storage_options=None) -> int:
+    """Write a run's stored rows to TensorBoard; returns the number of scalars written."""
+    from .store import open_run
+
+    tree = open_run(run, storage_options)
+    sink = TensorBoardSink(logdir)
+    count = 0
+    try:
+        for group in {g for g, _, _ in TB_METRICS}:
+            if group not in tree.children:
+                continue
+            ds = tree[group].dataset
+            unit = next((d for d in ("layer", "module") if d in ds.dims), None)
+            names = [str(n) for n in ds[unit].values.tolist()] if unit else []
+            qs = [float(q) for q in ds["quantile"].values] if "quantile" in ds.dims else []
+            wanted = [v for g, v, _ in TB_METRICS if g == group and v in ds]
+            data = {v: ds[v].values for v in wanted}
+            for i, step in enumerate(ds["step"].values.tolist()):
+                row = {v: data[v][i] for v in wanted}
+                pairs = scalars(group, row, names, qs)
+                for tag, value in pairs:
+                    sink.writer.add_scalar(tag, value, global_step=int(step))
+                count += len(pairs)
+    finally:
+        sink.close()
+    return count

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import spectralscope as ss
+from spectralscope.cli import main
+from spectralscope.gpt import GPT, GPTConfig
+
+
+def _events(logdir) -> EventAccumulator:
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def _check_against_store(acc: EventAccumulator, tree) -> int:
+    checked = 0
+    opt = tree["optimizer"].dataset
+    for j, layer in enumerate(opt["layer"].values.tolist()):
+        for q in (0.1, 0.5, 0.9):
+            events = acc.Scalars(f"momentum_sv_q{q:g}/{layer}")
+            assert [e.step for e in events] == opt["step"].values.tolist()
+            np.testing.assert_allclose([e.value for e in events], opt["momentum_sv"].sel(quantile=q).values[:, j],
+                                       rtol=1e-6)  # TensorBoard stores float32
+            checked += len(events)
+        for var in ("ns_fail_frac", "neuron_cv", "update_erank"):
+            events = acc.Scalars(f"{var}/{layer}")
+            np.testing.assert_allclose([e.value for e in events], opt[var].values[:, j], rtol=1e-6)
+    act = tree["activations"].dataset
+    for j, module in enumerate(act["module"].values.tolist()):
+        events = acc.Scalars(f"act_hard_rank/{module}")
+        np.testing.assert_allclose([e.value for e in events], act["act_hard_rank"].values[:, j], rtol=1e-6)
+    nds = acc.Scalars("nds")
+    np.testing.assert_allclose([e.value for e in nds], tree["sharpness"]["nds"].values, rtol=1e-6)
+    return checked
+
+
+@pytest.mark.slow
+def test_live_and_exported_tensorboard_equal_the_store(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab=20, width=16, depth=2, heads=2, ctx=8))
+    muon = torch.optim.Muon(model.hidden_matrices(), lr=0.02)
+    batch = torch.randint(0, 20, (4, 9))
+    with ss.watch(muon, model, tmp_path / "r.zarr", every=2, tensorboard=tmp_path / "tb",
+                  activations=ss.ActivationSpectra(every=3),
+                  sharpness=ss.Sharpness(lambda m, b: m.loss(b), batch, every=4)):
+        for _ in range(9):
+            model.loss(torch.randint(0, 20, (4, 9))).backward()
+            muon.step()
+            muon.zero_grad()
+    tree = ss.open_run(tmp_path / "r.zarr")
+    live = _events(tmp_path / "tb")
+    assert _check_against_store(live, tree) == 12 * 5 * 3
+    # the custom-scalars layout: one multi-line chart per metric
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    config = layout_pb2.Layout()
+    config.ParseFromString(live.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in config.category for c in cat.chart}
+    assert charts["momentum_sv_q0.5"] == [r"^momentum_sv_q0.5(/.*)?$"] and "nds" in charts and len(charts) == 8
+    assert main(["export-tb", str(tmp_path / "r.zarr"), "--logdir", str(tmp_path / "tb2")]) == 0
+    assert _check_against_store(_events(tmp_path / "tb2"), tree) == 12 * 5 * 3
+    assert main(["export-tb", str(tmp_path / "none.zarr"), "--logdir", str(tmp_path / "tb3")]) == 2
