@@ -132,6 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--depth", type=int, default=4)
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--data", default="text", help="text (stdlib docs, default), pcfg, or a UTF-8 file")
+    demo.add_argument("--imbalance", type=float, default=1.0,
+                      help="with --data pcfg: Zipf exponent of the word frequencies (0 = balanced)")
     demo.add_argument("--target-size", type=float, default=None, help="default: 10× the largest model")
     tb = sub.add_parser("export-tb", help="write a run's main metrics to TensorBoard")
     tb.add_argument("run")
@@ -155,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             try:
                 cfg = DemoConfig(out=args.out, widths=args.widths, depth=args.depth, steps=args.steps, data=args.data,
-                                 target_size=args.target_size)
+                                 imbalance=args.imbalance, target_size=args.target_size)
                 print(run_demo(cfg))
             except ValueError as exc:
                 raise UserError(str(exc)) from exc

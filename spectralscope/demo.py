@@ -29,6 +29,7 @@ class DemoConfig:
     batch: int = 16
     ctx: int = 64
     data: str = "text"
+    imbalance: float = 1.0
     target_size: float | None = None
     seed: int = 0
 
@@ -47,7 +48,8 @@ def train_one(cfg: DemoConfig, width: int, corpus, progress: tqdm) -> Path:
     cadence = max(1, cfg.steps // 6)
     path = Path(cfg.out) / f"w{width}.zarr"
     with recorder.watch(
-        muon, model, path, every=10, overwrite=True, meta={"width": width, "depth": cfg.depth, "data": cfg.data},
+        muon, model, path, every=10, overwrite=True,
+        meta={"width": width, "depth": cfg.depth, "data": cfg.data, "imbalance": cfg.imbalance},
         activations=ActivationSpectra(every=max(1, cfg.steps // 12), max_tokens=2048),
         gradients=GradientSpectra(every=cadence, max_samples=cfg.batch),
         sharpness=Sharpness(lambda m, b: m.loss(b), probe, every=cadence),
@@ -71,7 +73,7 @@ def run_demo(cfg: DemoConfig) -> str:
         raise ValueError(f"--widths needs at least 3 sizes to fit a power law, got {cfg.widths}")
     if cfg.steps < 20:
         raise ValueError(f"--steps must be at least 20, got {cfg.steps}")
-    corpus = load_corpus(cfg.data)
+    corpus = load_corpus(cfg.data, cfg.imbalance)
     t0 = time.time()
     paths = []
     with tqdm(total=cfg.steps * len(cfg.widths), desc="training", unit="step") as bar:

@@ -11,13 +11,14 @@ from spectralscope.cli import main
 def test_demo_end_to_end_at_a_tiny_setting(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--widths", "16", "24", "32", "--depth", "2", "--steps", "24",
-                 "--data", "pcfg"]) == 0
+                 "--data", "pcfg", "--imbalance", "1.5"]) == 0
     text = capsys.readouterr().out
     runs = sorted(out.glob("w*.zarr"))
     assert [p.name for p in runs] == ["w16.zarr", "w24.zarr", "w32.zarr"]
     for p in runs:
         tree = ss.open_run(p)
         assert tree.attrs["status"] == "finished" and tree.attrs["meta"]["data"] == "pcfg"
+        assert tree.attrs["meta"]["imbalance"] == 1.5
         assert set(tree.children) == {"optimizer", "scalars", "activations", "gradients", "sharpness"}
         assert tree["optimizer"].sizes["step"] == 3 and tree["scalars"].sizes["step"] == 24
         assert np.isfinite(tree["sharpness"]["nds"].values).all()
