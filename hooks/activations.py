@@ -53,6 +53,8 @@ class ActivationSpectra:
     def bind(self, ctx: Context) -> None:
         """Find the modules and register a forward pre-hook on each."""
         chosen = find_modules(ctx.model, ctx.layers, self.modules, "ActivationSpectra")
+        self.remove()  # an instance handed to a second watch() starts afresh
+        self._names, self._dims, self._stats, self._seen = [], [], [], {}
         self._step, self._report = ctx.step, ctx.report
         for i, (name, module) in enumerate(chosen):
             self._names.append(name)

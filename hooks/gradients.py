@@ -43,6 +43,8 @@ class GradientSpectra:
     def bind(self, ctx: Context) -> None:
         """Find the modules and register a forward hook on each."""
         chosen = find_modules(ctx.model, ctx.layers, self.modules, "GradientSpectra")
+        self.remove()  # an instance handed to a second watch() starts afresh
+        self._names, self._grams, self._taken = [], [], []
         self._step, self._report = ctx.step, ctx.report
         for i, (name, module) in enumerate(chosen):
             self._names.append(name)

@@ -132,3 +132,16 @@ def test_modules_reading_one_tensor_share_its_statistics(tmp_path):
     for j, name in enumerate(ds["module"].values):
         np.testing.assert_allclose(ds["act_eig"].values[0, j], _ref_eig(seen[str(name)]), rtol=1e-9, atol=1e-13)
         assert ds["act_tokens"].values[0, j] == 40
+
+
+def test_an_instrument_can_serve_two_runs_in_turn(tmp_path):
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    inst = ss.ActivationSpectra(every=1)
+    for name in ("a.zarr", "b.zarr"):
+        with ss.watch(opt, model, tmp_path / name, activations=inst):
+            model(torch.randn(5, 12)).sum().backward()
+            opt.step()
+        ds = ss.open_run(tmp_path / name)["activations"].dataset
+        assert ds.sizes["module"] == 4 and (ds["act_tokens"].values == 5).all()
+    assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
