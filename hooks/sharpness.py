@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spectralscope.layers import layer_coords
 from spectralscope.store import GroupSpec
 
 from .modules import Context, check_every
@@ -70,12 +71,7 @@ class Sharpness:
         self._before = None
 
     def spec(self) -> GroupSpec:
-        ls = self._ctx.layers
-        coords = {
-            "layer": ("layer", np.array([lay.name for lay in ls])),
-            "kind": ("layer", np.array([lay.kind for lay in ls])),
-            "depth": ("layer", np.array([lay.depth for lay in ls], dtype=np.float64)),
-        }
+        coords = {k: v for k, v in layer_coords(self._ctx.layers).items() if k in ("layer", "kind", "depth")}
         variables = {v: ("step",) for v in SCALARS} | {"nds_within": ("step", "layer")}
         return GroupSpec(self.group, coords, variables)
 

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -100,3 +101,14 @@ def select_layers(
         depth = math.nan if b is None else (1.0 if top == 0 else b / top)
         out.append(Layer(name, p, layer_kind(name), depth, int(p.shape[0]), int(p[0].numel())))
     return out
+
+
+def layer_coords(layers: list[Layer]) -> dict[str, tuple[str, np.ndarray]]:
+    """The store coordinates along ``layer``: names, ``kind``, ``depth``, and the matrix ``rows`` × ``cols``."""
+    return {
+        "layer": ("layer", np.array([lay.name for lay in layers])),
+        "kind": ("layer", np.array([lay.kind for lay in layers])),
+        "depth": ("layer", np.array([lay.depth for lay in layers], dtype=np.float64)),
+        "rows": ("layer", np.array([lay.rows for lay in layers], dtype=np.int64)),
+        "cols": ("layer", np.array([lay.cols for lay in layers], dtype=np.int64)),
+    }

@@ -28,7 +28,7 @@ from spectralscope.hooks.modules import Context
 from spectralscope.hooks.sharpness import Sharpness
 
 from .adapters import adapter_for
-from .layers import Layer, select_layers
+from .layers import Layer, layer_coords, select_layers
 from .newton_schulz import newton_schulz
 from .optimizer_metrics import momentum_metrics, newton_schulz_metrics, update_metrics, weight_metrics
 from .spectra import DEFAULT_QUANTILES, as_matrix
@@ -183,12 +183,7 @@ class Recorder:
                     self.instruments.remove(inst)
             specs = self._group_specs() + [inst.spec() for inst in self.instruments]
             # what TensorBoard tags are named after: each group's layers or modules, and its quantile levels
-            self._tb_axes = {
-                sp.name: ([str(v) for v in sp.coords[u][1]] if (u := next((d for d in ("layer", "module")
-                                                                           if d in sp.coords), None)) else [],
-                          [float(q) for q in sp.coords["quantile"][1]] if "quantile" in sp.coords else [])
-                for sp in specs
-            }
+            self._tb_axes = {sp.name: sp.axes() for sp in specs}
             self.writer = RunWriter(
                 path, specs, attrs, resume=resume, overwrite=overwrite,
                 flush_seconds=flush_seconds, storage_options=storage_options,
@@ -205,7 +200,8 @@ class Recorder:
             self._tb = TensorBoardSink(tensorboard)
         if resume:
             self._errors = {k: dict(v) for k, v in dict(self.writer._attrs.get("errors", {})).items()}
-        self._step = self._resume_step() if resume else 0
+        if resume:
+            self._step = self._resume_step()
         self._before: dict[int, Tensor] | None = None
         self._vectors: dict[str, Tensor] = {}
         self._scalars: dict[str, float] = {}
@@ -220,15 +216,7 @@ class Recorder:
 
     # ---- layout ----------------------------------------------------------------------------------
     def _group_specs(self) -> list[GroupSpec]:
-        ls = self.layers
-        coords = {
-            "layer": ("layer", np.array([lay.name for lay in ls])),
-            "kind": ("layer", np.array([lay.kind for lay in ls])),
-            "depth": ("layer", np.array([lay.depth for lay in ls], dtype=np.float64)),
-            "rows": ("layer", np.array([lay.rows for lay in ls], dtype=np.int64)),
-            "cols": ("layer", np.array([lay.cols for lay in ls], dtype=np.int64)),
-            "quantile": ("quantile", np.array(self.quantiles, dtype=np.float64)),
-        }
+        coords = {**layer_coords(self.layers), "quantile": ("quantile", np.array(self.quantiles, dtype=np.float64))}
         variables = {v: ("step", "layer", "quantile") if q else ("step", "layer") for v, q in OPTIMIZER_VARIABLES.items()}
         return [GroupSpec("optimizer", coords, variables), GroupSpec("scalars", dynamic=True)]
 

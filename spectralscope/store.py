@@ -54,6 +54,13 @@ class GroupSpec:
     variables: dict[str, tuple[str, ...]] = field(default_factory=dict)
     dynamic: bool = False
 
+    def axes(self) -> tuple[list[str], list[float]]:
+        """The names along the group's ``layer`` (or ``module``) axis and its quantile levels (empty if none)."""
+        unit = next((d for d in ("layer", "module") if d in self.coords), None)
+        names = [str(v) for v in self.coords[unit][1]] if unit else []
+        levels = [float(q) for q in self.coords["quantile"][1]] if "quantile" in self.coords else []
+        return names, levels
+
     def shape(self, var: str) -> tuple[int, ...]:
         sizes = {dim: len(vals) for name, (dim, vals) in self.coords.items() if name == dim}
         return tuple(sizes[d] for d in self.variables[var][1:])
@@ -150,6 +157,7 @@ class RunWriter:
         self.root.attrs.put(self._attrs)
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._error_logged = False
+        self._attrs_dirty = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"spectralscope-writer:{self.path}", daemon=True)
         self._thread.start()
@@ -260,7 +268,9 @@ class RunWriter:
                 if (st.n + len(st.pending)) % self.chunk == 0:
                     self._guard(self._commit, st)
             elif kind == "attrs":
-                self._attrs.update(item)
+                if any(self._attrs.get(k) != v for k, v in item.items()):
+                    self._attrs.update(item)
+                    self._attrs_dirty = True
             elif kind == "flush":
                 self._commit_all()
                 item.set()
@@ -287,7 +297,8 @@ class RunWriter:
         for st in self._groups.values():
             if st.pending:
                 self._guard(self._commit, st)
-        self._guard(self.root.attrs.put, self._attrs)
+        if self._attrs_dirty and self._guard(self.root.attrs.put, self._attrs):
+            self._attrs_dirty = False  # an idle run (or a remote store) is not rewritten every flush
 
     def _commit(self, st: _GroupState) -> None:
         rows = st.pending
