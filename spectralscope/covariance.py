@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .spectra import entropy_rank, gram, participation_rank
+from .spectra import eigvalsh, entropy_rank, gram, participation_rank
 
 
 @dataclass
@@ -59,7 +59,7 @@ def covariance_eigenvalues(stats: CovarianceStats) -> Tensor:
     c = covariance(stats)
     if not bool(torch.isfinite(c).all()):
         return torch.full((c.shape[0],), float("nan"), dtype=torch.float64, device=c.device)
-    return torch.linalg.eigvalsh(c).flip(0).clamp_min(0.0)
+    return eigvalsh(c).flip(0).clamp_min(0.0)
 
 
 def tail_window(d: int) -> tuple[int, int]:

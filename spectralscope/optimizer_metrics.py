@@ -18,9 +18,8 @@ from .spectra import (
     DEFAULT_QUANTILES,
     as_matrix,
     entropy_rank,
-    gram,
+    gram_spectrum,
     quantiles,
-    singular_values,
     spectral_norm,
     top_singular_value,
 )
@@ -37,8 +36,9 @@ def _all_nan(names: dict[str, bool], nq: int, device: torch.device) -> dict[str,
     return {k: torch.full((nq,) if q else (), _NAN, dtype=torch.float64, device=device) for k, q in names.items()}
 
 
-def _finite(x: Tensor) -> bool:
-    return bool(torch.isfinite(x).all())
+def _unit_scale(x: Tensor) -> Tensor:
+    """x/‖x‖ is NaN for a zero, infinite or NaN scale: normalised quantities have no meaning there."""
+    return torch.where(torch.isfinite(x) & (x > 0), x, torch.full_like(x, _NAN))
 
 
 def momentum_metrics(m: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES, ns_config: NSConfig | None = None,
@@ -49,20 +49,14 @@ def momentum_metrics(m: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES, ns_conf
     ``ns_fail_frac`` = #{i : σ_i(M̃) < ns_threshold(k, coefficients, floor)} / r (only with ``ns_config``).
     A zero M has no direction: M̃ and everything derived from it are NaN.
     """
-    mat = as_matrix(m)
-    dev = mat.device
-    if not _finite(mat):
-        names = {"momentum_norm": False, "momentum_sv": True}
-        return _all_nan(names | ({"ns_fail_frac": False} if ns_config else {}), len(qs), dev)
-    norm = torch.linalg.matrix_norm(mat.to(torch.float64))
-    sigma = singular_values(mat, assume_finite=True)
-    finite_pos = bool(torch.isfinite(norm)) and float(norm) > 0
-    sig_n = sigma / norm if finite_pos else torch.full_like(sigma, _NAN)
+    sigma, diag = gram_spectrum(m)
+    norm = diag.sum().sqrt()  # ‖M‖_F² = tr(G)
+    sig_n = sigma / _unit_scale(norm)
     out = {"momentum_norm": norm, "momentum_sv": quantiles(sig_n, qs)}
     if ns_config is not None:
         thr = ns_threshold(ns_config.steps, ns_config.coefficients, floor)
-        frac = (sig_n < thr).to(torch.float64).mean() if finite_pos else _scalar(_NAN, dev)
-        out["ns_fail_frac"] = frac
+        frac = (sig_n < thr).to(torch.float64).mean()
+        out["ns_fail_frac"] = torch.where(torch.isnan(sig_n[0]), torch.full_like(frac, _NAN), frac)
     return out
 
 
@@ -70,21 +64,14 @@ def newton_schulz_metrics(o: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) ->
     """Residuals of the NS output O against an orthogonal matrix.
 
     ``ns_out_sv`` = q(σ(O)); ``ns_polar_err`` = sqrt(mean_i (σ_i(O) − 1)²) (= ‖O − UVᵀ‖_F/√r);
-    ``ns_orth_err`` = ‖O·Oᵀ − I_r‖_F / √r with O·Oᵀ taken on the smaller side.
+    ``ns_orth_err`` = ‖O·Oᵀ − I_r‖_F / √r with O·Oᵀ taken on the smaller side, computed from its
+    eigenvalues: ‖G − I‖_F² = Σ_i (σ_i² − 1)² for the symmetric G = O·Oᵀ.
     """
-    mat = as_matrix(o)
-    if not _finite(mat):
-        return _all_nan({"ns_out_sv": True, "ns_polar_err": False, "ns_orth_err": False}, len(qs), mat.device)
-    r = min(mat.shape)
-    g = gram(mat, full=False)  # lower triangle: G is symmetric
-    sigma = singular_values(mat, g=g, assume_finite=True)
-    # ‖G − I‖_F² = Σ_i (G_ii − 1)² + 2·Σ_{i>j} G_ij²
-    off = torch.tril(g, -1)
-    orth = ((torch.diagonal(g) - 1.0).square().sum() + 2.0 * off.square().sum()).sqrt()
+    sigma, _ = gram_spectrum(o)
     return {
         "ns_out_sv": quantiles(sigma, qs),
-        "ns_polar_err": ((sigma - 1.0) ** 2).mean().sqrt(),
-        "ns_orth_err": orth / r**0.5,
+        "ns_polar_err": (sigma - 1.0).square().mean().sqrt(),
+        "ns_orth_err": (sigma.square() - 1.0).square().mean().sqrt(),
     }
 
 
@@ -96,21 +83,20 @@ def update_metrics(dw: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) -> dict[
     with row norms ρ_j = ‖ΔW_j,:‖₂: ``neuron_norm`` = q(ρ / mean ρ), ``neuron_cv`` = std(ρ)/mean(ρ)
     (population std, ddof = 0). Normalised quantities are NaN for a zero step.
     """
-    mat = as_matrix(dw).to(torch.float64)
-    if not _finite(mat):
-        names = {"update_rms": False, "update_sv": True, "update_erank": False, "neuron_norm": True, "neuron_cv": False}
-        return _all_nan(names, len(qs), mat.device)
-    sigma = singular_values(mat, assume_finite=True)
-    rho = torch.linalg.vector_norm(mat, dim=1)
-    mean = rho.mean()
-    ok = bool(torch.isfinite(mean)) and float(mean) > 0
-    ratio = rho / mean if ok else torch.full_like(rho, _NAN)
+    mat = as_matrix(dw)
+    sigma, diag = gram_spectrum(mat)
+    if mat.shape[0] <= mat.shape[1]:
+        rho = diag.clamp_min(0.0).sqrt()  # the Gram matrix is ΔW·ΔWᵀ: its diagonal holds ρ²
+    else:
+        rho = torch.linalg.vector_norm(mat.to(torch.float64), dim=1)
+        rho = rho + sigma[0] * 0.0  # NaN when ΔW is not finite, like every other metric
+    mean = _unit_scale(rho.mean())
     return {
-        "update_rms": mat.square().mean().sqrt(),
+        "update_rms": (diag.sum() / mat.numel()).sqrt(),
         "update_sv": quantiles(sigma, qs),
         "update_erank": entropy_rank(sigma.square()),
-        "neuron_norm": quantiles(ratio, qs),
-        "neuron_cv": rho.std(correction=0) / mean if ok else _scalar(_NAN, mat.device),
+        "neuron_norm": quantiles(rho / mean, qs),
+        "neuron_cv": rho.std(correction=0) / mean,
     }
 
 

@@ -13,6 +13,7 @@ import atexit
 import json
 import logging
 import math
+import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -212,7 +213,7 @@ class Recorder:
             optimizer.register_step_post_hook(self._after_step),
         ]
         self._atexit = _close_at_exit(self)
-        atexit.register(self._atexit)
+        _register_exit(self._atexit)
 
     # ---- layout ----------------------------------------------------------------------------------
     def _group_specs(self) -> list[GroupSpec]:
@@ -408,6 +409,19 @@ class Recorder:
         self.writer.append("scalars", self._scalar_step, values)
         self._scalars = {}
         self._scalar_step = None
+
+
+def _register_exit(fn: Callable[[], None]) -> None:
+    """Run ``fn`` when the interpreter exits, before the thread pools that Zarr writes through are shut down.
+
+    Plain ``atexit`` handlers run after ``concurrent.futures`` has stopped its executors, so a run left open
+    would lose its tail ("cannot schedule new futures after shutdown"). ``threading._register_atexit``
+    callbacks run first, in reverse order of registration: ours, registered after those executors, runs
+    before them. Falls back to ``atexit`` where that hook is missing or closed."""
+    try:
+        threading._register_atexit(fn)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        atexit.register(fn)
 
 
 def _close_at_exit(rec: Recorder) -> Callable[[], None]:

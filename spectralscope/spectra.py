@@ -7,10 +7,11 @@ a matrix with NaN/Inf entries has a NaN spectrum. Nothing here does I/O.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
-import scipy.linalg
 import torch
+from scipy.linalg import blas, lapack
 from torch import Tensor
 
 #: Quantile levels recorded by default (SPEC §5).
@@ -37,32 +38,158 @@ def gram(a: Tensor, full: bool = True) -> Tensor:
     a = as_matrix(a).to(torch.float64)
     if a.device.type != "cpu":
         return a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
-    # On the CPU, BLAS syrk computes one triangle: half the flops of a matmul, and it reads the
-    # row-major matrix through its transpose without a copy.
-    x = a.numpy().T  # Fortran-ordered view, (n, m)
-    lower = scipy.linalg.blas.dsyrk(1.0, x, trans=1 if a.shape[0] <= a.shape[1] else 0, lower=1)
+    lower = _syrk_lower(np.ascontiguousarray(a.numpy()))
     if full:
         lower = np.tril(lower) + np.tril(lower, -1).T
     return torch.from_numpy(lower)
 
 
-def _eigvalsh(g: Tensor) -> Tensor:
-    """Eigenvalues of a symmetric matrix, ascending (LAPACK syevd; SciPy's on the CPU, the faster binding)."""
-    if g.device.type != "cpu":
-        return torch.linalg.eigvalsh(g)
-    return torch.from_numpy(scipy.linalg.eigh(g.numpy(), eigvals_only=True, driver="evd", check_finite=False))
+# ---- CPU kernels: LAPACK through SciPy, on numpy arrays -------------------------------------------
+# A symmetric eigenproblem is solved as G = Q·T·Qᵀ (dsytrd) and T's eigenvalues (dsterf); the small end of
+# a spectrum reuses the same T and Q (dstemr eigenvectors of T, Q applied with dormqr), so no second
+# reduction is needed. The workspace sizes are cached per order: the queries cost as much as small solves.
 
 
-def _smallest_eigenvectors(g: Tensor, k: int) -> Tensor:
-    """Eigenvectors of the k smallest eigenvalues (only those are computed on the CPU: LAPACK syevr)."""
-    if g.device.type != "cpu":
-        return torch.linalg.eigh(g)[1][:, :k]
-    _, v = scipy.linalg.eigh(g.numpy(), subset_by_index=[0, k - 1], driver="evr", check_finite=False)
-    return torch.from_numpy(v)
+@lru_cache(maxsize=64)
+def _sytrd_lwork(n: int) -> int:
+    work, info = lapack.dsytrd_lwork(n, lower=1)
+    return max(1, int(work)) if info == 0 else max(1, 64 * n)
+
+
+def _tridiagonalize(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """G = Q·T·Qᵀ from G's lower triangle (consumed): T's diagonal d and off-diagonal e, and Q as Householder
+    reflectors (LAPACK dsytrd, lower)."""
+    c, d, e, tau, info = lapack.dsytrd(g, lower=1, lwork=_sytrd_lwork(g.shape[0]), overwrite_a=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dsytrd info={info}")
+    return c, d, e, tau
+
+
+def _tridiagonal_eigvals(d: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """All eigenvalues of the symmetric tridiagonal (d, e), ascending (LAPACK dsterf, root-free QL/QR)."""
+    lam, info = lapack.dsterf(d.copy(), e.copy())
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dsterf info={info}")
+    return lam
+
+
+def eigvalsh(g: Tensor) -> Tensor:
+    """Eigenvalues of the symmetric matrix G (its lower triangle is read), ascending, float64, on G's
+    device. On the CPU: LAPACK dsytrd + dsterf, which at these sizes beats torch.linalg.eigvalsh by ~1/3."""
+    g64 = g.detach().to(torch.float64)
+    if g64.device.type != "cpu" or g64.shape[0] <= 1:
+        return torch.linalg.eigvalsh(g64)
+    _, d, e, _ = _tridiagonalize(np.array(g64.numpy(), order="F"))
+    return torch.from_numpy(_tridiagonal_eigvals(d, e))
+
+
+def _smallest_eigvecs(c: np.ndarray, d: np.ndarray, e: np.ndarray, tau: np.ndarray, k: int) -> np.ndarray:
+    """An orthonormal basis (n×k) of G's eigenvectors for its k smallest eigenvalues, from G's tridiagonal
+    form: T's eigenvectors by MRRR (dstemr), mapped back by Q (dormqr on the reflectors), then QR so the
+    basis is orthonormal to working precision even inside clusters."""
+    n = d.shape[0]
+    m, _, z, info = lapack.dstemr(d.copy(), np.append(e, 0.0), 2, 0.0, 0.0, 1, k, compute_v=1,
+                                  lwork=18 * n, liwork=10 * n)
+    if info != 0 or m != k:
+        raise np.linalg.LinAlgError(f"dstemr info={info}, found {m} of {k}")
+    z = np.asfortranarray(z[:, :k])
+    # dsytrd (lower) stores H(i) = I − τ_i·v_i·v_iᵀ with v_i in column i below the subdiagonal, i.e. the QR
+    # layout of G[1:, :n−1]; Q leaves the first coordinate alone.
+    zq, _, info = lapack.dormqr("L", "N", c[1:, : n - 1], tau, z[1:], lwork=64 * max(1, k))
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dormqr info={info}")
+    z[1:] = zq
+    return np.linalg.qr(z)[0]
+
+
+def _syrk_lower(a: np.ndarray) -> np.ndarray:
+    """Lower triangle of A·Aᵀ (rows ≤ cols) or Aᵀ·A, A float64 C-ordered; BLAS dsyrk computes one triangle
+    (half a matmul's flops) and reads the row-major matrix through its transpose without a copy."""
+    return blas.dsyrk(1.0, a.T, trans=1 if a.shape[0] <= a.shape[1] else 0, lower=1)
+
+
+def _cpu_spectrum(a: np.ndarray, refine_below: float) -> tuple[np.ndarray, np.ndarray]:
+    """(σ descending, diag G) for a float64 C-ordered A; see `gram_spectrum`. Raises on LAPACK failure."""
+    r = min(a.shape)
+    g = _syrk_lower(a)
+    diag = np.diagonal(g).copy()
+    if not np.isfinite(diag.sum()):
+        if not np.isfinite(a).all():
+            nan = np.full(r, np.nan)
+            return nan, nan.copy()
+        # Finite entries whose squares overflow float64: the spectrum scales with A.
+        scale = float(np.abs(a).max())
+        sigma, diag = _cpu_spectrum(a / scale, refine_below)
+        with np.errstate(over="ignore"):  # diag G itself is beyond float64: inf is its honest value
+            return sigma * scale, diag * scale * scale
+    if r == 1:
+        return np.sqrt(np.maximum(diag, 0.0)), diag
+    c, d, e, tau = _tridiagonalize(g)
+    lam = _tridiagonal_eigvals(d, e)  # ascending
+    sigma = np.sqrt(np.maximum(lam[::-1], 0.0))
+    top = sigma[0]
+    if top == 0 or refine_below <= 0:
+        return sigma, diag
+    k = int(np.count_nonzero(sigma < refine_below * top))
+    if k == 0:
+        return sigma, diag
+    # The eigenvectors of the k smallest eigenvalues span the small singular subspace to within ε;
+    # A restricted to it has exactly those singular values, now without the squared conditioning.
+    vs = _smallest_eigvecs(c, d, e, tau, k)
+    side = a @ vs if a.shape[0] > a.shape[1] else a.T @ vs
+    sigma[r - k :] = np.linalg.svd(side, compute_uv=False)
+    return -np.sort(-sigma), diag
+
+
+def _torch_spectrum(a: Tensor, refine_below: float) -> tuple[Tensor, Tensor]:
+    """The same as `_cpu_spectrum` with torch.linalg on the tensor's own device."""
+    r = min(a.shape)
+    g = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+    diag = torch.diagonal(g).clone()
+    if not bool(torch.isfinite(diag.sum())):
+        if not bool(torch.isfinite(a).all()):
+            return _nan(r, a.device), _nan(r, a.device)
+        scale = a.abs().max()
+        sigma, diag = _torch_spectrum(a / scale, refine_below)
+        return sigma * scale, diag * scale * scale
+    lam, vecs = torch.linalg.eigh(g)
+    sigma = lam.flip(0).clamp_min(0.0).sqrt()
+    top = sigma[0]
+    if top == 0 or refine_below <= 0:
+        return sigma, diag
+    k = int((sigma < refine_below * top).sum())
+    if k == 0:
+        return sigma, diag
+    vs = torch.linalg.qr(vecs[:, :k])[0]
+    side = a @ vs if a.shape[0] > a.shape[1] else a.T @ vs
+    sigma[r - k :] = torch.linalg.svdvals(side)
+    return sigma.sort(descending=True).values, diag
 
 
 def _nan(n: int, device: torch.device) -> Tensor:
     return torch.full((n,), float("nan"), dtype=torch.float64, device=device)
+
+
+def gram_spectrum(a: Tensor, refine_below: float = REFINE_BELOW) -> tuple[Tensor, Tensor]:
+    """σ(A) descending and diag(G), both float64 of length r = min(m, n), where G is the Gram matrix of the
+    smaller side (A·Aᵀ when m ≤ n, so diag G holds the squared row norms; else AᵀA, squared column norms).
+
+    λ = eigvalsh(G) in float64 (on the CPU: LAPACK dsytrd + dsterf), σ_i = sqrt(max(λ_i, 0)). Squaring costs
+    accuracy at the small end (relative error ≈ ε·(σ_1/σ_i)²), so the σ_i with σ_i/σ_1 < ``refine_below``
+    are recomputed as σ(A·V_s), V_s an orthonormal basis of G's eigenvectors for those eigenvalues
+    (Rayleigh–Ritz on the small subspace): their relative error becomes ≈ ε·σ_1/σ_i, as good as a direct
+    SVD. ‖A‖_F² = Σ diag G. Non-finite A gives NaN for both; LAPACK failure raises.
+    """
+    m = as_matrix(a)
+    r = min(m.shape)
+    if r == 0:
+        empty = torch.empty(0, dtype=torch.float64, device=m.device)
+        return empty, empty.clone()
+    m64 = m.detach().to(torch.float64)
+    if m64.device.type != "cpu":
+        return _torch_spectrum(m64, refine_below)
+    sigma, diag = _cpu_spectrum(np.ascontiguousarray(m64.numpy()), refine_below)
+    return torch.from_numpy(np.ascontiguousarray(sigma)), torch.from_numpy(diag)
 
 
 def singular_values(
@@ -70,49 +197,23 @@ def singular_values(
     *,
     method: str = "gram",
     refine_below: float = REFINE_BELOW,
-    g: Tensor | None = None,
-    assume_finite: bool = False,
 ) -> Tensor:
     """σ(A), descending, float64, length r = min(m, n).
 
-    ``method="gram"`` (default): λ = eigvalsh(G) with G the float64 Gram matrix of the smaller side,
-    σ_i = sqrt(max(λ_i, 0)). Squaring costs accuracy at the small end (relative error ≈ ε·(σ_1/σ_i)²),
-    so the singular values with σ_i/σ_1 < ``refine_below`` are recomputed as σ(A·V_s) in float64, where V_s
-    are G's eigenvectors for those eigenvalues (Rayleigh–Ritz on the small subspace): their relative error
-    becomes ≈ ε·σ_1/σ_i, as good as a direct SVD. ``method="svd"``: ``torch.linalg.svdvals`` in float64.
-
-    ``g`` may pass ``gram(a)`` when the caller already has it, and ``assume_finite`` skips the NaN/Inf
-    scan when the caller has done it. Non-finite input gives all NaN; an all-zero matrix gives zeros.
+    ``method="gram"`` (default): the float64 Gram route with small-σ refinement of `gram_spectrum`.
+    ``method="svd"``: ``torch.linalg.svdvals`` in float64. Non-finite input gives all NaN (never raises,
+    LAPACK failures included); an all-zero matrix gives zeros.
     """
+    if method not in ("gram", "svd"):
+        raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
     m = as_matrix(a)
     r = min(m.shape)
-    if r == 0:
-        return torch.empty(0, dtype=torch.float64, device=m.device)
-    if not assume_finite and not bool(torch.isfinite(m).all()):
-        return _nan(r, m.device)
-    m64 = m.to(torch.float64)
     try:
         if method == "svd":
-            return torch.linalg.svdvals(m64)
-        if method != "gram":
-            raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
-        if g is None:
-            g = gram(m64, full=False)
-        lam = _eigvalsh(g).flip(0).clamp_min(0.0)
-        sigma = lam.sqrt()
-        top = sigma[0]
-        if top == 0 or refine_below <= 0:
-            return sigma
-        small = sigma < refine_below * top
-        k = int(small.sum())
-        if k == 0:
-            return sigma
-        # The eigenvectors of the k smallest eigenvalues span the small singular subspace to within ε;
-        # A restricted to it has exactly those singular values, now without the squared conditioning.
-        vs = _smallest_eigenvectors(g, k)
-        side = m64 @ vs if m64.shape[0] > m64.shape[1] else m64.T @ vs
-        sigma[r - k :] = torch.linalg.svdvals(side)
-        return sigma
+            if not bool(torch.isfinite(m).all()):
+                return _nan(r, m.device)
+            return torch.linalg.svdvals(m.to(torch.float64))
+        return gram_spectrum(m, refine_below)[0]
     except (RuntimeError, np.linalg.LinAlgError, ValueError):
         # LAPACK convergence failure on pathological input: report NaN, never raise into training.
         return _nan(r, m.device)
@@ -120,20 +221,36 @@ def singular_values(
 
 def top_singular_value(a: Tensor) -> Tensor:
     """σ_1(A) exactly: sqrt of the largest eigenvalue of the float64 Gram matrix (on the CPU only that
-    eigenvalue is computed, LAPACK syevr). NaN for non-finite input."""
+    eigenvalue is computed: dsytrd, then bisection, dstebz). NaN for non-finite input."""
     m = as_matrix(a)
-    if m.numel() == 0 or not bool(torch.isfinite(m).all()):
-        return torch.tensor(float("nan"), dtype=torch.float64, device=m.device)
-    g = gram(m, full=False)
-    r = g.shape[0]
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=m.device)
+    if m.numel() == 0:
+        return nan
+    m64 = m.detach().to(torch.float64)
     try:
-        if g.device.type != "cpu":
-            return torch.linalg.eigvalsh(g)[-1].clamp_min(0.0).sqrt()
-        top = scipy.linalg.eigh(g.numpy(), eigvals_only=True, subset_by_index=[r - 1, r - 1], driver="evr",
-                                check_finite=False)
-        return torch.tensor(float(np.sqrt(max(top[0], 0.0))), dtype=torch.float64)
+        if m64.device.type != "cpu":
+            sigma, _ = _torch_spectrum(m64, refine_below=0.0)
+            return sigma[0]
+        a64 = np.ascontiguousarray(m64.numpy())
+        g = _syrk_lower(a64)
+        n = g.shape[0]
+        if not np.isfinite(np.trace(g)) or n == 1:
+            return torch.tensor(float(_cpu_spectrum(a64, 0.0)[0][0]), dtype=torch.float64)
+        _, d, e, _ = _tridiagonalize(g)
+        found, w, _, _, info = lapack.dstebz(d, e, 2, 0.0, 0.0, n, n, 0.0, "E")
+        if info != 0 or found != 1:
+            raise np.linalg.LinAlgError(f"dstebz info={info}")
+        return torch.tensor(float(np.sqrt(max(w[0], 0.0))), dtype=torch.float64)
     except (RuntimeError, np.linalg.LinAlgError, ValueError):
-        return torch.tensor(float("nan"), dtype=torch.float64, device=m.device)
+        return nan
+
+
+@lru_cache(maxsize=256)
+def _quantile_plan(n: int, qs: tuple[float, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """For n sorted values: the indices ⌊h⌋, ⌊h⌋+1 (clamped) and weights h − ⌊h⌋ with h = (n − 1)·q."""
+    h = (n - 1) * torch.tensor(qs, dtype=torch.float64)
+    lo = h.floor().long().clamp(0, n - 1)
+    return lo, (lo + 1).clamp(max=n - 1), h - lo
 
 
 def quantiles(values: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) -> Tensor:
@@ -142,16 +259,14 @@ def quantiles(values: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) -> Tensor
 
     NaN anywhere in ``values`` (or no values) gives NaN for every level.
     """
-    q = torch.as_tensor(list(qs), dtype=torch.float64, device=values.device)
     v = values.to(torch.float64).reshape(-1)
     n = v.numel()
-    if n == 0 or bool(torch.isnan(v).any()):
-        return torch.full_like(q, float("nan"))
-    v = torch.sort(v).values
-    h = (n - 1) * q
-    lo = h.floor().long().clamp(0, n - 1)
-    hi = (lo + 1).clamp(max=n - 1)
-    return v[lo] + (h - lo) * (v[hi] - v[lo])
+    if n == 0:
+        return torch.full((len(qs),), float("nan"), dtype=torch.float64, device=v.device)
+    lo, hi, frac = (t.to(v.device) for t in _quantile_plan(n, tuple(float(q) for q in qs)))
+    v = torch.sort(v).values  # NaN sorts last: v[-1] is NaN exactly when any value is
+    out = v[lo] + frac * (v[hi] - v[lo])
+    return torch.where(torch.isnan(v[-1]), torch.full_like(out, float("nan")), out)
 
 
 def entropy_rank(weights: Tensor) -> Tensor:

@@ -347,3 +347,29 @@ def test_existing_store_needs_resume_or_overwrite(tmp_path):
     with ss.watch(opt, model, path, overwrite=True) as rec:
         train(rec, 1)
     assert ss.open_run(path)["optimizer"].sizes["step"] == 1
+
+
+def test_a_run_left_open_is_committed_when_the_interpreter_exits(tmp_path):
+    # No close(): the exit hook must commit the tail before the thread pools Zarr writes through shut down.
+    import subprocess
+    import sys
+
+    path = tmp_path / "open.zarr"
+    script = f"""
+import torch, spectralscope as ss
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 3, bias=False))
+opt = torch.optim.Muon(model.parameters(), lr=0.02)
+rec = ss.watch(opt, model, {str(path)!r}, every=1, flush_seconds=3600, activations=None)
+for _ in range(7):
+    model(torch.randn(4, 6)).square().mean().backward()
+    opt.step(); opt.zero_grad()
+    rec.log(loss=1.0)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "failed" not in proc.stderr, proc.stderr
+    tree = ss.open_run(path)
+    assert tree.attrs["status"] == "finished"
+    assert tree["optimizer"].sizes["step"] == 7 and tree["scalars"].sizes["step"] == 7
+    assert np.isfinite(tree["optimizer"]["momentum_sv"].values).all()

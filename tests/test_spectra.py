@@ -7,8 +7,11 @@ from conftest import np_quantile, prescribed
 
 from spectralscope.spectra import (
     DEFAULT_QUANTILES,
+    _torch_spectrum,
     as_matrix,
+    eigvalsh,
     entropy_rank,
+    gram_spectrum,
     participation_rank,
     quantiles,
     singular_values,
@@ -133,3 +136,50 @@ def test_top_singular_value_is_exact(shape):
     a = prescribed(*shape, np.linspace(2.0, 0.1, min(shape)), seed=12)
     assert float(top_singular_value(torch.from_numpy(a))) == pytest.approx(2.0, rel=1e-12)
     assert torch.isnan(top_singular_value(torch.full(shape, float("inf"))))
+
+
+@pytest.mark.parametrize("shape", [(40, 90), (90, 40), (64, 64)])
+def test_gram_spectrum_returns_the_gram_diagonal(shape):
+    a = prescribed(*shape, np.geomspace(3.0, 1e-5, min(shape)), seed=13)
+    sigma, diag = gram_spectrum(torch.from_numpy(a))
+    side = a @ a.T if shape[0] <= shape[1] else a.T @ a
+    np.testing.assert_allclose(diag.numpy(), np.diag(side), rtol=1e-13)
+    np.testing.assert_allclose(sigma.numpy(), _ref_sv(a), rtol=1e-10)
+
+
+def test_many_small_singular_values_are_refined_from_one_reduction():
+    # Half the spectrum below the refinement threshold, in a cluster: the tridiagonal eigenvectors are
+    # mapped back through the Householder reflectors, and must span the small subspace exactly.
+    s = np.concatenate([np.linspace(1.0, 0.5, 40), np.geomspace(1e-4, 1e-6, 40)])
+    a = prescribed(80, 300, s, seed=14)
+    got = singular_values(torch.from_numpy(a)).numpy()
+    np.testing.assert_allclose(got, _ref_sv(a), rtol=1e-9)
+
+
+def test_entries_whose_squares_overflow_are_rescaled_not_lost():
+    a = prescribed(20, 30, np.geomspace(2.0, 1e-3, 20), seed=15)
+    big = a * 1e200  # finite in float64, but every square overflows
+    got = singular_values(torch.from_numpy(big)).numpy()
+    np.testing.assert_allclose(got, _ref_sv(a) * 1e200, rtol=1e-10)
+    assert float(top_singular_value(torch.from_numpy(big))) == pytest.approx(float(_ref_sv(a)[0]) * 1e200, rel=1e-12)
+
+
+def test_device_path_matches_numpy():
+    # The torch.linalg route used off the CPU, run here on CPU tensors: same answers as the LAPACK route.
+    s = np.concatenate([[4.0, 2.0], np.geomspace(1.0, 1e-6, 38)])
+    for shape in [(40, 100), (100, 40)]:
+        a = prescribed(*shape, s, seed=16)
+        sigma, diag = _torch_spectrum(torch.from_numpy(a), 2e-3)
+        np.testing.assert_allclose(sigma.numpy(), _ref_sv(a), rtol=1e-9)
+        side = a @ a.T if shape[0] <= shape[1] else a.T @ a
+        np.testing.assert_allclose(diag.numpy(), np.diag(side), rtol=1e-13)
+    bad = torch.ones(5, 8, dtype=torch.float64)
+    bad[1, 1] = float("nan")
+    assert torch.isnan(_torch_spectrum(bad, 2e-3)[0]).all()
+
+
+@pytest.mark.parametrize("n", [1, 2, 17, 130])
+def test_eigvalsh_matches_numpy(n, rng):
+    x = rng.standard_normal((n, n))
+    g = x + x.T
+    np.testing.assert_allclose(eigvalsh(torch.from_numpy(g)).numpy(), np.linalg.eigvalsh(g), rtol=1e-10, atol=1e-12 * n)
