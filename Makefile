@@ -21,7 +21,14 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: install lint
+# The browser tests drive Debian's chromium with Playwright (never `playwright install`).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	command -v apt-get >/dev/null && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium not installed: the browser tests will be skipped"
+
+test: install lint $(CHROMIUM)
 	$(PY) -m pytest -q -ra
 
 bench: install

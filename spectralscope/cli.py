@@ -121,6 +121,33 @@ def fit_text(runs: Sequence[str], metric: str, quantile: float | None, target_si
     return "\n".join(lines)
 
 
+def dashboard_command(runs_dir: str, host: str, port: int) -> list[str]:
+    """The ``streamlit run`` command line that serves the dashboard on ``runs_dir``; the folder itself is
+    passed in the environment (``SPECTRALSCOPE_RUNS_DIR``), see `dashboard_env`."""
+    from pathlib import Path
+
+    if not (0 < port < 65536):
+        raise UserError(f"--port must be between 1 and 65535, got {port}")
+    if not Path(runs_dir).is_dir():
+        raise UserError(f"runs folder {runs_dir} does not exist or is not a folder")
+    try:
+        import streamlit  # noqa: F401
+
+        from .dashboards import app
+    except ImportError as exc:
+        raise UserError(f"the dashboard needs streamlit and plotly ({exc}); pip install 'spectralscope'") from exc
+    return [sys.executable, "-m", "streamlit", "run", app.__file__, "--server.address", host,
+            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--server.runOnSave", "false", "--server.fileWatcherType", "none", "--global.developmentMode", "false"]
+
+
+def dashboard_env(runs_dir: str) -> dict[str, str]:
+    import os
+    from pathlib import Path
+
+    return {**os.environ, "SPECTRALSCOPE_RUNS_DIR": str(Path(runs_dir).resolve())}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spectralscope", description="Spectral diagnostics of PyTorch training.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -135,6 +162,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--imbalance", type=float, default=1.0,
                       help="with --data pcfg: Zipf exponent of the word frequencies (0 = balanced)")
     demo.add_argument("--target-size", type=float, default=None, help="default: 10× the largest model")
+    dash = sub.add_parser("dashboard", help="serve the live dashboard of the runs under a folder")
+    dash.add_argument("runs_dir", nargs="?", default="runs", help="folder searched for run stores (default: runs)")
+    dash.add_argument("--host", default="127.0.0.1")
+    dash.add_argument("--port", type=int, default=8501)
     tb = sub.add_parser("export-tb", help="write a run's main metrics to TensorBoard")
     tb.add_argument("run")
     tb.add_argument("--logdir", required=True)
@@ -169,6 +200,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             except (FileNotFoundError, ValueError) as exc:
                 raise UserError(str(exc)) from exc
             print(f"wrote {n} scalars of {args.run} to {args.logdir}")
+        elif args.command == "dashboard":
+            import subprocess
+
+            cmd = dashboard_command(args.runs_dir, args.host, args.port)
+            print(f"spectralscope dashboard: serving {args.runs_dir} on http://{args.host}:{args.port} (Ctrl-C stops)",
+                  flush=True)
+            try:
+                return subprocess.call(cmd, env=dashboard_env(args.runs_dir))
+            except KeyboardInterrupt:
+                return 0
         elif args.command == "fit":
             print(fit_text(args.runs, args.metric, args.quantile, args.target_size, args.csv))
         return 0

@@ -107,7 +107,8 @@ GROUP_OF_METRIC = {
 }
 
 
-def _group_for(metric: str) -> str:
+def group_of(metric: str) -> str:
+    """The store group that records ``metric`` (``ValueError`` listing the per-layer metrics if none)."""
     for group, names in GROUP_OF_METRIC.items():
         if metric in names:
             return group
@@ -133,7 +134,7 @@ def settled_values(tree, metric: str, quantile: float | None = None, size: str =
     lo, hi = window
     if not 0 <= lo < hi <= 1:
         raise ValueError(f"fit_scaling: window must satisfy 0 <= start < end <= 1, got {window!r}")
-    group = _group_for(metric)
+    group = group_of(metric)
     if group not in tree.children:
         raise ValueError(f"fit_scaling: {where} has no {group!r} group (metric {metric!r})")
     ds = tree[group].dataset
@@ -163,7 +164,20 @@ def settled_values(tree, metric: str, quantile: float | None = None, size: str =
     return pd.DataFrame(rows, columns=["layer", "kind", "depth", "quantile", "size", "value"])
 
 
-def _label(keys: dict) -> str:
+def combine_runs(frames, round_depth: bool = True):
+    """Concatenate per-run tidy frames; when the runs' depth grids differ (e.g. 4 blocks against 6) and
+    ``round_depth``, depth is rounded to the nearest 0.25 so that layers group across runs."""
+    import pandas as pd
+
+    tidy = pd.concat(frames, ignore_index=True)
+    grids = {tuple(sorted(set(np.round(f["depth"].dropna(), 6)))) for f in frames}
+    if round_depth and len(grids) > 1:
+        tidy["depth"] = np.round(tidy["depth"] * 4) / 4
+    return tidy
+
+
+def group_label(keys: dict) -> str:
+    """A readable name of a layer group, e.g. ``attn_o@0.5`` for {kind: attn_o, depth: 0.5}."""
     parts = [str(v) for k, v in keys.items() if k != "depth"]
     depth = keys.get("depth")
     label = "/".join(parts)
@@ -191,7 +205,7 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
     by = [by] if isinstance(by, str) else list(by)
     current_steps = None
     if not isinstance(runs, pd.DataFrame):
-        _group_for(metric)  # an unknown metric is reported before any run is opened
+        group_of(metric)  # an unknown metric is reported before any run is opened
     if isinstance(runs, pd.DataFrame):
         tidy = runs.copy()
         missing = [c for c in [*by, "value"] if c not in tidy.columns]
@@ -216,18 +230,15 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
             if not paths:
                 raise ValueError(f"fit_scaling: no run matches {text!r}")
             trees += [(p, open_run(p, storage_options)) for p in paths]
-        frames, grids, steps = [], [], set()
+        frames, steps = [], set()
         for i, (where, tree) in enumerate(trees):
             frame = settled_values(tree, metric, quantile, size, window, where)
             frame["run"] = i
             frames.append(frame)
-            grids.append(tuple(sorted(set(np.round(frame["depth"].dropna(), 6)))))
             ns = dict(tree.attrs).get("optimizer", {}).get("ns_steps")
             if ns is not None:
                 steps.add(int(ns))
-        tidy = pd.concat(frames, ignore_index=True)
-        if "depth" in by and len(set(grids)) > 1:
-            tidy["depth"] = np.round(tidy["depth"] * 4) / 4
+        tidy = combine_runs(frames, round_depth="depth" in by)
         current_steps = steps.pop() if len(steps) == 1 else None
     if quantile is not None:
         tidy = tidy[np.isclose(tidy["quantile"], quantile) | tidy["quantile"].isna()]
@@ -238,7 +249,7 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
     too_few = []
     for group_keys, g in per_run.groupby(keys, dropna=False, sort=True):
         kv = dict(zip(keys, group_keys, strict=True))
-        label = _label({k: kv[k] for k in by})
+        label = group_label({k: kv[k] for k in by})
         n_sizes = g["size"].nunique()
         if n_sizes < 3:
             too_few.append(f"{label} ({n_sizes})")

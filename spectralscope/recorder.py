@@ -169,6 +169,7 @@ class Recorder:
             "optimizer": opt_attrs,
             "meta": dict(meta or {}),
             "every": every,
+            "ns_floor": self.ns_floor,  # the f_k floor behind ns_fail_frac, so readers can draw its threshold
         }
         self._step = 0
         self._errors: dict[str, dict[str, int]] = {}

@@ -80,3 +80,13 @@ def test_fit_prints_the_table_and_the_recommendation(tmp_path, capsys):
     assert int(row[5]) == steps and int(row[6]) == 5
     assert main(["fit", str(tmp_path / "nothing*.zarr")]) == 2
     assert "no run matches" in capsys.readouterr().err
+
+
+def test_dashboard_refuses_a_missing_folder_and_a_bad_port(tmp_path, capsys):
+    from spectralscope.cli import main
+
+    assert main(["dashboard", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
+    assert main(["dashboard", str(tmp_path), "--port", "70000"]) == 2
+    assert "--port" in capsys.readouterr().err

@@ -1,0 +1,137 @@
+"""Plotly figures of the dashboard, as pure functions of the data they show (no Streamlit, no I/O).
+
+Every trace carries the run and the layer in its hover text, with the step and the value; spectra and
+scaling plots use log axes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import xarray as xr
+from plotly.colors import qualitative
+
+PALETTE = qualitative.Plotly + qualitative.D3
+DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+HEIGHT = 420
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str, log_x: bool = False, log_y: bool = False) -> go.Figure:
+    fig.update_layout(title=title, height=HEIGHT, margin={"l": 60, "r": 20, "t": 50, "b": 50},
+                      legend={"font": {"size": 10}}, hovermode="closest")
+    fig.update_xaxes(title=x, type="log" if log_x else None)  # None: plotly picks (category for layer names)
+    fig.update_yaxes(title=y, type="log" if log_y else None)
+    return fig
+
+
+def _unit(da: xr.DataArray) -> str:
+    return "layer" if "layer" in da.dims else "module"
+
+
+def heatmap(da: xr.DataArray, title: str, run: str, log: bool = False) -> go.Figure:
+    """Layer × step heatmap of a (step, layer) array; ``log`` colours by log10 of the value."""
+    unit = _unit(da)
+    z = da.transpose(unit, "step").values
+    names = [str(v) for v in da[unit].values]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        colour = np.log10(np.where(z > 0, z, np.nan)) if log else z
+    fig = go.Figure(go.Heatmap(
+        x=da["step"].values, y=names, z=colour, customdata=z, colorscale="Viridis",
+        colorbar={"title": "log10" if log else ""},
+        hovertemplate=f"run {run}<br>{unit} %{{y}}<br>step %{{x}}<br>value %{{customdata:.4g}}<extra></extra>",
+    ))
+    _layout(fig, title, "step", unit)
+    fig.update_layout(height=max(HEIGHT, 16 * len(names) + 140))  # one readable label per row
+    return fig
+
+
+def lines(series: Mapping[str, xr.DataArray], title: str, y: str, log_y: bool = False,
+          threshold: tuple[float, str] | None = None) -> go.Figure:
+    """One line per (run, layer) of (step, layer) arrays: colour by layer, dash by run.
+    ``threshold`` = (value, label) draws a horizontal reference line (e.g. the NS threshold)."""
+    fig = go.Figure()
+    colours: dict[str, str] = {}
+    for r, (run, da) in enumerate(series.items()):
+        unit = _unit(da)
+        for j, name in enumerate(str(v) for v in da[unit].values):
+            colour = colours.setdefault(name, PALETTE[len(colours) % len(PALETTE)])
+            fig.add_trace(go.Scatter(
+                x=da["step"].values, y=da.isel({unit: j}).values, mode="lines", name=f"{name} · {run}",
+                line={"color": colour, "dash": DASHES[r % len(DASHES)], "width": 1.5},
+                hovertemplate=f"run {run}<br>{unit} {name}<br>step %{{x}}<br>value %{{y:.4g}}<extra></extra>",
+            ))
+    if threshold is not None:
+        fig.add_hline(y=threshold[0], line={"color": "crimson", "dash": "dash"}, annotation_text=threshold[1],
+                      annotation_position="bottom right")
+    return _layout(fig, title, "step", y, log_y=log_y)
+
+
+def scalar_lines(series: Mapping[str, pd.Series], title: str, y: str, log_y: bool = False) -> go.Figure:
+    """One line per named series indexed by step (run-level quantities such as loss or NDS)."""
+    fig = go.Figure()
+    for i, (name, s) in enumerate(series.items()):
+        fig.add_trace(go.Scatter(x=s.index.values, y=s.values, mode="lines", name=name,
+                                 line={"color": PALETTE[i % len(PALETTE)], "width": 1.5},
+                                 hovertemplate=f"{name}<br>step %{{x}}<br>value %{{y:.4g}}<extra></extra>"))
+    return _layout(fig, title, "step", y, log_y=log_y)
+
+
+def spectra(curves: Sequence[tuple[str, str, int, np.ndarray]], title: str, y: str) -> go.Figure:
+    """Log-log rank–value plots; each curve is (run, layer or module, step, values by rank)."""
+    fig = go.Figure()
+    colours: dict[str, str] = {}
+    for run, name, step, values in curves:
+        v = np.asarray(values, dtype=np.float64)
+        keep = np.isfinite(v) & (v > 0)
+        rank = np.arange(1, v.size + 1)[keep]
+        colour = colours.setdefault(f"{run}|{step}", PALETTE[len(colours) % len(PALETTE)])
+        fig.add_trace(go.Scatter(
+            x=rank, y=v[keep], mode="lines", name=f"{name} · {run} · step {step}",
+            line={"color": colour, "width": 1.5},
+            hovertemplate=f"run {run}<br>{name}<br>step {step}<br>rank %{{x}}<br>value %{{y:.4g}}<extra></extra>",
+        ))
+    return _layout(fig, title, "rank", y, log_x=True, log_y=True)
+
+
+def scaling(tidy: pd.DataFrame, fits: pd.DataFrame, target_size: float | None, metric: str) -> go.Figure:
+    """Settled values against model size on log-log axes, per layer group: the points, the fitted power
+    law, its 95% band (slope within its t-interval, pivoting at the mean log size), extended to
+    ``target_size`` when given."""
+    fig = go.Figure()
+    for i, (_, fit) in enumerate(fits.iterrows()):
+        colour = PALETTE[i % len(PALETTE)]
+        pts = tidy[tidy["group"] == fit["group"]] if "group" in tidy.columns else tidy.iloc[:0]
+        per_run = pts.groupby(["run", "size"], as_index=False)["value"].median()
+        fig.add_trace(go.Scatter(
+            x=per_run["size"], y=per_run["value"], mode="markers", name=str(fit["group"]), legendgroup=str(fit["group"]),
+            marker={"color": colour, "size": 8}, customdata=np.stack([per_run["run"].astype(str)], axis=-1),
+            hovertemplate=(f"group {fit['group']}<br>run %{{customdata[0]}}<br>size %{{x:.4g}}<br>"
+                           f"{metric} %{{y:.4g}}<extra></extra>"),
+        ))
+        sizes = per_run["size"].to_numpy(dtype=float)
+        if sizes.size == 0:
+            continue
+        hi = max(float(sizes.max()), float(target_size or 0))
+        xs = np.geomspace(float(sizes.min()), hi, 60)
+        u = np.log(xs)
+        ubar = float(np.mean(np.log(sizes)))
+        centre = fit["intercept"] + fit["slope"] * ubar  # the fitted line passes through (ū, v̄)
+        band = np.stack([centre + b * (u - ubar) for b in (fit["ci_low"], fit["ci_high"])])
+        fig.add_trace(go.Scatter(x=np.concatenate([xs, xs[::-1]]),
+                                 y=np.exp(np.concatenate([band.max(0), band.min(0)[::-1]])),
+                                 fill="toself", fillcolor=colour, opacity=0.15, line={"width": 0},
+                                 legendgroup=str(fit["group"]), showlegend=False, hoverinfo="skip"))
+        fig.add_trace(go.Scatter(
+            x=xs, y=np.exp(fit["intercept"] + fit["slope"] * u), mode="lines", legendgroup=str(fit["group"]),
+            line={"color": colour}, showlegend=False,
+            hovertemplate=(f"group {fit['group']}<br>slope {fit['slope']:.3f} "
+                           f"[{fit['ci_low']:.3f}, {fit['ci_high']:.3f}]<br>size %{{x:.4g}}<br>fit %{{y:.4g}}"
+                           "<extra></extra>"),
+        ))
+    if target_size:
+        fig.add_vline(x=target_size, line={"color": "grey", "dash": "dash"}, annotation_text="target size")
+    return _layout(fig, f"settled {metric} against model size", "model size (parameters)", metric,
+                   log_x=True, log_y=True)

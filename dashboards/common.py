@@ -1,0 +1,147 @@
+"""The Streamlit side shared by every page: the runs folder, cached reads, the run picker.
+
+Reads are cached by (store, committed rows, slice): a finished run is read once, a live run again only
+when it has committed new rows; the committed row counts themselves are re-read every ``REFRESH`` seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import streamlit as st
+import xarray as xr
+
+from spectralscope.dashboards import data
+
+#: Seconds between refreshes of the live parts of a page (``SPECTRALSCOPE_REFRESH`` overrides).
+REFRESH = float(os.environ.get("SPECTRALSCOPE_REFRESH", "3"))
+#: Steps drawn per line at most; longer runs are strided evenly.
+MAX_STEPS = 1500
+
+
+def runs_dir() -> Path:
+    """The folder the app serves: ``SPECTRALSCOPE_RUNS_DIR`` (set by ``spectralscope dashboard``), else the
+    first argument after ``--`` of ``streamlit run app.py -- RUNS_DIR``, else the working directory."""
+    arg = os.environ.get("SPECTRALSCOPE_RUNS_DIR") or (sys.argv[1] if len(sys.argv) > 1 else ".")
+    return Path(arg).resolve()
+
+
+@st.cache_data(ttl=REFRESH, show_spinner=False)
+def find_runs(root: str) -> list[data.RunEntry]:
+    return data.find_runs(root)
+
+
+@st.cache_data(ttl=REFRESH, show_spinner=False)
+def n_rows(path: str) -> dict[str, int]:
+    return data.n_rows(Path(path))
+
+
+@st.cache_data(max_entries=2048, show_spinner=False)
+def _read(path: str, rows: int, group: str, var: str, window: tuple[float, float], max_steps: int | None,
+          quantile: float | None, units: tuple[int, ...] | None, at_steps: tuple[int, ...] | None) -> xr.DataArray | None:
+    del rows  # part of the cache key only: new committed rows make a new entry
+    return data.read(Path(path), group, var, window=window, max_steps=max_steps, quantile=quantile, units=units,
+                     at_steps=at_steps)
+
+
+@st.cache_data(show_spinner=False)
+def _steps(path: str, rows: int, group: str) -> list[int]:
+    del rows
+    return [int(s) for s in data.steps(Path(path), group)]
+
+
+def steps(entry: data.RunEntry, group: str) -> list[int]:
+    """The committed steps of ``group`` in ``entry``, cached until it commits more."""
+    return _steps(str(entry.path), n_rows(str(entry.path)).get(group, 0), group)
+
+
+def read(entry: data.RunEntry, group: str, var: str, *, window: tuple[float, float] = (0.0, 1.0),
+         max_steps: int | None = MAX_STEPS, quantile: float | None = None,
+         units: Sequence[int] | None = None, at_steps: Sequence[int] | None = None) -> xr.DataArray | None:
+    """`data.read` through the cache; None (and a note on the page) when the store cannot be read."""
+    rows = n_rows(str(entry.path)).get(group, 0)
+    try:
+        return _read(str(entry.path), rows, group, var, tuple(window), max_steps, quantile,
+                     tuple(units) if units is not None else None,
+                     tuple(int(s) for s in at_steps) if at_steps is not None else None)
+    except Exception as exc:  # a store damaged after it was listed: say so, keep the page
+        st.warning(f"{entry.rel}: cannot read {group}/{var} ({type(exc).__name__}: {exc})")
+        return None
+
+
+def header(title: str, caption: str) -> None:
+    st.title(title)
+    st.caption(caption)
+
+
+def selected_runs() -> list[data.RunEntry]:
+    """The sidebar's run picker (shared by every page): the readable runs under the folder, preselected
+    from the ``runs`` query parameter when given; runs outside the folder are refused with a message."""
+    root = runs_dir()
+    try:
+        entries = find_runs(str(root))
+    except FileNotFoundError as exc:
+        st.error(str(exc))
+        return []
+    ok = {e.rel: e for e in entries if e.ok}
+    st.sidebar.caption(f"runs folder: `{root}`")
+    if not ok:
+        st.info(f"No spectralscope runs under {root} yet. Record one with `ss.watch(...)` or `spectralscope demo`.")
+        return []
+    wanted = [r for r in st.query_params.get_all("run") if r]
+    chosen = []
+    for rel in wanted:
+        try:
+            data.resolve(root, rel)
+        except ValueError as exc:
+            st.error(str(exc))
+            continue
+        if rel in ok:
+            chosen.append(rel)
+        else:
+            st.warning(f"{rel!r} is not a readable run under {root}")
+    if "runs" not in st.session_state:
+        st.session_state["runs"] = chosen or list(ok)[:8]
+    st.session_state["runs"] = [r for r in st.session_state["runs"] if r in ok]
+    picked = st.sidebar.multiselect("runs", list(ok), key="runs")
+    return [ok[r] for r in picked]
+
+
+def layer_picker(entry: data.RunEntry, group: str, label: str = "layers", default: int = 6) -> list[int] | None:
+    """A multiselect of the layer (or module) names of ``group`` in ``entry``; returns their indices."""
+    da = read(entry, group, data.variables(entry.path, group)[0], window=(0.0, 1.0), max_steps=1) \
+        if data.variables(entry.path, group) else None
+    if da is None:
+        return None
+    unit = "layer" if "layer" in da.dims else "module"
+    names = [str(v) for v in da[unit].values]
+    picked = st.multiselect(label, names, default=names[:default], key=f"{group}-{label}")
+    return [names.index(n) for n in picked]
+
+
+def quantile_picker(entry: data.RunEntry, var: str, label: str, default: float, key: str,
+                    container=st) -> float:
+    """A selectbox of the quantile levels ``entry`` recorded for ``var`` (SPEC's defaults if unreadable)."""
+    probe = read(entry, "optimizer", var, max_steps=1)
+    levels = [float(q) for q in probe["quantile"].values] if probe is not None else [default]
+    return container.selectbox(label, levels, index=levels.index(default) if default in levels else 0, key=key)
+
+
+def spectrum_curves(runs: Sequence[data.RunEntry], group: str, var: str, units: Sequence[int] | None,
+                    at_steps: Sequence[int]) -> list[tuple[str, str, int, object]]:
+    """(run, layer or module, step, values by rank) for each run, unit and chosen step: the input of
+    `charts.spectra`."""
+    curves = []
+    for e in runs:
+        da = read(e, group, var, units=units, at_steps=at_steps, max_steps=None)
+        if da is None:
+            continue
+        unit = "layer" if "layer" in da.dims else "module"
+        for s in range(da.sizes["step"]):
+            for j in range(da.sizes[unit]):
+                curves.append((e.rel, str(da[unit].values[j]), int(da["step"].values[s]),
+                               da.isel({"step": s, unit: j}).values))
+    return curves

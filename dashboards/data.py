@@ -1,0 +1,251 @@
+"""What the dashboard reads: the runs under a folder, and small slices of their committed rows.
+
+Plain functions over the file system and Zarr, no Streamlit, so they are tested on their own. Stores are
+opened read-only: the dashboard never writes into a run. A slice reads ``n_rows`` first and then only rows
+below it (SPEC §5), so a live run is read without torn rows, and only the chunks of the one variable, the
+step range and the quantile a chart shows.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+import zarr
+
+from spectralscope.fit import combine_runs
+from spectralscope.store import check_run, open_store
+
+#: Folders are searched this deep below RUNS_DIR (runs/sweep/w64.zarr is depth 2).
+MAX_DEPTH = 4
+GROUPS = ("optimizer", "activations", "gradients", "sharpness", "scalars")
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """One store found under the runs folder: ``rel`` (its path relative to the folder, the run's id in the
+    app), ``path`` (absolute), and either its root attributes (``problem`` None) or what is wrong with it."""
+
+    rel: str
+    path: Path
+    attrs: dict[str, Any] = field(default_factory=dict)
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    @property
+    def name(self) -> str:
+        return str(self.attrs.get("name") or Path(self.rel).stem)
+
+
+def resolve(root: str | Path, rel: str) -> Path:
+    """``root/rel`` as an absolute path; ``ValueError`` when it lies outside ``root`` (``..``, absolute paths,
+    symbolic links that leave the folder): the app reads nothing but the runs folder."""
+    base = Path(root).resolve()
+    target = (base / rel).resolve()
+    if target != base and base not in target.parents:
+        raise ValueError(f"{rel!r} is outside the runs folder {base}; refused")
+    return target
+
+
+def _probe(root: Path, folder: Path) -> RunEntry:
+    rel = folder.relative_to(root).as_posix()
+    meta = folder / "zarr.json"
+    try:
+        doc = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return RunEntry(rel, folder, problem=f"corrupt store: cannot read zarr.json ({type(exc).__name__}: {exc})")
+    if not isinstance(doc, dict) or doc.get("node_type") != "group":
+        kind = doc.get("node_type") if isinstance(doc, dict) else type(doc).__name__
+        return RunEntry(rel, folder, problem=f"a Zarr {kind}, not a spectralscope run")
+    try:
+        root_group = zarr.open_group(open_store(folder, read_only=True), mode="r")
+        attrs = check_run(root_group, rel)
+    except ValueError as exc:
+        return RunEntry(rel, folder, problem=str(exc))
+    except Exception as exc:  # a store broken in a way Zarr reports itself
+        return RunEntry(rel, folder, problem=f"corrupt store ({type(exc).__name__}: {exc})")
+    return RunEntry(rel, folder, attrs=attrs)
+
+
+def find_runs(root: str | Path, max_depth: int = MAX_DEPTH) -> list[RunEntry]:
+    """Every Zarr group (a folder with ``zarr.json``) and every ``*.zarr`` folder under ``root``, sorted by
+    relative path; a group's own sub-folders are not searched. Each entry is a run or says why it is not."""
+    base = Path(root).resolve()
+    if not base.is_dir():
+        raise FileNotFoundError(f"runs folder {root} does not exist or is not a folder")
+    found: list[RunEntry] = []
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+        here = Path(dirpath)
+        depth = len(here.relative_to(base).parts)
+        if here != base and ("zarr.json" in filenames or here.suffix == ".zarr"):
+            found.append(_probe(base, here) if "zarr.json" in filenames else
+                         RunEntry(here.relative_to(base).as_posix(), here, problem="not a Zarr store (no zarr.json)"))
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if depth < max_depth else []
+    return sorted(found, key=lambda e: e.rel)
+
+
+def n_rows(path: Path) -> dict[str, int]:
+    """Committed rows per sub-group (its ``n_rows`` attribute), read afresh."""
+    out = {}
+    for g in GROUPS:
+        try:
+            out[g] = int(json.loads((path / g / "zarr.json").read_text()).get("attributes", {}).get("n_rows", 0))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def last_update(path: Path) -> _dt.datetime | None:
+    """When the run last committed rows: the newest modification time of its group metadata."""
+    times = [p.stat().st_mtime for p in [path / "zarr.json", *(path / g / "zarr.json" for g in GROUPS)] if p.exists()]
+    return _dt.datetime.fromtimestamp(max(times), tz=_dt.UTC) if times else None
+
+
+def overview(entries: Sequence[RunEntry]) -> pd.DataFrame:
+    """One row per readable run: name, folder, model size, optimizer, NS steps, training steps seen, optimizer
+    records committed, status, last update, and the number of metric values that came out NaN (the run's ``errors``)."""
+    rows = []
+    for e in entries:
+        if not e.ok:
+            continue
+        a = e.attrs
+        opt = a.get("optimizer") or {}
+        rows_by_group = n_rows(e.path)
+        errors = a.get("errors") or {}
+        updated = last_update(e.path)
+        rows.append({
+            "run": e.rel,
+            "name": e.name,
+            "model_size": a.get("model_size"),
+            "optimizer": opt.get("class"),
+            "ns_steps": opt.get("ns_steps"),
+            "steps": int(a.get("steps", 0)),
+            "records": rows_by_group.get("optimizer", 0),
+            "status": a.get("status"),
+            "last_update": updated.strftime("%Y-%m-%d %H:%M:%S UTC") if updated else None,
+            "nan_values": int(sum(sum(v.values()) for v in errors.values() if isinstance(v, dict))),
+        })
+    return pd.DataFrame(rows, columns=["run", "name", "model_size", "optimizer", "ns_steps", "steps", "records",
+                                       "status", "last_update", "nan_values"])
+
+
+def _group(path: Path, group: str) -> zarr.Group | None:
+    root = zarr.open_group(open_store(path, read_only=True), mode="r")
+    return root[group] if group in root else None
+
+
+def variables(path: Path, group: str) -> list[str]:
+    """The data variables of ``group`` (everything with a leading ``step`` dimension but ``step`` itself)."""
+    g = _group(path, group)
+    if g is None:
+        return []
+    out = []
+    for name, arr in g.arrays():
+        dims = arr.metadata.dimension_names or ()
+        if name != "step" and dims and dims[0] == "step":
+            out.append(name)
+    return sorted(out)
+
+
+def _plain(values: np.ndarray) -> np.ndarray:
+    """Zarr hands strings back as numpy's variable-width StringDType; pandas and plotly want plain ``str``."""
+    return np.array(values.tolist(), dtype=str) if values.dtype.kind == "T" else values
+
+
+def steps(path: Path, group: str) -> np.ndarray:
+    """The committed steps of ``group`` (empty when it has none)."""
+    g = _group(path, group)
+    if g is None:
+        return np.empty(0, dtype=np.int64)
+    return np.asarray(g["step"][: int(g.attrs.get("n_rows", 0))])
+
+
+def read(path: Path, group: str, var: str, *, window: tuple[float, float] = (0.0, 1.0), max_steps: int | None = None,
+         quantile: float | None = None, units: Sequence[int] | None = None,
+         at_steps: Sequence[int] | None = None) -> xr.DataArray | None:
+    """Committed rows of one variable as a DataArray with its named dimensions and coordinates
+    (``step``; ``layer``/``module`` with ``kind`` and ``depth``; ``quantile``; ``rank``).
+
+    ``window``: fractions of the committed rows; ``max_steps``: keep at most that many, evenly strided;
+    ``quantile``: only the nearest recorded level (that dimension dropped); ``units``: only these layer or
+    module indices; ``at_steps``: only the committed rows of these steps (instead of the window). None when
+    the group or variable does not exist or has no committed rows."""
+    g = _group(path, group)
+    if g is None or var not in g:
+        return None
+    n = int(g.attrs.get("n_rows", 0))
+    i0, i1 = int(np.floor(window[0] * n)), int(np.ceil(window[1] * n))
+    i1 = max(i1, min(i0 + 1, n))
+    if n == 0 or i1 <= i0:
+        return None
+    stride = max(1, -(-(i1 - i0) // max_steps)) if max_steps else 1
+    rows: Any = slice(i0, i1, stride)
+    if at_steps is not None:
+        committed = np.asarray(g["step"][:n])
+        rows = [int(i) for i in np.flatnonzero(np.isin(committed, np.asarray(list(at_steps))))]
+        if not rows:
+            return None
+    arr = g[var]
+    dims = list(arr.metadata.dimension_names)
+    sel: list[Any] = [rows]
+    coords: dict[str, Any] = {"step": ("step", g["step"].get_orthogonal_selection((rows,)))}
+    keep_dims = ["step"]
+    for d in dims[1:]:
+        values = _plain(g[d][...]) if d in g else np.arange(arr.shape[dims.index(d)])
+        if d == "quantile" and quantile is not None:
+            sel.append(int(np.argmin(np.abs(values - quantile))))
+            continue
+        idx = list(units) if units is not None and d in ("layer", "module") else None
+        sel.append(idx if idx is not None else slice(None))
+        keep_dims.append(d)
+        coords[d] = (d, values[idx] if idx is not None else values)
+        if d in ("layer", "module"):
+            for aux in ("kind", "depth", "rows", "cols", "width"):
+                if aux in g:
+                    av = _plain(g[aux][...])
+                    coords[aux] = (d, av[idx] if idx is not None else av)
+    data = arr.get_orthogonal_selection(tuple(sel))
+    return xr.DataArray(np.asarray(data, dtype=np.float64), dims=keep_dims, coords=coords, name=var)
+
+
+def settled(entries: Sequence[RunEntry], metric: str, group: str, quantile: float | None,
+            window: tuple[float, float] = (0.5, 1.0)) -> tuple[pd.DataFrame, list[str]]:
+    """The settled value (median over ``window`` of the committed rows) of ``metric`` per run and layer, as
+    the tidy frame `spectralscope.fit_scaling` takes (``run``, ``layer``, ``kind``, ``depth``, ``quantile``,
+    ``size``, ``value``), depth rounded to 0.25 when the runs' depth grids differ; plus one line per run
+    that could not be used."""
+    frames, skipped = [], []
+    for e in entries:
+        try:
+            da = read(e.path, group, metric, window=window, quantile=quantile)
+        except Exception as exc:
+            skipped.append(f"{e.rel}: {type(exc).__name__}: {exc}")
+            continue
+        size = e.attrs.get("model_size")
+        if da is None or not isinstance(size, (int, float)):
+            skipped.append(f"{e.rel}: no committed {metric}" if da is None else f"{e.rel}: no model_size")
+            continue
+        unit = "layer" if "layer" in da.dims else "module"
+        with np.errstate(all="ignore"):
+            med = np.nanmedian(da.values, axis=0) if da.sizes["step"] else np.full(da.shape[1:], np.nan)
+        frames.append(pd.DataFrame({
+            "run": e.rel, "layer": da[unit].values.astype(str), "kind": da["kind"].values.astype(str),
+            "depth": da["depth"].values.astype(float), "quantile": np.nan if quantile is None else float(quantile),
+            "size": float(size), "value": med.reshape(-1),
+        }))
+    if not frames:
+        return pd.DataFrame(columns=["run", "layer", "kind", "depth", "quantile", "size", "value"]), skipped
+    return combine_runs(frames), skipped

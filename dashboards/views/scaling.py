@@ -1,0 +1,72 @@
+"""Scaling laws: the settled value of a metric (median over the last half of each run) against model size
+on log-log axes, one power law per layer group with its 95% band, extrapolated to a target size, and the
+fewest Newton–Schulz steps a model of that size needs (SPEC §7)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from spectralscope.dashboards import charts, common, data
+from spectralscope.fit import GROUP_OF_METRIC, fit_scaling, group_label, group_of, recommend_ns_steps
+
+common.header("Scaling laws", "Settled value = median over the chosen window of each run's committed steps; "
+              "groups = layer kind @ relative depth; bands = slope within its 95% t-interval.")
+runs = common.selected_runs()
+QUANTILED = {"momentum_sv", "ns_out_sv", "update_sv", "neuron_norm"}
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def settled(keys: tuple[tuple[str, int], ...], metric: str, quantile: float | None,
+            window: tuple[float, float]) -> tuple[pd.DataFrame, list[str]]:
+    entries = [e for e in common.find_runs(str(common.runs_dir())) if e.rel in dict(keys)]
+    return data.settled(entries, metric, group_of(metric), quantile, window)
+
+
+if len(runs) < 3:
+    st.info("A power law needs runs of at least 3 model sizes: pick them in the sidebar.")
+else:
+    metrics = [m for names in GROUP_OF_METRIC.values() for m in names]
+    c1, c2, c3, c4 = st.columns(4)
+    metric = c1.selectbox("metric", metrics, index=metrics.index("momentum_sv"), key="sc-metric")
+    quantile = c2.selectbox("quantile", [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0], index=5,
+                            key="sc-quantile") if metric in QUANTILED else None
+    window = c3.slider("window (fraction of each run)", 0.0, 1.0, (0.5, 1.0), 0.05, key="sc-window")
+    largest = max(float(e.attrs.get("model_size", 0) or 0) for e in runs)
+    target = c4.number_input("target model size", min_value=1.0, value=float(10 ** np.ceil(np.log10(largest * 10))),
+                             format="%.3g", key="sc-target")
+
+    @st.fragment(run_every=common.REFRESH)
+    def charts_() -> None:
+        group = group_of(metric)
+        keys = tuple((e.rel, common.n_rows(str(e.path)).get(group, 0)) for e in runs)
+        tidy, skipped = settled(keys, metric, quantile, tuple(window))
+        for line in skipped:
+            st.caption(f"skipped {line}")
+        if tidy.empty:
+            st.info(f"No committed {metric} in the selected runs.")
+            return
+        try:
+            fits = fit_scaling(tidy, metric=metric, quantile=quantile)
+        except ValueError as exc:
+            st.warning(str(exc))
+            return
+        tidy = tidy.assign(group=[group_label({"kind": k, "depth": d}) for k, d in zip(tidy["kind"], tidy["depth"],
+                                                                                       strict=True)])
+        st.plotly_chart(charts.scaling(tidy, fits, target, metric), key="sc-figure")
+        shown = fits.drop(columns=["kind", "depth"], errors="ignore").assign(
+            at_target=[float(np.exp(r.intercept) * target ** r.slope) for r in fits.itertuples()])
+        st.subheader("Fits")
+        st.dataframe(shown, hide_index=True)
+        if metric == "momentum_sv":
+            steps = {(e.attrs.get("optimizer") or {}).get("ns_steps") for e in runs} - {None}
+            fits.attrs["current_steps"] = steps.pop() if len(steps) == 1 else None
+            st.subheader(f"Newton–Schulz steps for {target:.3g} parameters")
+            try:
+                rec = recommend_ns_steps(fits, target, quantile=quantile)
+                st.dataframe(rec.drop(columns=["kind", "depth"], errors="ignore"), hide_index=True)
+            except ValueError as exc:
+                st.warning(str(exc))
+
+    charts_()

@@ -1,0 +1,34 @@
+"""Neurons and updates: the realised step ΔW per layer — rms, effective rank, σ at a quantile — the balance
+of its rows across output neurons (neuron_cv, neuron_norm), and σ_1 of the weights."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from spectralscope.dashboards import charts, common
+
+common.header("Neurons and updates", "ΔW = W_after − W_before. neuron_cv = std/mean of the row norms of ΔW: "
+              "0 when every output neuron moves by the same amount.")
+runs = common.selected_runs()
+
+if runs:
+    q = common.quantile_picker(runs[0], "neuron_norm", "quantile", 0.1, "upd-quantile")
+    units = common.layer_picker(runs[0], "optimizer")
+
+    @st.fragment(run_every=common.REFRESH)
+    def charts_() -> None:
+        left, right = st.columns(2)
+        panels = [
+            ("neuron_cv", None, "neuron balance: std(ρ)/mean(ρ) of the row norms ρ", False),
+            ("neuron_norm", q, f"row norm / mean row norm at q={q:g}", False),
+            ("update_rms", None, "update rms", True),
+            ("update_erank", None, "effective rank of ΔW", False),
+            ("update_sv", q, f"σ(ΔW) at q={q:g}", True),
+            ("weight_spectral_norm", None, "σ_1(W)", True),
+        ]
+        for i, (var, level, title, log) in enumerate(panels):
+            series = {e.rel: d for e in runs
+                      if (d := common.read(e, "optimizer", var, quantile=level, units=units)) is not None}
+            (left if i % 2 == 0 else right).plotly_chart(charts.lines(series, title, var, log_y=log), key=f"upd-{var}")
+
+    charts_()

@@ -1,0 +1,124 @@
+"""Every page of the Streamlit app under `streamlit.testing.v1.AppTest`, on a folder with finished, live and
+broken runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from dashboard_runs import broken_stores, finished_run, start_run
+from streamlit.testing.v1 import AppTest
+
+import spectralscope.dashboards as dashboards
+
+APP = str(Path(dashboards.__file__).parent / "app.py")
+PAGES = ["views/overview.py", "views/optimizer.py", "views/newton_schulz.py", "views/updates.py",
+         "views/activations.py", "views/gradients.py", "views/sharpness.py", "views/scaling.py"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for w in (8, 12, 16):
+        finished_run(root / f"w{w}.zarr", w)
+    rec, step = start_run(root / "live.zarr", 12, flush_seconds=0.1)
+    for _ in range(6):
+        step()
+    rec.flush()
+    problems = broken_stores(root)
+    yield root, problems
+    rec.close()
+
+
+def _app(monkeypatch, root) -> AppTest:
+    monkeypatch.setenv("SPECTRALSCOPE_RUNS_DIR", str(root))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _figures(at) -> list[dict]:
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and "live.zarr" not in p.parts}
+
+
+def test_every_page_renders_charts_without_exceptions_and_never_writes(monkeypatch, folder):
+    root, _ = folder
+    before = _digest(root)
+    at = _app(monkeypatch, root)
+    for page in PAGES[1:]:
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+        figs = _figures(at)
+        assert figs, f"{page} drew no chart"
+        assert any(trace.get("x") is not None or trace.get("z") is not None for fig in figs for trace in fig["data"]), page
+    assert _digest(root) == before
+
+
+def test_overview_lists_runs_and_problems(monkeypatch, folder):
+    root, problems = folder
+    at = _app(monkeypatch, root)
+    text = " ".join(t.value.reset_index().to_csv() for t in at.table)
+    for rel in ("w8.zarr", "w12.zarr", "w16.zarr", "live.zarr", *problems):
+        assert rel in text, rel
+    assert "running" in text and "finished" in text
+    for word in problems.values():
+        assert word in text, word
+
+
+def test_changing_the_quantile_changes_the_heatmap(monkeypatch, folder):
+    root, _ = folder
+    at = _app(monkeypatch, root)
+    at.switch_page("views/optimizer.py").run()
+    heat = next(f for f in _figures(at) if f["data"][0]["type"] == "heatmap")
+    assert "q=0.5" in heat["layout"]["title"]["text"]
+    assert heat["layout"]["yaxis"].get("type") in (None, "category")  # layer names: a forced linear axis draws nothing
+    at.selectbox(key="opt-quantile").select(0.9).run()
+    heat2 = next(f for f in _figures(at) if f["data"][0]["type"] == "heatmap")
+    assert "q=0.9" in heat2["layout"]["title"]["text"]
+    assert heat2["data"][0]["customdata"] != heat["data"][0]["customdata"]
+    lines = next(f for f in _figures(at) if "per layer" in f["layout"]["title"]["text"])
+    assert lines["layout"]["yaxis"]["type"] == "log"
+    assert any("NS threshold" in str(a.get("text")) for a in lines["layout"].get("annotations", []))
+    assert all("step" in t["hovertemplate"] and "layer" in t["hovertemplate"] for t in lines["data"])
+
+
+def test_scaling_page_fits_and_recommends(monkeypatch, folder):
+    root, _ = folder
+    at = _app(monkeypatch, root)
+    at.switch_page("views/scaling.py").run()
+    assert not at.exception
+    fig = _figures(at)[0]
+    assert fig["layout"]["xaxis"]["type"] == "log" and fig["layout"]["yaxis"]["type"] == "log"
+    tables = [t.value for t in at.dataframe]
+    assert any("slope" in t.columns for t in tables) and any("ns_steps" in t.columns for t in tables)
+    at.selectbox(key="sc-metric").select("act_hard_rank").run()
+    assert not at.exception
+    fig2 = _figures(at)[0]
+    assert "act_hard_rank" in fig2["layout"]["title"]["text"]
+    assert fig2["data"][0]["y"] != fig["data"][0]["y"]  # other values, not just another title
+
+
+def test_empty_folder_says_so(monkeypatch, tmp_path):
+    at = _app(monkeypatch, tmp_path)
+    assert any("No runs" in str(i.value) or "No spectralscope runs" in str(i.value) for i in at.info)
+    for page in PAGES[1:]:
+        at.switch_page(page).run()
+        assert not at.exception, page
+
+
+def test_paths_outside_the_folder_are_refused(monkeypatch, folder):
+    root, _ = folder
+    monkeypatch.setenv("SPECTRALSCOPE_RUNS_DIR", str(root))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params["run"] = ["../../etc", "w8.zarr"]
+    at.run()
+    assert not at.exception
+    assert any("outside the runs folder" in str(e.value) for e in at.error)
