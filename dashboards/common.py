@@ -18,6 +18,8 @@ from spectralscope.dashboards import data
 
 #: Seconds between refreshes of the live parts of a page (``SPECTRALSCOPE_REFRESH`` overrides).
 REFRESH = float(os.environ.get("SPECTRALSCOPE_REFRESH", "3"))
+#: Runs selected when the page opens (all of them, up to this many).
+MAX_RUNS = 32
 #: Steps drawn per line at most; longer runs are strided evenly.
 MAX_STEPS = 1500
 
@@ -104,7 +106,7 @@ def selected_runs() -> list[data.RunEntry]:
         else:
             st.warning(f"{rel!r} is not a readable run under {root}")
     if "runs" not in st.session_state:
-        st.session_state["runs"] = chosen or list(ok)[:8]
+        st.session_state["runs"] = chosen or list(ok)[:MAX_RUNS]
     st.session_state["runs"] = [r for r in st.session_state["runs"] if r in ok]
     picked = st.sidebar.multiselect("runs", list(ok), key="runs")
     return [ok[r] for r in picked]

@@ -58,9 +58,10 @@ class GradientSpectra:
         self._handles = []
 
     def spec(self) -> GroupSpec:
-        coords = {**module_coords(self._names), "rank": ("rank", np.arange(1, self.max_samples + 1, dtype=np.int64))}
-        variables = {"grad_sv": ("step", "module", "rank"), "grad_soft_rank": ("step", "module"),
-                     "grad_samples": ("step", "module")}
+        coords = {**module_coords(self._names, dim="layer", suffix=".weight"),
+                  "rank": ("rank", np.arange(1, self.max_samples + 1, dtype=np.int64))}
+        variables = {"grad_sv": ("step", "layer", "rank"), "grad_soft_rank": ("step", "layer"),
+                     "grad_samples": ("step", "layer")}
         return GroupSpec(self.group, coords, variables)
 
     def _hook(self, i: int):

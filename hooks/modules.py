@@ -49,15 +49,17 @@ def find_modules(model: nn.Module | None, layers: Sequence[Layer], names: Sequen
     return chosen
 
 
-def module_coords(names: Sequence[str]) -> dict[str, tuple[str, np.ndarray]]:
-    """``module`` with its ``kind`` (from ``name + ".weight"``) and ``depth`` (block / (blocks − 1))."""
+def module_coords(names: Sequence[str], dim: str = "module", suffix: str = "") -> dict[str, tuple[str, np.ndarray]]:
+    """The ``dim`` coordinate (module names + ``suffix``) with its ``kind`` (from ``name + ".weight"``) and
+    ``depth`` (block / (blocks − 1)). Activations are per module; per-sample gradients are per weight, so
+    they use ``dim="layer", suffix=".weight"`` (SPEC §5 names the gradients' axis ``layer``)."""
     blocks = [b for b in (block_index(n) for n in names) if b is not None]
     top = max(blocks) if blocks else 0
     depth = [np.nan if (b := block_index(n)) is None else (1.0 if top == 0 else b / top) for n in names]
     return {
-        "module": ("module", np.array(list(names))),
-        "kind": ("module", np.array([layer_kind(n + ".weight") for n in names])),
-        "depth": ("module", np.array(depth, dtype=np.float64)),
+        dim: (dim, np.array([n + suffix for n in names])),
+        "kind": (dim, np.array([layer_kind(n + ".weight") for n in names])),
+        "depth": (dim, np.array(depth, dtype=np.float64)),
     }
 
 

@@ -78,9 +78,10 @@ def info_text(path: str) -> str:
     for group in ("activations", "gradients"):
         if group in tree.children and tree[group].dataset.sizes.get("step", 0):
             last = tree[group].dataset.isel(step=-1)
-            table = pd.DataFrame({"module": last["module"].values.tolist(), "kind": last["kind"].values.tolist()})
+            unit = "layer" if "layer" in last.dims else "module"
+            table = pd.DataFrame({unit: last[unit].values.tolist(), "kind": last["kind"].values.tolist()})
             for var, da in last.data_vars.items():
-                if da.dims == ("module",):
+                if da.dims == (unit,):
                     table[var] = da.values
             lines += ["", f"[{group}] last recorded step {int(last['step'].values)}",
                       table.to_string(index=False, float_format=_fmt)]
@@ -201,15 +202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UserError(str(exc)) from exc
             print(f"wrote {n} scalars of {args.run} to {args.logdir}")
         elif args.command == "dashboard":
-            import subprocess
+            import os
 
             cmd = dashboard_command(args.runs_dir, args.host, args.port)
             print(f"spectralscope dashboard: serving {args.runs_dir} on http://{args.host}:{args.port} (Ctrl-C stops)",
                   flush=True)
-            try:
-                return subprocess.call(cmd, env=dashboard_env(args.runs_dir))
-            except KeyboardInterrupt:
-                return 0
+            # become the server: signals (Ctrl-C, a supervisor's SIGTERM) reach Streamlit itself, no orphan left
+            os.execve(cmd[0], cmd, dashboard_env(args.runs_dir))
         elif args.command == "fit":
             print(fit_text(args.runs, args.metric, args.quantile, args.target_size, args.csv))
         return 0

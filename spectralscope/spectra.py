@@ -85,8 +85,8 @@ def eigvalsh(g: Tensor) -> Tensor:
 
 def _smallest_eigvecs(c: np.ndarray, d: np.ndarray, e: np.ndarray, tau: np.ndarray, k: int) -> np.ndarray:
     """An orthonormal basis (n×k) of G's eigenvectors for its k smallest eigenvalues, from G's tridiagonal
-    form: T's eigenvectors by MRRR (dstemr), mapped back by Q (dormqr on the reflectors), then QR so the
-    basis is orthonormal to working precision even inside clusters."""
+    form: T's eigenvectors by MRRR (dstemr, numerically orthogonal even inside clusters), mapped back by
+    the orthogonal Q (dormqr on the reflectors)."""
     n = d.shape[0]
     m, _, z, info = lapack.dstemr(d.copy(), np.append(e, 0.0), 2, 0.0, 0.0, 1, k, compute_v=1,
                                   lwork=18 * n, liwork=10 * n)
@@ -99,7 +99,7 @@ def _smallest_eigvecs(c: np.ndarray, d: np.ndarray, e: np.ndarray, tau: np.ndarr
     if info != 0:
         raise np.linalg.LinAlgError(f"dormqr info={info}")
     z[1:] = zq
-    return np.linalg.qr(z)[0]
+    return z
 
 
 def _syrk_lower(a: np.ndarray) -> np.ndarray:

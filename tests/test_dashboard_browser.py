@@ -136,6 +136,10 @@ def test_pages_render_in_chromium_and_the_live_run_grows(tmp_path):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+            server.wait()
+    # `spectralscope dashboard` becomes the server: stopping it leaves nothing listening behind
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
     for name in PAGES:
         assert (shots / f"{name}.png").stat().st_size > 10_000, name
 

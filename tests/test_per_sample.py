@@ -42,7 +42,7 @@ def test_grad_sv_matches_explicit_per_sample_gradients(tmp_path, shape):
         w_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         opt.step()
     ds = ss.open_run(tmp_path / "r.zarr")["gradients"].dataset
-    assert list(ds["module"].values) == ["fc1", "fc2"] and ds.sizes["rank"] == 64
+    assert list(ds["layer"].values) == ["fc1.weight", "fc2.weight"] and ds.sizes["rank"] == 64  # SPEC §5: layer
     for j, name in enumerate(["fc1", "fc2"]):
         rows = ref[f"{name}.weight"]
         # the per-sample gradients sum to the layer's weight gradient

@@ -24,6 +24,13 @@ def settled(keys: tuple[tuple[str, int], ...], metric: str, quantile: float | No
     return data.settled(entries, metric, group_of(metric), quantile, window)
 
 
+def default_groups(labels: list[str], most: int = 8) -> list[str]:
+    """At most ``most`` groups to draw at first, spread over the kinds and depths (a plot of 48 power laws
+    with their bands is unreadable): every k-th label of the sorted list."""
+    step = max(1, -(-len(labels) // most))
+    return labels[::step][:most]
+
+
 if len(runs) < 3:
     st.info("A power law needs runs of at least 3 model sizes: pick them in the sidebar.")
 else:
@@ -54,7 +61,9 @@ else:
             return
         tidy = tidy.assign(group=[group_label({"kind": k, "depth": d}) for k, d in zip(tidy["kind"], tidy["depth"],
                                                                                        strict=True)])
-        st.plotly_chart(charts.scaling(tidy, fits, target, metric), key="sc-figure")
+        labels = list(dict.fromkeys(fits["group"]))
+        shown_groups = st.multiselect("groups drawn", labels, default=default_groups(labels), key="sc-groups")
+        st.plotly_chart(charts.scaling(tidy, fits[fits["group"].isin(shown_groups)], target, metric), key="sc-figure")
         shown = fits.drop(columns=["kind", "depth"], errors="ignore").assign(
             at_target=[float(np.exp(r.intercept) * target ** r.slope) for r in fits.itertuples()])
         st.subheader("Fits")
