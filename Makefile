@@ -34,6 +34,8 @@ test: install lint $(CHROMIUM)
 bench: install
 	$(PY) benchmarks/spectra.py
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/instruments.py
+	$(PY) benchmarks/dashboard.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info runs .pytest_cache .ruff_cache
