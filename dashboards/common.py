@@ -112,15 +112,21 @@ def selected_runs() -> list[data.RunEntry]:
     return [ok[r] for r in picked]
 
 
-def layer_picker(entry: data.RunEntry, group: str, label: str = "layers", default: int = 6) -> list[int] | None:
-    """A multiselect of the layer (or module) names of ``group`` in ``entry``; returns their indices."""
+def layer_picker(entry: data.RunEntry, group: str, label: str = "layers", default: int = 6,
+                 skip_kinds: Sequence[str] = ()) -> list[int] | None:
+    """A multiselect of the layer (or module) names of ``group`` in ``entry``; returns their indices. The
+    default picks one of each kind first, leaving ``skip_kinds`` out of it."""
     da = read(entry, group, data.variables(entry.path, group)[0], window=(0.0, 1.0), max_steps=1) \
         if data.variables(entry.path, group) else None
     if da is None:
         return None
     unit = "layer" if "layer" in da.dims else "module"
     names = [str(v) for v in da[unit].values]
-    picked = st.multiselect(label, names, default=names[:default], key=f"{group}-{label}")
+    kinds = [str(k) for k in da["kind"].values] if "kind" in da.coords else names
+    first = [names[kinds.index(k)] for k in dict.fromkeys(kinds) if k not in skip_kinds]
+    rest = [n for n, k in zip(names, kinds, strict=True) if n not in first and k not in skip_kinds]
+    picked = st.multiselect(label, names, default=(first + rest)[:default],
+                            key=f"{group}-{label}")
     return [names.index(n) for n in picked]
 
 
@@ -134,11 +140,16 @@ def quantile_picker(entry: data.RunEntry, var: str, label: str, default: float, 
 
 def spectrum_curves(runs: Sequence[data.RunEntry], group: str, var: str, units: Sequence[int] | None,
                     at_steps: Sequence[int]) -> list[tuple[str, str, int, object]]:
-    """(run, layer or module, step, values by rank) for each run, unit and chosen step: the input of
+    """(run, layer or module, step, values by rank) for each run, unit and chosen step — in each run the
+    committed step nearest to the chosen one, so runs recorded on other steps still overlay: the input of
     `charts.spectra`."""
     curves = []
     for e in runs:
-        da = read(e, group, var, units=units, at_steps=at_steps, max_steps=None)
+        have = steps(e, group)
+        if not have:
+            continue
+        near = sorted({min(have, key=lambda s, t=t: abs(s - t)) for t in at_steps})
+        da = read(e, group, var, units=units, at_steps=near, max_steps=None)
         if da is None:
             continue
         unit = "layer" if "layer" in da.dims else "module"

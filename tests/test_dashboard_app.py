@@ -122,3 +122,22 @@ def test_paths_outside_the_folder_are_refused(monkeypatch, folder):
     at.run()
     assert not at.exception
     assert any("outside the runs folder" in str(e.value) for e in at.error)
+
+
+def test_spectra_overlay_every_run_at_its_nearest_recorded_step(monkeypatch, folder):
+    # The live run has recorded fewer steps than the finished ones; a step chosen from one run is drawn at
+    # the nearest committed step of each, and the default modules are of different kinds.
+    root, _ = folder
+    monkeypatch.setenv("SPECTRALSCOPE_RUNS_DIR", str(root))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params["run"] = ["w16.zarr", "live.zarr"]  # steps offered from w16: 0 … 12; live stops at 4
+    at.run()
+    at.switch_page("views/activations.py").run()
+    assert not at.exception
+    assert at.multiselect(key="act-steps").value == [0, 12]
+    spectra = next(f for f in _figures(at) if "covariance spectrum" in f["layout"]["title"]["text"])
+    names = [t["name"] for t in spectra["data"]]
+    assert any("w16.zarr · step 12" in n for n in names)
+    assert any("live.zarr · step 4" in n for n in names)  # its nearest committed step to 12
+    modules = at.multiselect(key="activations-modules").value
+    assert not any(m.endswith(("k_proj", "v_proj")) for m in modules) and len(modules) == 3
