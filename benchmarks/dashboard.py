@@ -74,34 +74,34 @@ def scenarios(folder: Path) -> dict[str, float]:
     try:
         with sync_playwright() as pw:
             b = browser(pw)
+            def timed(action) -> float:
+                t = time.perf_counter()
+                action()
+                page.wait_for_function(DRAWN, timeout=120_000, polling=50)
+                return time.perf_counter() - t
+
+            def to_runs_page() -> None:
+                page.get_by_text("Runs", exact=True).first.click() if page.url.endswith("/scaling") \
+                    else page.goto(f"{base}/")
+                page.wait_for_selector("table", timeout=120_000)
+
+            def click_scaling() -> None:
+                page.get_by_text("Scaling laws", exact=True).first.click()
+
             page = b.new_page(viewport={"width": 1400, "height": 1000})
-            t = time.perf_counter()
-            page.goto(f"{base}/scaling")
-            page.wait_for_function(DRAWN, timeout=120_000, polling=50)
-            out["fresh server, new tab"] = time.perf_counter() - t
+            out["fresh server, new tab"] = timed(lambda: page.goto(f"{base}/scaling"))
             page.close()
             server.terminate()
             server.wait(timeout=30)
             server = serve(folder, port, refresh=30)
             page = b.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{base}/")
-            page.wait_for_selector("table", timeout=120_000)
-            t = time.perf_counter()
-            page.get_by_text("Scaling laws", exact=True).first.click()
-            page.wait_for_function(DRAWN, timeout=120_000, polling=50)
-            out["in-app click, data not cached"] = time.perf_counter() - t
+            to_runs_page()
+            out["in-app click, data not cached"] = timed(click_scaling)
             page.close()
             page = b.new_page(viewport={"width": 1400, "height": 1000})
-            t = time.perf_counter()
-            page.goto(f"{base}/scaling")
-            page.wait_for_function(DRAWN, timeout=120_000, polling=50)
-            out["new tab, data cached"] = time.perf_counter() - t
-            page.get_by_text("Runs", exact=True).first.click()
-            page.wait_for_selector("table", timeout=120_000)
-            t = time.perf_counter()
-            page.get_by_text("Scaling laws", exact=True).first.click()
-            page.wait_for_function(DRAWN, timeout=120_000, polling=50)
-            out["in-app click, data cached"] = time.perf_counter() - t
+            out["new tab, data cached"] = timed(lambda: page.goto(f"{base}/scaling"))
+            to_runs_page()
+            out["in-app click, data cached"] = timed(click_scaling)
             b.close()
     finally:
         server.terminate()
