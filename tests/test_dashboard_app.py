@@ -97,6 +97,9 @@ def test_scaling_page_fits_and_recommends(monkeypatch, folder):
     assert not at.exception
     fig = _figures(at)[0]
     assert fig["layout"]["xaxis"]["type"] == "log" and fig["layout"]["yaxis"]["type"] == "log"
+    # by default the shallowest and deepest group of each kind, at most 8
+    assert at.multiselect(key="sc-groups").value == ["attn_k@0", "attn_k@1", "attn_o@0", "attn_o@1", "attn_q@0",
+                                                     "attn_q@1", "attn_v@0", "attn_v@1"]
     tables = [t.value for t in at.dataframe]
     assert any("slope" in t.columns for t in tables) and any("ns_steps" in t.columns for t in tables)
     at.selectbox(key="sc-metric").select("act_hard_rank").run()

@@ -24,11 +24,13 @@ def settled(keys: tuple[tuple[str, int], ...], metric: str, quantile: float | No
     return data.settled(entries, metric, group_of(metric), quantile, window)
 
 
-def default_groups(labels: list[str], most: int = 8) -> list[str]:
-    """At most ``most`` groups to draw at first, spread over the kinds and depths (a plot of 48 power laws
-    with their bands is unreadable): every k-th label of the sorted list."""
-    step = max(1, -(-len(labels) // most))
-    return labels[::step][:most]
+def default_groups(fits: pd.DataFrame, most: int = 8) -> list[str]:
+    """At most ``most`` groups to draw at first (a plot of 48 power laws with their bands is unreadable):
+    the shallowest and the deepest group of each kind, kind by kind."""
+    picked: list[str] = []
+    for _, g in fits.sort_values(["kind", "depth"]).groupby("kind", sort=True):
+        picked += list(dict.fromkeys([g["group"].iloc[0], g["group"].iloc[-1]]))
+    return picked[:most]
 
 
 if len(runs) < 3:
@@ -62,7 +64,7 @@ else:
         tidy = tidy.assign(group=[group_label({"kind": k, "depth": d}) for k, d in zip(tidy["kind"], tidy["depth"],
                                                                                        strict=True)])
         labels = list(dict.fromkeys(fits["group"]))
-        shown_groups = st.multiselect("groups drawn", labels, default=default_groups(labels), key="sc-groups")
+        shown_groups = st.multiselect("groups drawn", labels, default=default_groups(fits), key="sc-groups")
         st.plotly_chart(charts.scaling(tidy, fits[fits["group"].isin(shown_groups)], target, metric), key="sc-figure")
         shown = fits.drop(columns=["kind", "depth"], errors="ignore").assign(
             at_target=[float(np.exp(r.intercept) * target ** r.slope) for r in fits.itertuples()])
