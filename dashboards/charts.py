@@ -14,6 +14,8 @@ import plotly.graph_objects as go
 import xarray as xr
 from plotly.colors import qualitative
 
+from spectralscope.store import unit_dim
+
 PALETTE = qualitative.Plotly + qualitative.D3
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 HEIGHT = 420
@@ -27,13 +29,9 @@ def _layout(fig: go.Figure, title: str, x: str, y: str, log_x: bool = False, log
     return fig
 
 
-def _unit(da: xr.DataArray) -> str:
-    return "layer" if "layer" in da.dims else "module"
-
-
 def heatmap(da: xr.DataArray, title: str, run: str, log: bool = False) -> go.Figure:
     """Layer × step heatmap of a (step, layer) array; ``log`` colours by log10 of the value."""
-    unit = _unit(da)
+    unit = unit_dim(da.dims)
     z = da.transpose(unit, "step").values
     names = [str(v) for v in da[unit].values]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -55,7 +53,7 @@ def lines(series: Mapping[str, xr.DataArray], title: str, y: str, log_y: bool = 
     fig = go.Figure()
     colours: dict[str, str] = {}
     for r, (run, da) in enumerate(series.items()):
-        unit = _unit(da)
+        unit = unit_dim(da.dims)
         for j, name in enumerate(str(v) for v in da[unit].values):
             colour = colours.setdefault(name, PALETTE[len(colours) % len(PALETTE)])
             fig.add_trace(go.Scatter(

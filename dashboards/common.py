@@ -15,6 +15,7 @@ import streamlit as st
 import xarray as xr
 
 from spectralscope.dashboards import data
+from spectralscope.store import unit_dim
 
 #: Seconds between refreshes of the live parts of a page (``SPECTRALSCOPE_REFRESH`` overrides).
 REFRESH = float(os.environ.get("SPECTRALSCOPE_REFRESH", "3"))
@@ -116,11 +117,11 @@ def layer_picker(entry: data.RunEntry, group: str, label: str = "layers", defaul
                  skip_kinds: Sequence[str] = ()) -> list[int] | None:
     """A multiselect of the layer (or module) names of ``group`` in ``entry``; returns their indices. The
     default picks one of each kind first, leaving ``skip_kinds`` out of it."""
-    da = read(entry, group, data.variables(entry.path, group)[0], window=(0.0, 1.0), max_steps=1) \
-        if data.variables(entry.path, group) else None
+    names_of_vars = data.variables(entry.path, group)
+    da = read(entry, group, names_of_vars[0], max_steps=1) if names_of_vars else None
     if da is None:
         return None
-    unit = "layer" if "layer" in da.dims else "module"
+    unit = unit_dim(da.dims)
     names = [str(v) for v in da[unit].values]
     kinds = [str(k) for k in da["kind"].values] if "kind" in da.coords else names
     first = [names[kinds.index(k)] for k in dict.fromkeys(kinds) if k not in skip_kinds]
@@ -152,7 +153,7 @@ def spectrum_curves(runs: Sequence[data.RunEntry], group: str, var: str, units: 
         da = read(e, group, var, units=units, at_steps=near, max_steps=None)
         if da is None:
             continue
-        unit = "layer" if "layer" in da.dims else "module"
+        unit = unit_dim(da.dims)
         for s in range(da.sizes["step"]):
             for j in range(da.sizes[unit]):
                 curves.append((e.rel, str(da[unit].values[j]), int(da["step"].values[s]),

@@ -21,8 +21,8 @@ import pandas as pd
 import xarray as xr
 import zarr
 
-from spectralscope.fit import combine_runs
-from spectralscope.store import check_run, open_store
+from spectralscope.fit import combine_runs, window_rows
+from spectralscope.store import check_run, open_store, unit_dim
 
 #: Folders are searched this deep below RUNS_DIR (runs/sweep/w64.zarr is depth 2).
 MAX_DEPTH = 4
@@ -187,8 +187,7 @@ def read(path: Path, group: str, var: str, *, window: tuple[float, float] = (0.0
     if g is None or var not in g:
         return None
     n = int(g.attrs.get("n_rows", 0))
-    i0, i1 = int(np.floor(window[0] * n)), int(np.ceil(window[1] * n))
-    i1 = max(i1, min(i0 + 1, n))
+    i0, i1 = window_rows(n, window)
     if n == 0 or i1 <= i0:
         return None
     stride = max(1, -(-(i1 - i0) // max_steps)) if max_steps else 1
@@ -238,7 +237,7 @@ def settled(entries: Sequence[RunEntry], metric: str, group: str, quantile: floa
         if da is None or not isinstance(size, (int, float)):
             skipped.append(f"{e.rel}: no committed {metric}" if da is None else f"{e.rel}: no model_size")
             continue
-        unit = "layer" if "layer" in da.dims else "module"
+        unit = unit_dim(da.dims)
         with np.errstate(all="ignore"):
             med = np.nanmedian(da.values, axis=0) if da.sizes["step"] else np.full(da.shape[1:], np.nan)
         frames.append(pd.DataFrame({

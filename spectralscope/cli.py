@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from .store import open_run
+from .store import open_run, unit_dim
 
 #: Per-layer metrics shown by ``info``, with the quantile taken where the metric has one.
 INFO_METRICS: tuple[tuple[str, float | None], ...] = (
@@ -78,7 +78,7 @@ def info_text(path: str) -> str:
     for group in ("activations", "gradients"):
         if group in tree.children and tree[group].dataset.sizes.get("step", 0):
             last = tree[group].dataset.isel(step=-1)
-            unit = "layer" if "layer" in last.dims else "module"
+            unit = unit_dim(last.dims)
             table = pd.DataFrame({unit: last[unit].values.tolist(), "kind": last["kind"].values.tolist()})
             for var, da in last.data_vars.items():
                 if da.dims == (unit,):

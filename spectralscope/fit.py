@@ -125,11 +125,21 @@ def _run_size(attrs: dict, size: str, where: str) -> float:
     raise ValueError(f"fit_scaling: {where} has no {size!r} attribute (neither at the root nor in meta)")
 
 
+def window_rows(n: int, window: tuple[float, float]) -> tuple[int, int]:
+    """Rows [i0, i1) of ``n`` recorded steps inside ``window`` (fractions): i0 = ⌊lo·n⌋, i1 = ⌈hi·n⌉, and at
+    least one row when there is any."""
+    lo, hi = window
+    i0 = int(np.floor(lo * n))
+    return i0, min(n, max(int(np.ceil(hi * n)), i0 + 1))
+
+
 def settled_values(tree, metric: str, quantile: float | None = None, size: str = "model_size",
                    window: tuple[float, float] = (0.5, 1.0), where: str = "run"):
     """A tidy DataFrame (layer, kind, depth, quantile, size, value) of one run: for each layer (and quantile),
     the median of ``metric`` over the recorded steps in ``window`` (fractions of the recorded steps)."""
     import pandas as pd
+
+    from .store import unit_dim
 
     lo, hi = window
     if not 0 <= lo < hi <= 1:
@@ -141,7 +151,7 @@ def settled_values(tree, metric: str, quantile: float | None = None, size: str =
     n = ds.sizes.get("step", 0)
     if n == 0:
         raise ValueError(f"fit_scaling: {where} has no recorded steps in {group!r}")
-    i0, i1 = int(np.floor(lo * n)), max(int(np.ceil(hi * n)), int(np.floor(lo * n)) + 1)
+    i0, i1 = window_rows(n, window)
     da = ds[metric].isel(step=slice(i0, i1))
     if "quantile" in da.dims:
         levels = [quantile] if quantile is not None else list(da["quantile"].values)
@@ -149,7 +159,7 @@ def settled_values(tree, metric: str, quantile: float | None = None, size: str =
         if missing:
             raise ValueError(f"fit_scaling: {where} did not record quantile {missing[0]} "
                              f"(recorded: {list(da['quantile'].values)})")
-    unit = "layer" if "layer" in da.dims else "module"
+    unit = unit_dim(da.dims)
     med = da.median("step", skipna=True)
     rows = []
     value_size = _run_size(dict(tree.attrs), size, where)

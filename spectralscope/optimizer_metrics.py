@@ -27,15 +27,6 @@ from .spectra import (
 _NAN = float("nan")
 
 
-def _scalar(x: float | Tensor, device: torch.device) -> Tensor:
-    return torch.as_tensor(x, dtype=torch.float64, device=device)
-
-
-def _all_nan(names: dict[str, bool], nq: int, device: torch.device) -> dict[str, Tensor]:
-    """NaN for every metric: a matrix with NaN/Inf entries has no meaningful spectrum or norm."""
-    return {k: torch.full((nq,) if q else (), _NAN, dtype=torch.float64, device=device) for k, q in names.items()}
-
-
 def _unit_scale(x: Tensor) -> Tensor:
     """x/‖x‖ is NaN for a zero, infinite or NaN scale: normalised quantities have no meaning there."""
     return torch.where(torch.isfinite(x) & (x > 0), x, torch.full_like(x, _NAN))
@@ -88,8 +79,7 @@ def update_metrics(dw: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) -> dict[
     if mat.shape[0] <= mat.shape[1]:
         rho = diag.clamp_min(0.0).sqrt()  # the Gram matrix is ΔW·ΔWᵀ: its diagonal holds ρ²
     else:
-        rho = torch.linalg.vector_norm(mat.to(torch.float64), dim=1)
-        rho = rho + sigma[0] * 0.0  # NaN when ΔW is not finite, like every other metric
+        rho = torch.linalg.vector_norm(mat.to(torch.float64), dim=1)  # NaN/inf rows make mean(ρ) a NaN scale
     mean = _unit_scale(rho.mean())
     return {
         "update_rms": (diag.sum() / mat.numel()).sqrt(),

@@ -39,6 +39,12 @@ SCHEMA = 1
 INITIAL_CHUNKS = 16
 
 
+def unit_dim(dims) -> str | None:
+    """The per-matrix axis among ``dims``: ``layer`` (optimizer, gradients, sharpness) or ``module``
+    (activations); None for a group without one (scalars)."""
+    return next((d for d in ("layer", "module") if d in dims), None)
+
+
 @dataclass
 class GroupSpec:
     """Layout of one sub-group: its non-step coordinates and its variables' dimensions.
@@ -56,7 +62,7 @@ class GroupSpec:
 
     def axes(self) -> tuple[list[str], list[float]]:
         """The names along the group's ``layer`` (or ``module``) axis and its quantile levels (empty if none)."""
-        unit = next((d for d in ("layer", "module") if d in self.coords), None)
+        unit = unit_dim(self.coords)
         names = [str(v) for v in self.coords[unit][1]] if unit else []
         levels = [float(q) for q in self.coords["quantile"][1]] if "quantile" in self.coords else []
         return names, levels

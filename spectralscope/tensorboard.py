@@ -82,7 +82,7 @@ class TensorBoardSink:
 
 def export_tb(run: str, logdir: str | Path, storage_options=None) -> int:
     """Write a run's stored rows to TensorBoard; returns the number of scalars written."""
-    from .store import open_run
+    from .store import open_run, unit_dim
 
     tree = open_run(run, storage_options)
     sink = TensorBoardSink(logdir)
@@ -92,7 +92,7 @@ def export_tb(run: str, logdir: str | Path, storage_options=None) -> int:
             if group not in tree.children:
                 continue
             ds = tree[group].dataset
-            unit = next((d for d in ("layer", "module") if d in ds.dims), None)
+            unit = unit_dim(ds.dims)
             names = [str(n) for n in ds[unit].values.tolist()] if unit else []
             qs = [float(q) for q in ds["quantile"].values] if "quantile" in ds.dims else []
             wanted = [v for g, v, _ in TB_METRICS if g == group and v in ds]

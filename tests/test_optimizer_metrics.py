@@ -95,9 +95,10 @@ def test_zero_input_gives_nan_for_normalised_quantities():
     assert torch.isnan(up["update_erank"]) and torch.isnan(up["neuron_cv"]) and torch.isnan(up["neuron_norm"]).all()
 
 
+@pytest.mark.parametrize("shape", [(10, 14), (14, 10)])  # the tall case takes row norms from ΔW itself
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_input_gives_nan_never_raises(bad):
-    m = torch.randn(10, 14)
+def test_nonfinite_input_gives_nan_never_raises(bad, shape):
+    m = torch.randn(*shape)
     m[3, 4] = bad
     for out in (momentum_metrics(m, QS, NSConfig()), newton_schulz_metrics(m, QS), update_metrics(m, QS),
                 weight_metrics(m)[0]):
