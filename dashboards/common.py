@@ -6,6 +6,7 @@ when it has committed new rows; the committed row counts themselves are re-read 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ import streamlit as st
 import xarray as xr
 
 from spectralscope.dashboards import data
-from spectralscope.store import unit_dim
+from spectralscope.store import is_url, unit_dim
 
 #: Seconds between refreshes of the live parts of a page (``SPECTRALSCOPE_REFRESH`` overrides).
 REFRESH = float(os.environ.get("SPECTRALSCOPE_REFRESH", "3"))
@@ -25,35 +26,46 @@ MAX_RUNS = 32
 MAX_STEPS = 1500
 
 
-def runs_dir() -> Path:
+def runs_dir() -> data.Where:
     """The folder the app serves: ``SPECTRALSCOPE_RUNS_DIR`` (set by ``spectralscope dashboard``), else the
-    first argument after ``--`` of ``streamlit run app.py -- RUNS_DIR``, else the working directory."""
+    first argument after ``--`` of ``streamlit run app.py -- RUNS_DIR``, else the working directory. An
+    fsspec URL (``s3://bucket/runs``) is served as it is."""
     arg = os.environ.get("SPECTRALSCOPE_RUNS_DIR") or (sys.argv[1] if len(sys.argv) > 1 else ".")
-    return Path(arg).resolve()
+    return arg.rstrip("/") if is_url(arg) else Path(arg).resolve()
+
+
+def storage_options() -> dict | None:
+    """fsspec options for a remote runs folder: the JSON object in ``SPECTRALSCOPE_STORAGE_OPTIONS``."""
+    text = os.environ.get("SPECTRALSCOPE_STORAGE_OPTIONS")
+    return json.loads(text) if text else None
 
 
 @st.cache_data(ttl=REFRESH, show_spinner=False)
 def find_runs(root: str) -> list[data.RunEntry]:
-    return data.find_runs(root)
+    return data.find_runs(root, storage_options=storage_options())
 
 
 @st.cache_data(ttl=REFRESH, show_spinner=False)
 def n_rows(path: str) -> dict[str, int]:
-    return data.n_rows(Path(path))
+    return data.n_rows(_where(path), storage_options())
+
+
+def _where(path: str) -> data.Where:
+    return path if is_url(path) else Path(path)
 
 
 @st.cache_data(max_entries=2048, show_spinner=False)
 def _read(path: str, rows: int, group: str, var: str, window: tuple[float, float], max_steps: int | None,
           quantile: float | None, units: tuple[int, ...] | None, at_steps: tuple[int, ...] | None) -> xr.DataArray | None:
     del rows  # part of the cache key only: new committed rows make a new entry
-    return data.read(Path(path), group, var, window=window, max_steps=max_steps, quantile=quantile, units=units,
-                     at_steps=at_steps)
+    return data.read(_where(path), group, var, window=window, max_steps=max_steps, quantile=quantile, units=units,
+                     at_steps=at_steps, storage_options=storage_options())
 
 
 @st.cache_data(show_spinner=False)
 def _steps(path: str, rows: int, group: str) -> list[int]:
     del rows
-    return [int(s) for s in data.steps(Path(path), group)]
+    return [int(s) for s in data.steps(_where(path), group, storage_options())]
 
 
 def steps(entry: data.RunEntry, group: str) -> list[int]:
@@ -117,7 +129,7 @@ def layer_picker(entry: data.RunEntry, group: str, label: str = "layers", defaul
                  skip_kinds: Sequence[str] = ()) -> list[int] | None:
     """A multiselect of the layer (or module) names of ``group`` in ``entry``; returns their indices. The
     default picks one of each kind first, leaving ``skip_kinds`` out of it."""
-    names_of_vars = data.variables(entry.path, group)
+    names_of_vars = data.variables(entry.path, group, storage_options())
     da = read(entry, group, names_of_vars[0], max_steps=1) if names_of_vars else None
     if da is None:
         return None

@@ -22,7 +22,11 @@ import xarray as xr
 import zarr
 
 from spectralscope.fit import combine_runs, window_rows
-from spectralscope.store import check_run, open_store, unit_dim
+from spectralscope.store import check_run, is_url, open_store, unit_dim
+
+#: A run's location: a local folder, or an fsspec URL (``s3://bucket/runs/w64.zarr``).
+Where = Path | str
+Options = dict[str, Any] | None
 
 #: Folders are searched this deep below RUNS_DIR (runs/sweep/w64.zarr is depth 2).
 MAX_DEPTH = 4
@@ -32,10 +36,10 @@ GROUPS = ("optimizer", "activations", "gradients", "sharpness", "scalars")
 @dataclass(frozen=True)
 class RunEntry:
     """One store found under the runs folder: ``rel`` (its path relative to the folder, the run's id in the
-    app), ``path`` (absolute), and either its root attributes (``problem`` None) or what is wrong with it."""
+    app), ``path`` (absolute, or a URL), and either its root attributes (``problem`` None) or what is wrong with it."""
 
     rel: str
-    path: Path
+    path: Where
     attrs: dict[str, Any] = field(default_factory=dict)
     problem: str | None = None
 
@@ -48,9 +52,25 @@ class RunEntry:
         return str(self.attrs.get("name") or Path(self.rel).stem)
 
 
-def resolve(root: str | Path, rel: str) -> Path:
-    """``root/rel`` as an absolute path; ``ValueError`` when it lies outside ``root`` (``..``, absolute paths,
-    symbolic links that leave the folder): the app reads nothing but the runs folder."""
+def _fs(url: str, storage_options: Options):
+    import fsspec  # remote runs folders only (the `s3` extra)
+
+    return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+
+
+def join(root: Where, rel: str) -> Where:
+    """``root/rel`` for a folder or a URL."""
+    return f"{str(root).rstrip('/')}/{rel}" if is_url(root) else Path(root) / rel
+
+
+def resolve(root: Where, rel: str) -> Where:
+    """``root/rel`` as an absolute path (or URL); ``ValueError`` when it lies outside ``root`` (``..``, absolute
+    paths, symbolic links that leave the folder): the app reads nothing but the runs folder."""
+    if is_url(root):
+        parts = rel.split("/")
+        if "://" in rel or rel.startswith("/") or any(p in ("..", ".") for p in parts):
+            raise ValueError(f"{rel!r} is outside the runs folder {root}; refused")
+        return join(root, rel)
     base = Path(root).resolve()
     target = (base / rel).resolve()
     if target != base and base not in target.parents:
@@ -58,18 +78,17 @@ def resolve(root: str | Path, rel: str) -> Path:
     return target
 
 
-def _probe(root: Path, folder: Path) -> RunEntry:
-    rel = folder.relative_to(root).as_posix()
-    meta = folder / "zarr.json"
+def _probe(rel: str, folder: Where, storage_options: Options = None, read=None) -> RunEntry:
     try:
-        doc = json.loads(meta.read_text())
+        text = read(f"{folder}/zarr.json") if read else (Path(folder) / "zarr.json").read_text()
+        doc = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return RunEntry(rel, folder, problem=f"corrupt store: cannot read zarr.json ({type(exc).__name__}: {exc})")
     if not isinstance(doc, dict) or doc.get("node_type") != "group":
         kind = doc.get("node_type") if isinstance(doc, dict) else type(doc).__name__
         return RunEntry(rel, folder, problem=f"a Zarr {kind}, not a spectralscope run")
     try:
-        root_group = zarr.open_group(open_store(folder, read_only=True), mode="r")
+        root_group = zarr.open_group(open_store(folder, storage_options, read_only=True), mode="r")
         attrs = check_run(root_group, rel)
     except ValueError as exc:
         return RunEntry(rel, folder, problem=str(exc))
@@ -78,9 +97,12 @@ def _probe(root: Path, folder: Path) -> RunEntry:
     return RunEntry(rel, folder, attrs=attrs)
 
 
-def find_runs(root: str | Path, max_depth: int = MAX_DEPTH) -> list[RunEntry]:
-    """Every Zarr group (a folder with ``zarr.json``) and every ``*.zarr`` folder under ``root``, sorted by
-    relative path; a group's own sub-folders are not searched. Each entry is a run or says why it is not."""
+def find_runs(root: Where, max_depth: int = MAX_DEPTH, storage_options: Options = None) -> list[RunEntry]:
+    """Every Zarr group (a folder with ``zarr.json``) and every ``*.zarr`` folder under ``root`` (a folder or an
+    fsspec URL), sorted by relative path; a group's own sub-folders are not searched. Each entry is a run or
+    says why it is not."""
+    if is_url(root):
+        return _find_remote(str(root).rstrip("/"), max_depth, storage_options)
     base = Path(root).resolve()
     if not base.is_dir():
         raise FileNotFoundError(f"runs folder {root} does not exist or is not a folder")
@@ -89,32 +111,87 @@ def find_runs(root: str | Path, max_depth: int = MAX_DEPTH) -> list[RunEntry]:
         here = Path(dirpath)
         depth = len(here.relative_to(base).parts)
         if here != base and ("zarr.json" in filenames or here.suffix == ".zarr"):
-            found.append(_probe(base, here) if "zarr.json" in filenames else
-                         RunEntry(here.relative_to(base).as_posix(), here, problem="not a Zarr store (no zarr.json)"))
+            rel = here.relative_to(base).as_posix()
+            found.append(_probe(rel, here) if "zarr.json" in filenames else
+                         RunEntry(rel, here, problem="not a Zarr store (no zarr.json)"))
             dirnames[:] = []
             continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if depth < max_depth else []
     return sorted(found, key=lambda e: e.rel)
 
 
-def n_rows(path: Path) -> dict[str, int]:
+def _find_remote(root: str, max_depth: int, storage_options: Options) -> list[RunEntry]:
+    """`find_runs` on object storage: one listing per folder level, as os.walk does locally."""
+    fs, base = _fs(root, storage_options)
+    fs.invalidate_cache()  # new runs appear between refreshes
+    if not fs.isdir(base):
+        raise FileNotFoundError(f"runs folder {root} does not exist or is not a folder")
+
+    def read(url: str) -> str:
+        return fs.cat_file(_fs(url, storage_options)[1]).decode()
+
+    found: list[RunEntry] = []
+    level = [base.rstrip("/")]
+    for depth in range(max_depth + 1):
+        nxt = []
+        for folder in level:
+            for info in sorted(fs.ls(folder, detail=True), key=lambda i: i["name"]):
+                name = info["name"].rstrip("/")
+                leaf = name.rsplit("/", 1)[-1]
+                if info["type"] != "directory" or leaf.startswith("."):
+                    continue
+                rel = name[len(base.rstrip("/")) + 1:]
+                url = f"{root}/{rel}"
+                if fs.exists(f"{name}/zarr.json"):
+                    found.append(_probe(rel, url, storage_options, read))
+                elif leaf.endswith(".zarr"):
+                    found.append(RunEntry(rel, url, problem="not a Zarr store (no zarr.json)"))
+                elif depth < max_depth - 1:
+                    nxt.append(name)
+        level = nxt
+    return sorted(found, key=lambda e: e.rel)
+
+
+def n_rows(path: Where, storage_options: Options = None) -> dict[str, int]:
     """Committed rows per sub-group (its ``n_rows`` attribute), read afresh."""
     out = {}
-    for g in GROUPS:
+    if is_url(path):
+        fs, base = _fs(str(path), storage_options)
+        docs = fs.cat([f"{base}/{g}/zarr.json" for g in GROUPS], on_error="omit")  # one round of requests
+        texts = {k.rstrip("/").split("/")[-2]: v for k, v in docs.items()}
+    else:
+        texts = {}
+        for g in GROUPS:
+            try:
+                texts[g] = (Path(path) / g / "zarr.json").read_bytes()
+            except OSError:
+                continue
+    for g, text in texts.items():
         try:
-            out[g] = int(json.loads((path / g / "zarr.json").read_text()).get("attributes", {}).get("n_rows", 0))
-        except (OSError, ValueError):
+            out[g] = int(json.loads(text).get("attributes", {}).get("n_rows", 0))
+        except (ValueError, AttributeError):
             continue
     return out
 
 
-def last_update(path: Path) -> _dt.datetime | None:
+def last_update(path: Where, storage_options: Options = None) -> _dt.datetime | None:
     """When the run last committed rows: the newest modification time of its group metadata."""
-    times = [p.stat().st_mtime for p in [path / "zarr.json", *(path / g / "zarr.json" for g in GROUPS)] if p.exists()]
+    if is_url(path):
+        fs, base = _fs(str(path), storage_options)
+        times = []
+        for key in [f"{base}/zarr.json", *(f"{base}/{g}/zarr.json" for g in GROUPS)]:
+            try:
+                stamp = fs.modified(key)
+            except (OSError, NotImplementedError, KeyError):
+                continue
+            times.append(stamp if stamp.tzinfo else stamp.replace(tzinfo=_dt.UTC))
+        return max(times) if times else None
+    p = Path(path)
+    times = [f.stat().st_mtime for f in [p / "zarr.json", *(p / g / "zarr.json" for g in GROUPS)] if f.exists()]
     return _dt.datetime.fromtimestamp(max(times), tz=_dt.UTC) if times else None
 
 
-def overview(entries: Sequence[RunEntry]) -> pd.DataFrame:
+def overview(entries: Sequence[RunEntry], storage_options: Options = None) -> pd.DataFrame:
     """One row per readable run: name, folder, model size, optimizer, NS steps, training steps seen, optimizer
     records committed, status, last update, and the number of metric values that came out NaN (the run's ``errors``)."""
     rows = []
@@ -123,9 +200,9 @@ def overview(entries: Sequence[RunEntry]) -> pd.DataFrame:
             continue
         a = e.attrs
         opt = a.get("optimizer") or {}
-        rows_by_group = n_rows(e.path)
+        rows_by_group = n_rows(e.path, storage_options)
         errors = a.get("errors") or {}
-        updated = last_update(e.path)
+        updated = last_update(e.path, storage_options)
         rows.append({
             "run": e.rel,
             "name": e.name,
@@ -142,14 +219,14 @@ def overview(entries: Sequence[RunEntry]) -> pd.DataFrame:
                                        "status", "last_update", "nan_values"])
 
 
-def _group(path: Path, group: str) -> zarr.Group | None:
-    root = zarr.open_group(open_store(path, read_only=True), mode="r")
+def _group(path: Where, group: str, storage_options: Options = None) -> zarr.Group | None:
+    root = zarr.open_group(open_store(path, storage_options, read_only=True), mode="r")
     return root[group] if group in root else None
 
 
-def variables(path: Path, group: str) -> list[str]:
+def variables(path: Where, group: str, storage_options: Options = None) -> list[str]:
     """The data variables of ``group`` (everything with a leading ``step`` dimension but ``step`` itself)."""
-    g = _group(path, group)
+    g = _group(path, group, storage_options)
     if g is None:
         return []
     out = []
@@ -165,17 +242,17 @@ def _plain(values: np.ndarray) -> np.ndarray:
     return np.array(values.tolist(), dtype=str) if values.dtype.kind == "T" else values
 
 
-def steps(path: Path, group: str) -> np.ndarray:
+def steps(path: Where, group: str, storage_options: Options = None) -> np.ndarray:
     """The committed steps of ``group`` (empty when it has none)."""
-    g = _group(path, group)
+    g = _group(path, group, storage_options)
     if g is None:
         return np.empty(0, dtype=np.int64)
     return np.asarray(g["step"][: int(g.attrs.get("n_rows", 0))])
 
 
-def read(path: Path, group: str, var: str, *, window: tuple[float, float] = (0.0, 1.0), max_steps: int | None = None,
+def read(path: Where, group: str, var: str, *, window: tuple[float, float] = (0.0, 1.0), max_steps: int | None = None,
          quantile: float | None = None, units: Sequence[int] | None = None,
-         at_steps: Sequence[int] | None = None) -> xr.DataArray | None:
+         at_steps: Sequence[int] | None = None, storage_options: Options = None) -> xr.DataArray | None:
     """Committed rows of one variable as a DataArray with its named dimensions and coordinates
     (``step``; ``layer``/``module`` with ``kind`` and ``depth``; ``quantile``; ``rank``).
 
@@ -183,7 +260,7 @@ def read(path: Path, group: str, var: str, *, window: tuple[float, float] = (0.0
     ``quantile``: only the nearest recorded level (that dimension dropped); ``units``: only these layer or
     module indices; ``at_steps``: only the committed rows of these steps (instead of the window). None when
     the group or variable does not exist or has no committed rows."""
-    g = _group(path, group)
+    g = _group(path, group, storage_options)
     if g is None or var not in g:
         return None
     n = int(g.attrs.get("n_rows", 0))
@@ -221,7 +298,7 @@ def read(path: Path, group: str, var: str, *, window: tuple[float, float] = (0.0
 
 
 def settled(entries: Sequence[RunEntry], metric: str, group: str, quantile: float | None,
-            window: tuple[float, float] = (0.5, 1.0)) -> tuple[pd.DataFrame, list[str]]:
+            window: tuple[float, float] = (0.5, 1.0), storage_options: Options = None) -> tuple[pd.DataFrame, list[str]]:
     """The settled value (median over ``window`` of the committed rows) of ``metric`` per run and layer, as
     the tidy frame `spectralscope.fit_scaling` takes (``run``, ``layer``, ``kind``, ``depth``, ``quantile``,
     ``size``, ``value``), depth rounded to 0.25 when the runs' depth grids differ; plus one line per run
@@ -229,7 +306,7 @@ def settled(entries: Sequence[RunEntry], metric: str, group: str, quantile: floa
     frames, skipped = [], []
     for e in entries:
         try:
-            da = read(e.path, group, metric, window=window, quantile=quantile)
+            da = read(e.path, group, metric, window=window, quantile=quantile, storage_options=storage_options)
         except Exception as exc:
             skipped.append(f"{e.rel}: {type(exc).__name__}: {exc}")
             continue

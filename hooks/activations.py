@@ -16,6 +16,7 @@ import torch
 import torch.distributed
 from torch import nn
 
+from spectralscope import distributed
 from spectralscope.covariance import CovarianceStats, activation_metrics, covariance_eigenvalues, token_matrix
 from spectralscope.store import GroupSpec
 
@@ -47,6 +48,7 @@ class ActivationSpectra:
         # inputs already accumulated this step, by tensor identity: q, k and v read the same tensor, and
         # its statistics are computed once and shared
         self._seen: dict[int, tuple[weakref.ref, int]] = {}
+        self._writes = True
         self.paused = False
 
     # ---- wiring -------------------------------------------------------------------------------------
@@ -55,7 +57,7 @@ class ActivationSpectra:
         chosen = find_modules(ctx.model, ctx.layers, self.modules, "ActivationSpectra")
         self.remove()  # an instance handed to a second watch() starts afresh
         self._names, self._dims, self._stats, self._seen = [], [], [], {}
-        self._step, self._report = ctx.step, ctx.report
+        self._step, self._report, self._writes = ctx.step, ctx.report, ctx.writes
         for i, (name, module) in enumerate(chosen):
             self._names.append(name)
             self._dims.append(module.in_features)
@@ -115,13 +117,9 @@ class ActivationSpectra:
         """Under torch.distributed, sum every module's (n, Σx, Σxxᵀ) over the ranks in one collective, so each
         rank decomposes the statistics of the whole batch. Every rank takes part for every module (zeros
         where it saw nothing), so the collective never waits on a rank that skipped a module."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not distributed.active():
             return
-        if torch.distributed.get_world_size() < 2:
-            return
-        device = next((st.s.device for st in self._stats if st is not None), torch.device("cpu"))
-        if torch.distributed.get_backend() == "nccl" and device.type != "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = distributed.collective_device(next((st.s.device for st in self._stats if st is not None), None))
         parts = []
         for st, d in zip(self._stats, self._dims, strict=True):
             st = st or CovarianceStats.zeros(d, device)
@@ -140,6 +138,9 @@ class ActivationSpectra:
             return None
         self._seen.clear()
         self._all_reduce()
+        if not self._writes:  # this rank took part in the sum; rank 0 decomposes and writes it
+            self._stats = [None] * len(self._stats)
+            return None
         nm, nr = len(self._names), max(self._dims)
         out = {"act_eig": np.full((nm, nr), np.nan), **{v: np.full(nm, np.nan) for v in SCALARS}}
         done: dict[int, dict[str, torch.Tensor]] = {}  # shared statistics are decomposed once

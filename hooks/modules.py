@@ -15,8 +15,8 @@ from spectralscope.layers import Layer, block_index, layer_kind
 @dataclass
 class Context:
     """What the recorder hands an instrument: the model, the watched layers, the optimizer, the index of the
-    optimizer step under way, ``report(metric, layer, reason)`` (count + warn once), and ``pause(flag)``,
-    which stops every instrument's hooks (the sharpness probe's own passes are not recorded)."""
+    optimizer step under way, ``report(metric, layer, reason)`` (count + warn once), ``pause(flag)``,
+    which stops every instrument's hooks (the sharpness probe's own passes are not recorded), and ``writes``."""
 
     model: nn.Module | None
     layers: Sequence[Layer]
@@ -24,6 +24,7 @@ class Context:
     step: Callable[[], int]
     report: Callable[[str, str, str], None]
     pause: Callable[[bool], None]
+    writes: bool = True  # False on the ranks other than 0: take part in collectives, skip what only feeds the store
 
 
 def find_modules(model: nn.Module | None, layers: Sequence[Layer], names: Sequence[str] | None,

@@ -8,17 +8,19 @@ so subclasses of a supported optimizer are supported too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .newton_schulz import NSConfig
+from .newton_schulz import NSConfig, recover_applied
 
 MomentumFn = Callable[[Tensor, Mapping[str, Any], Mapping[str, Any]], Tensor | None]
 NSFn = Callable[[Mapping[str, Any]], NSConfig | None]
+AppliedFn = Callable[[Tensor, Mapping[str, Any], Tensor], Tensor | None]  # (W_after, group, W_before) -> O
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,14 @@ class Adapter:
     """``momentum(param, group, state)`` → M or None; ``ns(group)`` → NSConfig or None.
 
     ``describe`` lists the hyper-parameter names copied from ``param_groups[0]`` into the run's
-    ``optimizer`` attribute."""
+    ``optimizer`` attribute. ``applied(w_after, group, w_before)``, where known, reads the NS output the
+    step just applied back from the parameter's values (None when it cannot be recovered exactly enough);
+    the recorder then skips recomputing NS_k(M). It is only asked for parameters that had a gradient."""
 
     momentum: MomentumFn
     ns: NSFn = lambda group: None
     describe: tuple[str, ...] = ("lr", "momentum", "weight_decay")
+    applied: AppliedFn | None = None
 
 
 _REGISTRY: dict[type, Adapter] = {}
@@ -41,18 +46,22 @@ def register_adapter(
     momentum: MomentumFn,
     ns: NSFn | None = None,
     describe: tuple[str, ...] = ("lr", "momentum", "weight_decay"),
+    applied: AppliedFn | None = None,
 ) -> Adapter:
     """Teach spectralscope a new optimizer class.
 
     ``momentum(param, group, state)`` is called after each recorded step with the parameter, its
     param group and ``optimizer.state[param]``, and returns the matrix the update is built from (or
-    None). ``ns(group)`` returns the `NSConfig` the optimizer applies to it, or None.
+    None). ``ns(group)`` returns the `NSConfig` the optimizer applies to it, or None. ``applied(w_after, group,
+    w_before)`` (optional) returns the NS output the step applied, read back from the parameter's values
+    before and after the step (see `spectralscope.newton_schulz.recover_applied`), or None to have it
+    recomputed from M.
     """
     if not isinstance(optimizer_class, type):
         raise TypeError(f"optimizer_class must be a class, got {optimizer_class!r}")
     if not callable(momentum):
         raise TypeError("momentum must be callable (param, group, state) -> Tensor | None")
-    adapter = Adapter(momentum, ns or (lambda group: None), tuple(describe))
+    adapter = Adapter(momentum, ns or (lambda group: None), tuple(describe), applied)
     _REGISTRY[optimizer_class] = adapter
     return adapter
 
@@ -61,7 +70,11 @@ def adapter_for(optimizer: torch.optim.Optimizer) -> Adapter:
     """The adapter registered for the optimizer's class or its nearest base; a no-momentum adapter otherwise."""
     for cls in type(optimizer).__mro__:
         if cls in _REGISTRY:
-            return _REGISTRY[cls]
+            adapter = _REGISTRY[cls]
+            if adapter.applied is not None and getattr(type(optimizer), "step", None) is not getattr(cls, "step", None):
+                # a subclass with its own step() may apply something else: recompute NS instead
+                adapter = replace(adapter, applied=None)
+            return adapter
     return Adapter(lambda p, g, s: None)
 
 
@@ -77,6 +90,24 @@ def _muon_ns(group: Mapping[str, Any]) -> NSConfig:
     return NSConfig(tuple(group["ns_coefficients"]), int(group["ns_steps"]), float(group["eps"]), torch.bfloat16)
 
 
+def muon_lr_ratio(adjust_lr_fn: str | None, shape: tuple[int, ...]) -> float:
+    """Muon's step size per unit lr for a (rows, cols) matrix: sqrt(max(1, rows/cols)) by default
+    ("original"), 0.2·sqrt(max(rows, cols)) for "match_rms_adamw", 1 otherwise (torch.optim.Muon's rule)."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return 1.0
+
+
+def _muon_applied(after: Tensor, group: Mapping[str, Any], before: Tensor) -> Tensor | None:
+    # Muon's step: W ← W·(1 − lr·wd), then W ← W − lr·ratio·O with O = NS_k(M) in bf16
+    lr, wd = float(group["lr"]), float(group["weight_decay"])
+    decayed = before * (1 - lr * wd)  # the same float32 product as Muon's param.mul_
+    return recover_applied(decayed, after, lr * muon_lr_ratio(group.get("adjust_lr_fn"), tuple(after.shape)))
+
+
 register_adapter(
     torch.optim.SGD,
     lambda p, g, s: s.get("momentum_buffer"),
@@ -90,4 +121,5 @@ if hasattr(torch.optim, "Muon"):
         _muon_momentum,
         _muon_ns,
         describe=("lr", "momentum", "nesterov", "ns_steps", "ns_coefficients", "eps", "weight_decay", "adjust_lr_fn"),
+        applied=_muon_applied,
     )

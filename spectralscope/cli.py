@@ -127,9 +127,11 @@ def dashboard_command(runs_dir: str, host: str, port: int) -> list[str]:
     passed in the environment (``SPECTRALSCOPE_RUNS_DIR``), see `dashboard_env`."""
     from pathlib import Path
 
+    from .store import is_url
+
     if not (0 < port < 65536):
         raise UserError(f"--port must be between 1 and 65535, got {port}")
-    if not Path(runs_dir).is_dir():
+    if not is_url(runs_dir) and not Path(runs_dir).is_dir():
         raise UserError(f"runs folder {runs_dir} does not exist or is not a folder")
     try:
         import streamlit  # noqa: F401
@@ -142,11 +144,24 @@ def dashboard_command(runs_dir: str, host: str, port: int) -> list[str]:
             "--server.runOnSave", "false", "--server.fileWatcherType", "none", "--global.developmentMode", "false"]
 
 
-def dashboard_env(runs_dir: str) -> dict[str, str]:
+def dashboard_env(runs_dir: str, storage_options: str | None = None) -> dict[str, str]:
+    """The server's environment: the runs folder (``SPECTRALSCOPE_RUNS_DIR``, a resolved path or the URL)
+    and, for a URL, the fsspec options as JSON (``SPECTRALSCOPE_STORAGE_OPTIONS``)."""
+    import json
     import os
     from pathlib import Path
 
-    return {**os.environ, "SPECTRALSCOPE_RUNS_DIR": str(Path(runs_dir).resolve())}
+    from .store import is_url
+
+    env = {**os.environ, "SPECTRALSCOPE_RUNS_DIR": runs_dir if is_url(runs_dir) else str(Path(runs_dir).resolve())}
+    if storage_options:
+        try:
+            if not isinstance(json.loads(storage_options), dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise UserError(f"--storage-options must be a JSON object ({exc})") from exc
+        env["SPECTRALSCOPE_STORAGE_OPTIONS"] = storage_options
+    return env
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -164,9 +179,12 @@ def _parser() -> argparse.ArgumentParser:
                       help="with --data pcfg: Zipf exponent of the word frequencies (0 = balanced)")
     demo.add_argument("--target-size", type=float, default=None, help="default: 10× the largest model")
     dash = sub.add_parser("dashboard", help="serve the live dashboard of the runs under a folder")
-    dash.add_argument("runs_dir", nargs="?", default="runs", help="folder searched for run stores (default: runs)")
+    dash.add_argument("runs_dir", nargs="?", default="runs",
+                      help="folder or fsspec URL (s3://bucket/runs) searched for run stores (default: runs)")
     dash.add_argument("--host", default="127.0.0.1")
     dash.add_argument("--port", type=int, default=8501)
+    dash.add_argument("--storage-options", default=None,
+                      help="fsspec options for a URL, as JSON: '{\"client_kwargs\": {\"endpoint_url\": \"http://…\"}}'")
     tb = sub.add_parser("export-tb", help="write a run's main metrics to TensorBoard")
     tb.add_argument("run")
     tb.add_argument("--logdir", required=True)
@@ -205,10 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             import os
 
             cmd = dashboard_command(args.runs_dir, args.host, args.port)
+            env = dashboard_env(args.runs_dir, args.storage_options)
             print(f"spectralscope dashboard: serving {args.runs_dir} on http://{args.host}:{args.port} (Ctrl-C stops)",
                   flush=True)
             # become the server: signals (Ctrl-C, a supervisor's SIGTERM) reach Streamlit itself, no orphan left
-            os.execve(cmd[0], cmd, dashboard_env(args.runs_dir))
+            os.execve(cmd[0], cmd, env)
         elif args.command == "fit":
             print(fit_text(args.runs, args.metric, args.quantile, args.target_size, args.csv))
         return 0

@@ -195,22 +195,23 @@ def group_label(keys: dict) -> str:
 
 
 def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None, by=("kind", "depth"),
-                size: str = "model_size", window: tuple[float, float] = (0.5, 1.0), storage_options=None):
+                size: str = "model_size", window: tuple[float, float] = (0.5, 1.0), storage_options=None,
+                chunks=None):
     """One `power_law` of the settled value against model size per layer group (and quantile).
 
     ``runs``: run paths, globs, opened trees (``ss.open_run``), or a tidy DataFrame with the ``by`` columns,
     ``size``, ``value`` (and optionally ``quantile``). For each run the settled value of a layer is the
     median over the steps in ``window``; layers are grouped across runs by ``by`` (depth rounded to the
     nearest 0.25 when the runs' depth grids differ), several layers of one group in one run by their median.
-    Returns a DataFrame: the ``by`` columns, ``group``, ``quantile``, ``slope``, ``intercept``, ``r2``,
-    ``stderr``, ``ci_low``, ``ci_high``, ``n_sizes``; ``.attrs["current_steps"]`` holds the runs' NS steps.
+    Stores are opened lazily (``chunks`` as `open_run` takes it: None, or ``{}`` for dask arrays), and only
+    the window's chunks of ``metric`` are read. Returns a DataFrame: the ``by`` columns, ``group``,
+    ``quantile``, ``slope``, ``intercept``, ``r2``, ``stderr``, ``ci_low``, ``ci_high``, ``n_sizes``;
+    ``.attrs["current_steps"]`` holds the runs' NS steps.
     """
-    import glob as _glob
-
     import pandas as pd
     import xarray as xr
 
-    from .store import open_run
+    from .store import expand_runs, open_run
 
     by = [by] if isinstance(by, str) else list(by)
     current_steps = None
@@ -236,10 +237,10 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
                 trees.append((f"tree{len(trees)}", item))
                 continue
             text = str(item)
-            paths = sorted(_glob.glob(text)) if any(ch in text for ch in "*?[") and "://" not in text else [text]
+            paths = expand_runs(text, storage_options)
             if not paths:
                 raise ValueError(f"fit_scaling: no run matches {text!r}")
-            trees += [(p, open_run(p, storage_options)) for p in paths]
+            trees += [(p, open_run(p, storage_options, chunks)) for p in paths]
         frames, steps = [], set()
         for i, (where, tree) in enumerate(trees):
             frame = settled_values(tree, metric, quantile, size, window, where)

@@ -8,6 +8,7 @@ the same triple every step).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -69,6 +70,37 @@ def newton_schulz(m: Tensor, config: NSConfig = NSConfig()) -> Tensor:
         poly = torch.addmm(g, g, g, beta=b, alpha=c)
         x = torch.addmm(x, poly, x, beta=a)
     return x.T if tall else x
+
+
+def recover_applied(decayed: Tensor, after: Tensor, step_size: float,
+                    dtype: torch.dtype = torch.bfloat16) -> Tensor | None:
+    """The update direction O an optimizer applied as W_after = decayed − step_size·O, read back from the
+    parameters: Ô = (decayed − W_after)/step_size in float64, rounded to ``dtype`` (O's own dtype).
+
+    ``decayed`` is W_before·(1 − lr·wd) as the optimizer formed it (the same float32 operation reproduces
+    it bit for bit), so the only error is the rounding of W_after and of step_size·O, each ≤ u relative
+    (u = eps/2 of the weights' dtype, 2⁻²⁴ for float32):
+        |Ô_ij − O_ij| ≤ e_ij = u·(|W_after,ij|/step_size + 2|O_ij|),
+    and every singular value moves by at most ‖E‖_F ≤ ‖e‖_F ≤ u·(‖W_after‖_F/step_size + 2‖Ô‖_F).
+    O has ``dtype`` entries, so Ô lies within |E_ij| of ``dtype``'s grid entry by entry. Ô is accepted only when
+        ‖Ô − round(Ô)‖_F ≤ 2·‖e‖_F   (a step not of this form fails it at once), and
+        ‖e‖_F ≤ 1e-4·‖Ô‖_F/√r        (small steps against large weights lose the digits).
+    Returns round(Ô) in float64, or None when not accepted.
+    """
+    if not (step_size > 0 and math.isfinite(step_size)) or dtype == torch.float64:
+        return None
+    o = decayed.detach().to(torch.float64, copy=True).sub_(after.detach().to(torch.float64)).div_(step_size)
+    size = float(torch.linalg.vector_norm(o))
+    if not math.isfinite(size):
+        return None
+    rounded = o.to(dtype).to(torch.float64)
+    unit = torch.finfo(after.dtype).eps / 2 if after.dtype.is_floating_point else 0.5
+    # ‖e‖_F ≤ u·(‖W_after‖_F/step_size + 2‖Ô‖_F) by the triangle inequality
+    bound = unit * (float(torch.linalg.vector_norm(after.detach(), dtype=torch.float64)) / step_size + 2 * size)
+    r = min(o.shape) if o.ndim == 2 else 1
+    if bound > 1e-4 * size / math.sqrt(r) or float(torch.linalg.vector_norm(o.sub_(rounded))) > 2 * bound:
+        return None
+    return rounded
 
 
 def scalar_map(x: np.ndarray | float, coefficients: Coefficients = MUON_COEFFICIENTS, steps: int = 5) -> np.ndarray:

@@ -3,12 +3,13 @@
 Notation: W ∈ R^{m×n} (rows = output neurons), r = min(m, n), σ descending singular values,
 q(·) the linear-interpolation quantile at the recorded levels. Every function returns a dict of float64
 tensors on the input's device, keyed by the store's variable names; input with any NaN/Inf entry gives
-NaN for every metric of the family.
+NaN for every metric of the family. ``spectrum`` computes σ and the Gram diagonal (default `gram_spectrum`;
+any exact route gives the same values to rounding).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -26,6 +27,10 @@ from .spectra import (
 
 _NAN = float("nan")
 
+#: σ descending and the Gram diagonal of a matrix, as `gram_spectrum` returns them (the first two items of
+#: whatever it returns): the recorder passes `matrix_spectrum` with the layer's route hint instead.
+SpectrumFn = Callable[[Tensor], tuple[Tensor, ...]]
+
 
 def _unit_scale(x: Tensor) -> Tensor:
     """x/‖x‖ is NaN for a zero, infinite or NaN scale: normalised quantities have no meaning there."""
@@ -33,14 +38,14 @@ def _unit_scale(x: Tensor) -> Tensor:
 
 
 def momentum_metrics(m: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES, ns_config: NSConfig | None = None,
-                     floor: float = 0.5) -> dict[str, Tensor]:
+                     floor: float = 0.5, spectrum: SpectrumFn = gram_spectrum) -> dict[str, Tensor]:
     """Spectrum of the matrix M that the optimizer orthogonalises.
 
     ``momentum_norm`` = ‖M‖_F; ``momentum_sv`` = q(σ(M̃)) with M̃ = M/‖M‖_F;
     ``ns_fail_frac`` = #{i : σ_i(M̃) < ns_threshold(k, coefficients, floor)} / r (only with ``ns_config``).
     A zero M has no direction: M̃ and everything derived from it are NaN.
     """
-    sigma, diag = gram_spectrum(m)
+    sigma, diag = spectrum(m)[:2]
     norm = diag.sum().sqrt()  # ‖M‖_F² = tr(G)
     sig_n = sigma / _unit_scale(norm)
     out = {"momentum_norm": norm, "momentum_sv": quantiles(sig_n, qs)}
@@ -51,14 +56,15 @@ def momentum_metrics(m: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES, ns_conf
     return out
 
 
-def newton_schulz_metrics(o: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) -> dict[str, Tensor]:
+def newton_schulz_metrics(o: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES,
+                          spectrum: SpectrumFn = gram_spectrum) -> dict[str, Tensor]:
     """Residuals of the NS output O against an orthogonal matrix.
 
     ``ns_out_sv`` = q(σ(O)); ``ns_polar_err`` = sqrt(mean_i (σ_i(O) − 1)²) (= ‖O − UVᵀ‖_F/√r);
     ``ns_orth_err`` = ‖O·Oᵀ − I_r‖_F / √r with O·Oᵀ taken on the smaller side, computed from its
     eigenvalues: ‖G − I‖_F² = Σ_i (σ_i² − 1)² for the symmetric G = O·Oᵀ.
     """
-    sigma, _ = gram_spectrum(o)
+    sigma = spectrum(o)[0]
     return {
         "ns_out_sv": quantiles(sigma, qs),
         "ns_polar_err": (sigma - 1.0).square().mean().sqrt(),
@@ -66,7 +72,8 @@ def newton_schulz_metrics(o: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) ->
     }
 
 
-def update_metrics(dw: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) -> dict[str, Tensor]:
+def update_metrics(dw: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES,
+                   spectrum: SpectrumFn = gram_spectrum) -> dict[str, Tensor]:
     """Statistics of the realised step ΔW = W_after − W_before.
 
     ``update_rms`` = sqrt(mean ΔW²); ``update_sv`` = q(σ(ΔW)) (unnormalised: q=1 is ‖ΔW‖₂);
@@ -75,7 +82,7 @@ def update_metrics(dw: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) -> dict[
     (population std, ddof = 0). Normalised quantities are NaN for a zero step.
     """
     mat = as_matrix(dw)
-    sigma, diag = gram_spectrum(mat)
+    sigma, diag = spectrum(mat)[:2]
     if mat.shape[0] <= mat.shape[1]:
         rho = diag.clamp_min(0.0).sqrt()  # the Gram matrix is ΔW·ΔWᵀ: its diagonal holds ρ²
     else:

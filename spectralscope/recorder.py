@@ -28,12 +28,13 @@ from spectralscope.hooks.gradients import GradientSpectra
 from spectralscope.hooks.modules import Context
 from spectralscope.hooks.sharpness import Sharpness
 
+from . import distributed
 from .adapters import adapter_for
 from .layers import Layer, layer_coords, select_layers
-from .newton_schulz import newton_schulz
+from .newton_schulz import NSConfig, newton_schulz
 from .optimizer_metrics import momentum_metrics, newton_schulz_metrics, update_metrics, weight_metrics
-from .spectra import DEFAULT_QUANTILES, as_matrix
-from .store import GroupSpec, RunWriter
+from .spectra import DEFAULT_QUANTILES, Spectrum, as_matrix, matrix_spectrum
+from .store import DiscardWriter, GroupSpec, RunWriter
 
 log = logging.getLogger("spectralscope")
 
@@ -173,10 +174,16 @@ class Recorder:
         }
         self._step = 0
         self._errors: dict[str, dict[str, int]] = {}
+        # Under torch.distributed only rank 0 measures the optimizer and writes; every rank keeps the same
+        # step count and runs the instruments' hooks, whose collectives must line up.
+        self.writes = distributed.rank() == 0
+        # FSDP2 (DTensor parameters): every rank measures the layers it owns from gathered full matrices
+        self.sharded = distributed.active() and any(distributed.is_sharded(lay.param) for lay in self.layers)
         try:
             for inst in list(self.instruments):
                 try:
-                    inst.bind(Context(model, self.layers, optimizer, lambda: self._step, self._count, self._pause))
+                    inst.bind(Context(model, self.layers, optimizer, lambda: self._step, self._count, self._pause,
+                                      self.writes))
                 except ValueError:
                     if not (default_activations and isinstance(inst, ActivationSpectra)):
                         raise
@@ -186,26 +193,36 @@ class Recorder:
             specs = self._group_specs() + [inst.spec() for inst in self.instruments]
             # what TensorBoard tags are named after: each group's layers or modules, and its quantile levels
             self._tb_axes = {sp.name: sp.axes() for sp in specs}
-            self.writer = RunWriter(
-                path, specs, attrs, resume=resume, overwrite=overwrite,
-                flush_seconds=flush_seconds, storage_options=storage_options,
-            )
+            if self.writes:
+                try:
+                    self.writer: RunWriter | DiscardWriter = RunWriter(
+                        path, specs, attrs, resume=resume, overwrite=overwrite,
+                        flush_seconds=flush_seconds, storage_options=storage_options,
+                    )
+                except BaseException:
+                    distributed.broadcast_ints([0, 0])  # the other ranks fail too instead of waiting
+                    raise
+            else:
+                self.writer = DiscardWriter(path)
+            ok, start = distributed.broadcast_ints([1, self._resume_step() if resume and self.writes else 0])
+            if not ok:
+                raise RuntimeError(f"watch(): rank 0 could not open the run store {path} (its error says why)")
         except BaseException:
             for inst in self.instruments:
                 inst.remove()
             raise
         self.path = self.writer.path
         self._tb = None
-        if tensorboard is not None:
+        if tensorboard is not None and self.writes:
             from .tensorboard import TensorBoardSink
 
             self._tb = TensorBoardSink(tensorboard)
         if resume:
             self._errors = {k: dict(v) for k, v in dict(self.writer._attrs.get("errors", {})).items()}
-        if resume:
-            self._step = self._resume_step()
+        self._step = start
         self._before: dict[int, Tensor] | None = None
         self._vectors: dict[str, Tensor] = {}
+        self._k_hint: dict[tuple[str, str], int] = {}  # singular values to refine at the last record, per spectrum
         self._scalars: dict[str, float] = {}
         self._scalar_step: int | None = None
         self._closed = False
@@ -297,7 +314,7 @@ class Recorder:
                     inst.before_step(self._step)
                 except Exception as exc:  # out of memory for a snapshot: that record is skipped
                     self._warn(inst.group, "*", exc)
-        if not self._recording():
+        if not (self._recording() and (self.writes or self.sharded)):
             return
         try:
             with torch.no_grad():
@@ -307,10 +324,11 @@ class Recorder:
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
-            if self._recording():
+            if self._recording() and (self.writes or self.sharded):
                 with torch.no_grad():
                     row = self._measure()
-                self._emit("optimizer", row)
+                if row is not None:
+                    self._emit("optimizer", row)
             for inst in self.instruments:
                 inst_row = inst.row(self._step)
                 if inst_row is not None:
@@ -324,18 +342,39 @@ class Recorder:
             self._step += 1
 
     # ---- measuring ---------------------------------------------------------------------------------
-    def _measure(self) -> dict[str, np.ndarray]:
+    def _measure(self) -> dict[str, np.ndarray] | None:
+        """The optimizer row of this step (None on the ranks that do not write)."""
         nq, nl = len(self.quantiles), len(self.layers)
         row = {v: np.full((nl, nq) if q else (nl,), np.nan) for v, q in OPTIMIZER_VARIABLES.items()}
+        if self.sharded:
+            return self._measure_sharded(row)
         for i, lay in enumerate(self.layers):
-            for var, value in self._measure_layer(lay).items():
-                row[var][i] = value
+            self._fill(row, i, lay, self._measure_layer(lay, *self._local_inputs(lay)))
         return row
 
-    def _measure_layer(self, lay: Layer) -> dict[str, np.ndarray]:
+    def _fill(self, row: dict[str, np.ndarray], i: int, lay: Layer, host: Mapping[str, tuple[np.ndarray, str]]) -> None:
+        for var, (value, reason) in host.items():
+            row[var][i] = value
+            if not np.isfinite(value).all():
+                self._count(var, lay.name, reason)
+
+    def _local_inputs(self, lay: Layer) -> tuple[Tensor | None, Tensor, Tensor | None, BaseException | None]:
+        """(M, W_after, W_before, why M is missing) of a layer as this process holds it."""
         p = lay.param
         group = self._group_of.get(id(p), self.optimizer.param_groups[0])
-        state = self.optimizer.state.get(p, {})
+        m, why = None, None
+        try:
+            m = self.adapter.momentum(p, group, self.optimizer.state.get(p, {}))
+        except Exception as exc:
+            why = exc
+        w0 = self._before.get(id(p)) if self._before is not None else None
+        return (None if m is None else m.detach()), p.detach(), w0, why
+
+    def _measure_layer(self, lay: Layer, m: Tensor | None, w1: Tensor, w0: Tensor | None,
+                       why: BaseException | None = None) -> dict[str, tuple[np.ndarray, str]]:
+        """Every optimizer metric of one layer from its full matrices: {variable: (host value, NaN reason)}."""
+        p = lay.param
+        group = self._group_of.get(id(p), self.optimizer.param_groups[0])
         ns = self.adapter.ns(group)
         qs = self.quantiles
         out: dict[str, Tensor] = {}
@@ -352,32 +391,89 @@ class Recorder:
             except Exception as exc:
                 fail(name, exc)
 
-        m = None
-        try:
-            m = self.adapter.momentum(p, group, state)
-        except Exception as exc:
-            fail("momentum", exc)
+        if why is not None:
+            fail("momentum", why)
         if m is not None:
-            mat = as_matrix(m.detach())
-            family("momentum", lambda: momentum_metrics(mat, qs, ns, self.ns_floor))
+            mat = as_matrix(m)
+            family("momentum", lambda: momentum_metrics(mat, qs, ns, self.ns_floor, self._spectrum(lay, "momentum")))
             if ns is not None:
-                family("newton_schulz", lambda: newton_schulz_metrics(newton_schulz(mat, ns), qs))
-        if self._before is not None and id(p) in self._before:
-            w0 = self._before[id(p)]
-            family("update", lambda: update_metrics(p.detach() - w0, qs))
+                family("newton_schulz", lambda: newton_schulz_metrics(
+                    self._ns_output(p, group, w1, w0, mat, ns), qs, self._spectrum(lay, "newton_schulz")))
+        if w0 is not None:
+            # in float64: W_after − W_before of float32 weights is exact there, not always in float32
+            family("update", lambda: update_metrics(w1.to(torch.float64) - w0.to(torch.float64), qs,
+                                                    self._spectrum(lay, "update")))
 
         def weight() -> dict[str, Tensor]:
-            metrics, v = weight_metrics(p.detach(), self._vectors.get(lay.name))
+            metrics, v = weight_metrics(w1, self._vectors.get(lay.name))
             if v is not None and bool(torch.isfinite(v).all()):
                 self._vectors[lay.name] = v
             return metrics
 
         family("weight", weight)
-        host = {k: v.detach().to("cpu", torch.float64).numpy() for k, v in out.items()}
-        for var, value in host.items():
-            if not np.isfinite(value).all():
-                self._count(var, lay.name, reasons.get(var, "is not finite"))
-        return host
+        return {k: (v.detach().to("cpu", torch.float64).numpy(), reasons.get(k, "is not finite")) for k, v in out.items()}
+
+    def _measure_sharded(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """FSDP2: spectra of full matrices. Layer i belongs to rank i mod world, which gathers its full M, W_after
+        and W_before from the shards and measures it; rank 0 gathers the results. Every rank takes part in
+        every collective in the same order whatever it meets (NaN, a failed metric), so none can hang."""
+        world, me = distributed.world_size(), distributed.rank()
+        sizes = {v: (len(self.quantiles) if q else 1) for v, q in OPTIMIZER_VARIABLES.items()}
+        width = sum(sizes.values())
+        mine = np.full((len(self.layers), width), np.nan)
+        reasons: dict[tuple[int, str], str] = {}
+        for i, lay in enumerate(self.layers):
+            owner = i % world
+            m, w1, w0, why = self._local_inputs(lay)
+            full = distributed.gather_full([m, w1, w0], dst=owner, like=w1)
+            if me != owner:
+                continue
+            m_full, w1_full, w0_full = full
+            try:
+                host = self._measure_layer(lay, m_full, w1_full, w0_full, why)
+            except Exception as exc:  # never skip the collectives below
+                self._warn("optimizer", lay.name, exc)
+                continue
+            offset = 0
+            for var, n in sizes.items():
+                if var in host:
+                    mine[i, offset:offset + n] = np.asarray(host[var][0], dtype=np.float64).reshape(-1)
+                    reasons[(i, var)] = host[var][1]
+                offset += n
+        gathered = distributed.gather_rows(mine, dst=0)
+        if not self.writes:
+            return None
+        for i, lay in enumerate(self.layers):
+            values, offset = gathered[i % world][i], 0
+            host = {}
+            for var, n in sizes.items():
+                value = values[offset:offset + n] if OPTIMIZER_VARIABLES[var] else values[offset]
+                host[var] = (value, reasons.get((i, var), "is not finite"))
+                offset += n
+            self._fill(row, i, lay, host)
+        return row
+
+    def _spectrum(self, lay: Layer, family: str) -> Callable[[Tensor], Spectrum]:
+        """The exact route for this layer's spectrum, chosen from what the last record of it needed."""
+        key = (lay.name, family)
+
+        def spectrum(a: Tensor) -> Spectrum:
+            sp = matrix_spectrum(a, self._k_hint.get(key))
+            self._k_hint[key] = sp.k
+            return sp
+
+        return spectrum
+
+    def _ns_output(self, p: Tensor, group: Mapping[str, Any], w1: Tensor, w0: Tensor | None, m: Tensor,
+                   ns: NSConfig) -> Tensor:
+        """O = NS_k(M): read back from the step just applied where the adapter knows how (the optimizer's own
+        result, at no cost), else recomputed operation for operation. A parameter without a gradient was
+        not stepped: nothing to read back."""
+        if w0 is not None and self.adapter.applied is not None and p.grad is not None:
+            o = self.adapter.applied(w1, group, w0)
+            if o is not None:
+                return o
+        return newton_schulz(m, ns)
 
     def _emit(self, group: str, row: dict[str, np.ndarray]) -> None:
         self.writer.append(group, self._step, row)

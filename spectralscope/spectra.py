@@ -6,8 +6,10 @@ a matrix with NaN/Inf entries has a NaN spectrum. Nothing here does I/O.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -75,12 +77,20 @@ def _tridiagonal_eigvals(d: np.ndarray, e: np.ndarray) -> np.ndarray:
 
 def eigvalsh(g: Tensor) -> Tensor:
     """Eigenvalues of the symmetric matrix G (its lower triangle is read), ascending, float64, on G's
-    device. On the CPU: LAPACK dsytrd + dsterf, which at these sizes beats torch.linalg.eigvalsh by ~1/3."""
+    device. On the CPU: LAPACK dsytrd + dsterf, which at these sizes beats torch.linalg.eigvalsh by ~1/3.
+    NaN/Inf in the lower triangle, or a LAPACK failure, gives all NaN."""
     g64 = g.detach().to(torch.float64)
-    if g64.device.type != "cpu" or g64.shape[0] <= 1:
-        return torch.linalg.eigvalsh(g64)
-    _, d, e, _ = _tridiagonalize(np.array(g64.numpy(), order="F"))
-    return torch.from_numpy(_tridiagonal_eigvals(d, e))
+    n = g64.shape[0]
+    lower = torch.tril(g64)
+    if not bool(torch.isfinite(lower).all()):
+        return _nan(n, g64.device)
+    try:
+        if g64.device.type != "cpu" or n <= 1:
+            return torch.linalg.eigvalsh(g64)
+        _, d, e, _ = _tridiagonalize(np.array(g64.numpy(), order="F"))
+        return torch.from_numpy(_tridiagonal_eigvals(d, e))
+    except (RuntimeError, np.linalg.LinAlgError, ValueError):  # a LAPACK failure: no spectrum, no exception
+        return _nan(n, g64.device)
 
 
 def _smallest_eigvecs(c: np.ndarray, d: np.ndarray, e: np.ndarray, tau: np.ndarray, k: int) -> np.ndarray:
@@ -108,8 +118,24 @@ def _syrk_lower(a: np.ndarray) -> np.ndarray:
     return blas.dsyrk(1.0, a.T, trans=1 if a.shape[0] <= a.shape[1] else 0, lower=1)
 
 
-def _cpu_spectrum(a: np.ndarray, refine_below: float) -> tuple[np.ndarray, np.ndarray]:
-    """(σ descending, diag G) for a float64 C-ordered A; see `gram_spectrum`. Raises on LAPACK failure."""
+def _direct_cpu(a: np.ndarray) -> np.ndarray:
+    """σ(A) descending from A itself: bidiagonalisation and the bidiagonal's singular values (LAPACK dgesdd,
+    no vectors); relative error ≈ ε·σ_1/σ_i, like the refined Gram route."""
+    s, info = _gesdd_values(a)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dgesdd info={info}")
+    return s
+
+
+def _gesdd_values(a: np.ndarray) -> tuple[np.ndarray, int]:
+    at = a.T if a.shape[0] < a.shape[1] else a  # tall, F-ordered view of a C-ordered array: no copy
+    _, s, _, info = lapack.dgesdd(np.asfortranarray(at), compute_uv=0, overwrite_a=0)
+    return s, info
+
+
+def _cpu_spectrum(a: np.ndarray, refine_below: float, refine_max: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(σ descending, diag G) for a float64 C-ordered A; see `gram_spectrum`. More than ``refine_max``
+    singular values to refine: σ from a direct SVD instead. Raises on LAPACK failure."""
     r = min(a.shape)
     g = _syrk_lower(a)
     diag = np.diagonal(g).copy()
@@ -119,7 +145,7 @@ def _cpu_spectrum(a: np.ndarray, refine_below: float) -> tuple[np.ndarray, np.nd
             return nan, nan.copy()
         # Finite entries whose squares overflow float64: the spectrum scales with A.
         scale = float(np.abs(a).max())
-        sigma, diag = _cpu_spectrum(a / scale, refine_below)
+        sigma, diag = _cpu_spectrum(a / scale, refine_below, refine_max)
         with np.errstate(over="ignore"):  # diag G itself is beyond float64: inf is its honest value
             return sigma * scale, diag * scale * scale
     if r == 1:
@@ -133,6 +159,8 @@ def _cpu_spectrum(a: np.ndarray, refine_below: float) -> tuple[np.ndarray, np.nd
     k = int(np.count_nonzero(sigma < refine_below * top))
     if k == 0:
         return sigma, diag
+    if refine_max is not None and k > refine_max:
+        return _direct_cpu(a), diag
     # The eigenvectors of the k smallest eigenvalues span the small singular subspace to within ε;
     # A restricted to it has exactly those singular values, now without the squared conditioning.
     vs = _smallest_eigvecs(c, d, e, tau, k)
@@ -190,6 +218,71 @@ def gram_spectrum(a: Tensor, refine_below: float = REFINE_BELOW) -> tuple[Tensor
         return _torch_spectrum(m64, refine_below)
     sigma, diag = _cpu_spectrum(np.ascontiguousarray(m64.numpy()), refine_below)
     return torch.from_numpy(np.ascontiguousarray(sigma)), torch.from_numpy(diag)
+
+
+# ---- choosing a route per matrix ------------------------------------------------------------------
+# Costs in flop-equivalents, calibrated with OpenBLAS/LAPACK on one core of the project's CPU (2026-11-23:
+# r×n Gram + reduction ≈ 8–12 GFLOP/s, dgesdd ≈ 6 GFLOP/s, the refinement's four LAPACK calls ≈ 0.2 ms
+# before any work). Only speed depends on them: every route is exact to ε·σ_1/σ_i.
+
+
+def route_costs(m: int, n: int, k: int) -> tuple[float, float, float]:
+    """(Gram route, refining k of its singular values, direct SVD) for an m×n matrix, in flop-equivalents:
+    Gram r²·N + 4/3·r³ (r = min, N = max side); refinement 1.6e6 + 10·k·r·(r + N) (0 for k = 0);
+    direct 1.4·(2·N·r² + 2·r³) when N ≥ 5/3·r (QR first), else 1.4·(4·N·r² − 4/3·r³)."""
+    r, big = min(m, n), max(m, n)
+    gram = r * r * big + 4 / 3 * r**3
+    refine = 0.0 if k <= 0 else 1.6e6 + 10.0 * k * r * (r + big)
+    direct = 1.4 * (2 * big * r * r + 2 * r**3 if 3 * big >= 5 * r else 4 * big * r * r - 4 / 3 * r**3)
+    return gram, refine, direct
+
+
+def refine_budget(m: int, n: int) -> int:
+    """The most singular values worth refining on the Gram route before a direct SVD costs less."""
+    r, big = min(m, n), max(m, n)
+    _, _, direct = route_costs(m, n, 0)
+    return max(0, int((direct - 1.6e6) // (10.0 * r * (r + big))))
+
+
+class Spectrum(NamedTuple):
+    """σ descending, diag of the smaller-side Gram matrix, the route taken ("gram" or "direct"), and k =
+    #{σ_i < refine_below·σ_1}: the singular values the Gram route must refine (the next call's hint)."""
+
+    sigma: Tensor
+    diag: Tensor
+    route: str
+    k: int
+
+
+def matrix_spectrum(a: Tensor, k_hint: int | None = None, refine_below: float = REFINE_BELOW) -> Spectrum:
+    """σ(A) and diag(G) as `gram_spectrum` defines them, by whichever exact route `route_costs` says is
+    cheaper, given ``k_hint`` (the k of this matrix's last spectrum; None: unknown, try the Gram route).
+    The Gram route switches to the direct SVD by itself when it finds more than `refine_budget` values to
+    refine. Off the CPU the Gram route (torch.linalg) is always used."""
+    m = as_matrix(a)
+    rows, cols = m.shape
+    if m.device.type != "cpu" or min(rows, cols) <= 1:
+        sigma, diag = gram_spectrum(m, refine_below)
+        return Spectrum(sigma, diag, "gram", _count_small(sigma, refine_below))
+    a64 = np.ascontiguousarray(m.detach().to(torch.float64).numpy())
+    gram, refine, direct = route_costs(rows, cols, k_hint or 0)
+    if k_hint is not None and gram + refine > direct:
+        diag = np.einsum("ij,ij->i", a64, a64) if rows <= cols else np.einsum("ij,ij->j", a64, a64)
+        if np.isfinite(diag.sum()):
+            sigma = _direct_cpu(a64)
+            return Spectrum(torch.from_numpy(sigma), torch.from_numpy(diag), "direct", _count_small(sigma, refine_below))
+    budget = refine_budget(rows, cols)
+    sig, diag = _cpu_spectrum(a64, refine_below, budget)
+    k = _count_small(sig, refine_below)
+    return Spectrum(torch.from_numpy(np.ascontiguousarray(sig)), torch.from_numpy(diag),
+                    "direct" if k > budget else "gram", k)
+
+
+def _count_small(sigma: Tensor | np.ndarray, refine_below: float) -> int:
+    s = sigma.numpy() if isinstance(sigma, Tensor) and sigma.device.type == "cpu" else sigma
+    if len(s) == 0 or not math.isfinite(float(s[0])):
+        return 0
+    return int((s < refine_below * s[0]).sum())
 
 
 def singular_values(
@@ -257,16 +350,25 @@ def quantiles(values: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) -> Tensor
     """q(v) for each level in ``qs``, linear interpolation — the same as ``numpy.quantile(v, q, method="linear")``:
     with v sorted ascending and h = (n − 1)·q, q(v) = v[⌊h⌋] + (h − ⌊h⌋)·(v[⌊h⌋+1] − v[⌊h⌋]).
 
-    NaN anywhere in ``values`` (or no values) gives NaN for every level.
+    NaN or ±Inf anywhere in ``values`` (or no values) gives NaN for every level (numpy's interpolation
+    would turn an infinite value into inf at some levels and NaN at others).
     """
-    v = values.to(torch.float64).reshape(-1)
+    v = values.detach().to(torch.float64).reshape(-1)
     n = v.numel()
     if n == 0:
         return torch.full((len(qs),), float("nan"), dtype=torch.float64, device=v.device)
-    lo, hi, frac = (t.to(v.device) for t in _quantile_plan(n, tuple(float(q) for q in qs)))
-    v = torch.sort(v).values  # NaN sorts last: v[-1] is NaN exactly when any value is
+    lo, hi, frac = _quantile_plan(n, tuple(float(q) for q in qs))
+    if v.device.type == "cpu":  # a handful of numpy calls: the torch route costs ~0.1 ms in small-op overhead
+        a = np.sort(v.numpy())  # NaN sorts last, -inf first, +inf last but before NaN
+        if not (np.isfinite(a[0]) and np.isfinite(a[-1])):
+            return torch.full((len(qs),), float("nan"), dtype=torch.float64)
+        lo_, hi_ = lo.numpy(), hi.numpy()
+        return torch.from_numpy(a[lo_] + frac.numpy() * (a[hi_] - a[lo_]))
+    lo, hi, frac = lo.to(v.device), hi.to(v.device), frac.to(v.device)
+    v = torch.sort(v).values
     out = v[lo] + frac * (v[hi] - v[lo])
-    return torch.where(torch.isnan(v[-1]), torch.full_like(out, float("nan")), out)
+    bad = ~(torch.isfinite(v[0]) & torch.isfinite(v[-1]))
+    return torch.where(bad, torch.full_like(out, float("nan")), out)
 
 
 def entropy_rank(weights: Tensor) -> Tensor:

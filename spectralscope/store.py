@@ -85,6 +85,22 @@ def open_store(path: str | Path, storage_options: Mapping[str, Any] | None = Non
     return zarr.storage.LocalStore(str(path), read_only=read_only)
 
 
+def expand_runs(pattern: str | Path, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The run paths a glob names (``runs/*.zarr``, ``s3://bucket/sweep/*.zarr``), sorted; a pattern without
+    wildcards is returned as it is. URLs are listed through fsspec with ``storage_options``."""
+    text = str(pattern)
+    if not any(ch in text for ch in "*?["):
+        return [text]
+    if not is_url(text):
+        import glob
+
+        return sorted(glob.glob(text))
+    import fsspec  # installed with zarr's remote support (the `s3` extra)
+
+    fs, path = fsspec.core.url_to_fs(text, **dict(storage_options or {}))
+    return sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
+
+
 def _exists(path: str | Path, storage_options: Mapping[str, Any] | None) -> bool:
     if not is_url(path):
         p = Path(path)
@@ -345,6 +361,33 @@ class RunWriter:
 
 
 # ---- reading ----------------------------------------------------------------------------------------
+class DiscardWriter:
+    """The writer of a process that does not write (a rank other than 0 under torch.distributed): the same
+    calls as `RunWriter`, no store, no thread."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._attrs: dict[str, Any] = {}
+
+    def append(self, group: str, step: int, values: Mapping[str, Any]) -> None:
+        pass
+
+    def update_attrs(self, **attrs: Any) -> None:
+        pass
+
+    def flush(self, timeout: float | None = None) -> None:
+        pass
+
+    def close(self, status: str = "finished") -> None:
+        pass
+
+    def n_rows(self, group: str) -> int:
+        return 0
+
+    def last_step(self, group: str) -> int | None:
+        return None
+
+
 def check_run(root: zarr.Group, path: str) -> dict[str, Any]:
     """The run's root attributes, or ``ValueError`` naming ``path`` when it is not a spectralscope run
     of a schema this version reads."""
@@ -357,7 +400,7 @@ def check_run(root: zarr.Group, path: str) -> dict[str, Any]:
     return attrs
 
 
-def _open_group(store, group: zarr.Group, name: str) -> xr.Dataset:
+def _open_group(store, group: zarr.Group, name: str, chunks: Any = None) -> xr.Dataset:
     """One sub-group cut to its committed rows, read lazily."""
     # n_rows first, data second: rows below n_rows were complete before n_rows was written.
     n = int(group.attrs.get("n_rows", 0))
@@ -373,7 +416,7 @@ def _open_group(store, group: zarr.Group, name: str) -> xr.Dataset:
     parts = []
     for keys in by_length.values() or [[]]:
         drop = [k for k in every if k not in keys]
-        ds = xr.open_zarr(store, group=name, consolidated=False, chunks=None, zarr_format=3, drop_variables=drop)
+        ds = xr.open_zarr(store, group=name, consolidated=False, chunks=chunks, zarr_format=3, drop_variables=drop)
         parts.append(ds.isel(step=slice(0, n)) if "step" in ds.dims else ds)
     ds = parts[0] if len(parts) == 1 else xr.merge(parts, compat="override", join="override",
                                                    combine_attrs="override")
@@ -381,9 +424,11 @@ def _open_group(store, group: zarr.Group, name: str) -> xr.Dataset:
     return ds
 
 
-def open_run(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> xr.DataTree:
+def open_run(path: str | Path, storage_options: Mapping[str, Any] | None = None, chunks: Any = None) -> xr.DataTree:
     """The committed prefix of a run as an ``xarray.DataTree``: the root holds the run's attributes,
-    one child per sub-group, each cut to its ``n_rows`` committed steps. Data are read lazily."""
+    one child per sub-group, each cut to its ``n_rows`` committed steps. Data are read lazily: by xarray's
+    lazy indexing (``chunks=None``), or as dask arrays (``chunks={}``: one task per Zarr chunk, or any
+    ``chunks`` that ``xarray.open_zarr`` takes); either way only the chunks a computation touches are read."""
     store = open_store(path, storage_options, read_only=True)
     try:
         root = zarr.open_group(store, mode="r")
@@ -397,7 +442,7 @@ def open_run(path: str | Path, storage_options: Mapping[str, Any] | None = None)
         for name in sorted(root.group_keys()):
             for attempt in range(100):
                 try:
-                    tree[f"/{name}"] = _open_group(store, root[name], name)
+                    tree[f"/{name}"] = _open_group(store, root[name], name, chunks)
                     break
                 except ValueError as exc:  # a live writer resized arrays between our two metadata reads
                     if "conflicting sizes" not in str(exc) or attempt == 99:

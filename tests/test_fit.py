@@ -143,3 +143,43 @@ def test_tidy_dataframe_without_quantile_and_clear_errors(tmp_path):
         ss.fit_scaling([str(tmp_path / "x.zarr")], metric="nope")
     with pytest.raises(ValueError, match="no run matches"):
         ss.fit_scaling([str(tmp_path / "none*.zarr")])
+
+
+def test_fit_scaling_reads_only_the_window_lazily_with_dask(tmp_path):
+    # 600 steps = chunks [0, 256), [256, 512), [512, 768) of the step axis; the window (0.5, 1.0) is rows
+    # 300…599. Corrupt every chunk the fit has no business reading — the burn-in's first chunk of
+    # momentum_sv and every chunk of a second variable — and the fits must not change.
+    import dask.array
+
+    from spectralscope.store import GroupSpec, RunWriter
+
+    layers = [("h.0.attn.o_proj.weight", "attn_o", 0.0), ("h.1.attn.o_proj.weight", "attn_o", 1.0)]
+    qs = np.array([0.1, 0.5, 0.9])
+    coords = {"layer": ("layer", np.array([n for n, _, _ in layers])), "kind": ("layer", np.array(["attn_o"] * 2)),
+              "depth": ("layer", np.array([0.0, 1.0])), "quantile": ("quantile", qs)}
+    variables = {"momentum_sv": ("step", "layer", "quantile"), "ns_out_sv": ("step", "layer", "quantile")}
+    sizes = np.round(np.geomspace(1e6, 1e8, 12))  # whole numbers: model_size is stored as an int
+    for size in sizes:
+        w = RunWriter(tmp_path / f"m{int(size)}.zarr", [GroupSpec("optimizer", coords, variables)],
+                      {"name": "x", "model_size": int(size), "optimizer": {"class": "Muon", "ns_steps": 5}})
+        for s in range(600):
+            law = np.array([[_law("attn_o", d, q, size) for q in qs] for _, _, d in layers])
+            w.append("optimizer", s, {"momentum_sv": law if s >= 300 else law + 1, "ns_out_sv": law})
+        w.close()
+    before = ss.fit_scaling(str(tmp_path / "*.zarr"), quantile=0.5, chunks={})
+    tree = ss.open_run(next(tmp_path.glob("*.zarr")), chunks={})
+    assert isinstance(tree["optimizer"].dataset["momentum_sv"].data, dask.array.Array)
+    corrupted = 0
+    for run in tmp_path.glob("*.zarr"):
+        for chunk in [*(run / "optimizer" / "momentum_sv" / "c").glob("0/*/*"),
+                      *(run / "optimizer" / "ns_out_sv" / "c").rglob("*")]:
+            if chunk.is_file():
+                chunk.write_bytes(b"garbage, not a zstd frame")
+                corrupted += 1
+    assert corrupted >= 12 * 4
+    with pytest.raises(Exception):  # noqa: B017 — the corruption is real: reading those chunks fails
+        ss.open_run(next(tmp_path.glob("*.zarr")))["optimizer"]["ns_out_sv"].load()
+    for chunks in ({}, None):
+        after = ss.fit_scaling(str(tmp_path / "*.zarr"), quantile=0.5, chunks=chunks)
+        np.testing.assert_allclose(after["slope"], before["slope"], rtol=1e-12)
+    assert before.set_index("group").loc["attn_o@1", "slope"] == pytest.approx(-0.66, abs=1e-9)

@@ -6,11 +6,13 @@ import torch
 from conftest import prescribed
 from torch.optim._muon import _zeropower_via_newtonschulz
 
+from spectralscope.adapters import adapter_for, muon_lr_ratio
 from spectralscope.newton_schulz import (
     NSConfig,
     fewest_ns_steps,
     newton_schulz,
     ns_threshold,
+    recover_applied,
     scalar_map,
     step_coefficients,
 )
@@ -95,3 +97,61 @@ def test_fewest_ns_steps_against_direct_iteration(sigma):
     assert lifted(k) and (k == 1 or not lifted(k - 1))
     if sigma == 5e-5:
         assert k == 8  # RESEARCH.md: the final O projection at σ ≈ 5e-5 needs 8 steps, not 5
+
+
+def _muon_step(shape, lr, wd, adjust_lr_fn=None, seed=3):
+    """One real torch.optim.Muon step on W (float32) with a prescribed gradient; returns (W_before, param,
+    group, torch's own NS output of the M that step used)."""
+    rng = np.random.default_rng(seed)
+    w = torch.nn.Parameter(torch.from_numpy(rng.standard_normal(shape) * 0.05).float())
+    opt = torch.optim.Muon([w], lr=lr, weight_decay=wd, adjust_lr_fn=adjust_lr_fn)
+    w.grad = torch.from_numpy(prescribed(*shape, np.geomspace(1.0, 1e-3, min(shape)), seed=seed)).float()
+    before = w.detach().clone()
+    opt.step()
+    group = opt.param_groups[0]
+    m = w.grad.lerp(opt.state[w]["momentum_buffer"], group["momentum"])
+    ref = _zeropower_via_newtonschulz(m, group["ns_coefficients"], group["ns_steps"], group["eps"])
+    return before, w, group, ref.double(), opt
+
+
+@pytest.mark.parametrize("shape,adjust", [((48, 80), None), ((96, 40), None), ((64, 64), "match_rms_adamw")])
+def test_recover_applied_reads_back_torch_muons_own_output(shape, adjust):
+    before, w, group, ref, opt = _muon_step(shape, lr=0.02, wd=0.1, adjust_lr_fn=adjust)
+    got = adapter_for(opt).applied(w.detach(), group, before)
+    assert got is not None and got.dtype == torch.float64
+    # entry for entry torch's bf16 result, but for the few entries whose rounding straddles a bf16 midpoint
+    assert (got != ref).double().mean() < 0.01
+    step = group["lr"] * muon_lr_ratio(adjust, shape)
+    bound = np.linalg.norm(2.0**-24 * (w.detach().double().abs().numpy() / step + 2 * ref.abs().numpy()))
+    sv_got = np.linalg.svd(got.numpy(), compute_uv=False)
+    sv_ref = np.linalg.svd(ref.numpy(), compute_uv=False)
+    assert np.abs(sv_got - sv_ref).max() <= 2 * bound
+
+
+def test_recover_applied_refuses_what_it_cannot_read_back():
+    before, w, group, ref, _ = _muon_step((48, 80), lr=1e-9, wd=0.1)
+    decayed = before * (1 - group["lr"] * group["weight_decay"])
+    # a step far below the weights' float32 resolution: the digits are gone
+    assert recover_applied(decayed, w.detach(), group["lr"]) is None
+    # a float32 direction is not on the bf16 grid: not a step of the form W − s·O with bf16 O
+    o = torch.randn(48, 80)
+    assert recover_applied(before, before - 0.02 * o, 0.02) is None
+    # the same step with a bf16 direction is read back exactly
+    o16 = o.bfloat16().float()
+    assert torch.equal(recover_applied(before, before - 0.02 * o16, 0.02), o16.double())
+    assert recover_applied(before, before, 0.02) is None  # no step at all
+    assert recover_applied(before, before - 0.02 * o16, 0.0) is None
+
+
+def test_a_muon_subclass_with_its_own_step_gets_ns_recomputed():
+    class Clipped(torch.optim.Muon):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    class Plain(torch.optim.Muon):
+        pass
+
+    w = torch.nn.Parameter(torch.zeros(8, 8))
+    assert adapter_for(Clipped([w])).applied is None
+    assert adapter_for(Plain([w])).applied is not None
+    assert adapter_for(torch.optim.Muon([w])).ns is not None

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import np_quantile, prescribed
 from torch import nn
+from torch.optim._muon import _zeropower_via_newtonschulz
 
 import spectralscope as ss
 from spectralscope.spectra import DEFAULT_QUANTILES as QS
@@ -78,9 +79,31 @@ def test_muon_momentum_spectrum_is_exact(tmp_path, nesterov):
         o = -(hist[t + 1] - hist[t]).double().numpy() / 0.01
         np.testing.assert_allclose(opt.ns_out_sv.values[t, 0], np_quantile(np.linalg.svd(o, compute_uv=False), QS),
                                    rtol=2e-3, atol=1e-4)
-        dw = (hist[t + 1] - hist[t]).double().numpy()
+        dw = (hist[t + 1].double() - hist[t].double()).numpy()  # the exact realised step
         np.testing.assert_allclose(opt.update_sv.values[t, 0], np_quantile(np.linalg.svd(dw, compute_uv=False), QS),
                                    rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("lr", [0.02, 1e-9])
+def test_ns_output_is_the_optimizers_own_with_weight_decay(tmp_path, lr):
+    # lr = 0.02: O is read back from the applied step; lr = 1e-9: too small to read back, O is recomputed.
+    # Either way ns_out_sv must be σ of torch's own NS output for that step.
+    w = nn.Parameter(torch.from_numpy(np.random.default_rng(0).standard_normal((20, 36)) * 0.05).float())
+    opt = torch.optim.Muon([w], lr=lr, weight_decay=0.1)
+    rec = ss.watch(opt, None, tmp_path / "r.zarr", every=1)
+    refs = []
+    for seed in (1, 2, 3):
+        w.grad = torch.from_numpy(prescribed(20, 36, _grad_spectrum(20), seed=seed)).float()
+        opt.step()
+        group = opt.param_groups[0]
+        m = w.grad.lerp(opt.state[w]["momentum_buffer"], group["momentum"])
+        o = _zeropower_via_newtonschulz(m, group["ns_coefficients"], group["ns_steps"], group["eps"])
+        refs.append(np.linalg.svd(o.double().numpy(), compute_uv=False))
+    rec.close()
+    opt_ds = ss.open_run(tmp_path / "r.zarr")["optimizer"]
+    for t, sv in enumerate(refs):
+        np.testing.assert_allclose(opt_ds.ns_out_sv.values[t, 0], np_quantile(sv, QS), rtol=1e-6, atol=1e-7)
+        assert opt_ds.ns_polar_err.values[t, 0] == pytest.approx(np.sqrt(np.mean((sv - 1) ** 2)), rel=1e-6)
 
 
 def test_sgd_and_adamw_record_their_momentum(tmp_path):
@@ -103,7 +126,7 @@ def test_optimizer_without_momentum_still_records_updates(tmp_path):
     tree, hist = _one_param_step(tmp_path, lambda p: torch.optim.SGD(p, lr=0.1), [g])
     opt = tree["optimizer"]
     assert np.isnan(opt.momentum_sv.values).all()
-    dw = (hist[1] - hist[0]).double().numpy()
+    dw = (hist[1].double() - hist[0].double()).numpy()
     np.testing.assert_allclose(opt.update_rms.values[0, 0], np.sqrt(np.mean(dw**2)), rtol=1e-12)
 
 

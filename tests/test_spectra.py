@@ -12,8 +12,11 @@ from spectralscope.spectra import (
     eigvalsh,
     entropy_rank,
     gram_spectrum,
+    matrix_spectrum,
     participation_rank,
     quantiles,
+    refine_budget,
+    route_costs,
     singular_values,
     spectral_norm,
     top_singular_value,
@@ -183,3 +186,52 @@ def test_eigvalsh_matches_numpy(n, rng):
     x = rng.standard_normal((n, n))
     g = x + x.T
     np.testing.assert_allclose(eigvalsh(torch.from_numpy(g)).numpy(), np.linalg.eigvalsh(g), rtol=1e-10, atol=1e-12 * n)
+
+
+def _decaying(m, n, seed, small=0.5):
+    """A spectrum whose lower ``small`` fraction lies far below 2e-3·σ_1 (many values to refine)."""
+    r = min(m, n)
+    k = int(small * r)
+    s = np.concatenate([np.geomspace(1.0, 5e-2, r - k), np.geomspace(1e-4, 1e-6, k)])
+    return prescribed(m, n, s, seed=seed).astype(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (48, 160), (160, 48)])
+@pytest.mark.parametrize("hint", [None, 0, 1000])
+def test_matrix_spectrum_every_route_is_exact(shape, hint):
+    # hint None/0 starts on the Gram route (which hands over to the direct SVD past its refine budget);
+    # a large hint goes straight to the direct SVD. Every route: float64-SVD accuracy down to 1e-6·σ_1.
+    for small in (0.0, 0.05, 0.5):
+        a = _decaying(*shape, seed=int(100 * small) + shape[0], small=small)
+        sp = matrix_spectrum(torch.from_numpy(a), k_hint=hint)
+        ref = _ref_sv(a)
+        keep = ref / ref[0] >= 1e-6
+        np.testing.assert_allclose(sp.sigma.numpy()[keep], ref[keep], rtol=1e-9)
+        diag_ref = (a * a).sum(axis=1 if shape[0] <= shape[1] else 0)
+        np.testing.assert_allclose(sp.diag.numpy(), diag_ref, rtol=1e-12)
+        assert sp.k == int(np.sum(ref < 2e-3 * ref[0]))
+        expect_direct = (hint is not None and sum(route_costs(*shape, hint)[:2]) > route_costs(*shape, hint)[2]) or (
+            sp.k > refine_budget(*shape))
+        assert sp.route == ("direct" if expect_direct else "gram")
+
+
+def test_route_costs_pick_the_cheaper_route_where_it_is_clear():
+    # square with half its spectrum to refine: the direct SVD is cheaper; wide with one value: the Gram route
+    gram, refine, direct = route_costs(128, 128, 64)
+    assert gram + refine > direct
+    gram, refine, direct = route_costs(128, 512, 1)
+    assert gram + refine < direct
+    assert route_costs(128, 512, 0)[1] == 0.0
+    assert 0 < refine_budget(128, 128) < refine_budget(128, 512)
+
+
+def test_matrix_spectrum_bad_input_gives_nan_like_gram_spectrum():
+    a = torch.randn(20, 30)
+    a[3, 4] = float("nan")
+    for hint in (None, 1000):
+        sp = matrix_spectrum(a, k_hint=hint)
+        assert torch.isnan(sp.sigma).all() and sp.sigma.shape == (20,)
+    big = torch.from_numpy(prescribed(20, 30, np.geomspace(1, 1e-5, 20), seed=4) * 1e200)
+    for hint in (None, 1000):
+        sp = matrix_spectrum(big, k_hint=hint)
+        np.testing.assert_allclose(sp.sigma.numpy(), np.geomspace(1, 1e-5, 20) * 1e200, rtol=1e-8)

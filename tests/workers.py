@@ -1,7 +1,8 @@
 """Processes that the store tests start, kill and read beside: `python tests/workers.py MODE PATH ...`.
 
 write PATH STOPFILE   append rows whose values encode their step until STOPFILE exists (or 100k rows)
-train PATH            train a tiny model with Muon under `watch` (every=1, flush 20 ms) forever
+train PATH [FLUSH]    train a tiny model with Muon under `watch` (every=1, flush FLUSH s, default 0.02)
+                      forever, printing `step S T` (T = time.monotonic()) after each step
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def write(path: str, stopfile: str) -> None:
     w.close()
 
 
-def train(path: str) -> None:
+def train(path: str, flush_seconds: str = "0.02") -> None:
     import torch
 
     import spectralscope as ss
@@ -51,14 +52,18 @@ def train(path: str) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
     opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02)
-    rec = ss.watch(opt, model, path, every=1, flush_seconds=0.02)
+    rec = ss.watch(opt, model, path, every=1, flush_seconds=float(flush_seconds))
     print("ready", flush=True)
+    step = 0
     while True:
         loss = model(torch.randn(32, 16)).square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad()
         rec.log(loss=loss)
+        # the optimizer row of `step` is queued: report when (CLOCK_MONOTONIC is shared by all processes)
+        print(f"step {step} {time.monotonic():.6f}", flush=True)
+        step += 1
 
 
 if __name__ == "__main__":

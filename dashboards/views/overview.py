@@ -16,14 +16,14 @@ common.selected_runs()  # the sidebar picker, shared with the other pages
 def table() -> None:
     root = common.runs_dir()
     try:
-        entries = data.find_runs(root)  # uncached: this table is the live view
+        entries = data.find_runs(root, storage_options=common.storage_options())  # uncached: the live view
     except FileNotFoundError as exc:
         st.error(str(exc))
         return
     if not entries:
         st.info(f"No runs under {root} yet.")
         return
-    frame = data.overview(entries)
+    frame = data.overview(entries, common.storage_options())
     if len(frame):
         live = int((frame["status"] == "running").sum())
         c1, c2, c3 = st.columns(3)

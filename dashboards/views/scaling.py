@@ -21,7 +21,7 @@ QUANTILED = {"momentum_sv", "ns_out_sv", "update_sv", "neuron_norm"}
 def settled(keys: tuple[tuple[str, int], ...], metric: str, quantile: float | None,
             window: tuple[float, float]) -> tuple[pd.DataFrame, list[str]]:
     entries = [e for e in common.find_runs(str(common.runs_dir())) if e.rel in dict(keys)]
-    return data.settled(entries, metric, group_of(metric), quantile, window)
+    return data.settled(entries, metric, group_of(metric), quantile, window, common.storage_options())
 
 
 def default_groups(fits: pd.DataFrame, most: int = 8) -> list[str]:
