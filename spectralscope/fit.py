@@ -160,7 +160,7 @@ def settled_values(tree, metric: str, quantile: float | None = None, size: str =
             raise ValueError(f"fit_scaling: {where} did not record quantile {missing[0]} "
                              f"(recorded: {list(da['quantile'].values)})")
     unit = unit_dim(da.dims)
-    med = da.median("step", skipna=True)
+    med = da.median("step", skipna=True).load()  # once: with dask every .values below would recompute it
     rows = []
     value_size = _run_size(dict(tree.attrs), size, where)
     for j, name in enumerate(med[unit].values.tolist()):
