@@ -549,6 +549,9 @@ def watch(
     `ss.GradientSpectra`, or True for every=100, max_samples=64; off by default), ``sharpness`` (an
     `ss.Sharpness(loss_fn, batch, every=100, per_layer=False)`; off by default), ``tensorboard`` (a log
     directory: per-layer scalars of the main metrics with a custom-scalars layout).
+    Under torch.distributed call it on every rank with the same arguments: only rank 0 writes (the path is
+    not touched elsewhere); with FSDP2 (DTensor parameters) every rank measures its round-robin share of
+    the layers on gathered full matrices.
     Returns the `Recorder`; use it as a context manager or call ``close()``.
     """
     return Recorder(optimizer, model, path, **options)
