@@ -34,10 +34,25 @@ def _fmt(x: object) -> str:
     return str(x)
 
 
-def info_text(path: str) -> str:
+def storage_options_arg(text: str | None) -> dict | None:
+    """``--storage-options``: fsspec options for URLs, a JSON object (None when not given)."""
+    import json
+
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UserError(f"--storage-options must be a JSON object ({exc})") from exc
+    if not isinstance(value, dict):
+        raise UserError(f"--storage-options must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def info_text(path: str, storage_options: dict | None = None) -> str:
     """The report of ``spectralscope info``: attributes, layers, steps and last values, as text tables."""
     try:
-        tree = open_run(path)
+        tree = open_run(path, storage_options)
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     attrs = tree.attrs
@@ -94,12 +109,12 @@ def info_text(path: str) -> str:
 
 
 def fit_text(runs: Sequence[str], metric: str, quantile: float | None, target_size: float | None,
-             csv: str | None) -> str:
+             csv: str | None, storage_options: dict | None = None) -> str:
     """The report of ``spectralscope fit``: the power-law table, and the NS recommendation at ``target_size``."""
     from .fit import fit_scaling, recommend_ns_steps
 
     try:
-        fits = fit_scaling(list(runs), metric=metric, quantile=quantile)
+        fits = fit_scaling(list(runs), metric=metric, quantile=quantile, storage_options=storage_options)
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     if csv:
@@ -154,13 +169,9 @@ def dashboard_env(runs_dir: str, storage_options: str | None = None) -> dict[str
     from .store import is_url
 
     env = {**os.environ, "SPECTRALSCOPE_RUNS_DIR": runs_dir if is_url(runs_dir) else str(Path(runs_dir).resolve())}
-    if storage_options:
-        try:
-            if not isinstance(json.loads(storage_options), dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:
-            raise UserError(f"--storage-options must be a JSON object ({exc})") from exc
-        env["SPECTRALSCOPE_STORAGE_OPTIONS"] = storage_options
+    options = storage_options_arg(storage_options)
+    if options is not None:
+        env["SPECTRALSCOPE_STORAGE_OPTIONS"] = json.dumps(options)
     return env
 
 
@@ -169,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print a run's attributes, layers, steps and last values")
     info.add_argument("run", help="path or URL of a run store (…/name.zarr)")
+    info.add_argument("--storage-options", default=None, help="fsspec options for a URL, as a JSON object")
     demo = sub.add_parser("demo", help="train a width sweep of small GPTs with Muon, record, fit and recommend")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--widths", type=int, nargs="+", default=[32, 48, 64, 96])
@@ -194,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--quantile", type=float, default=None, help="one quantile level (default: every recorded one)")
     fit.add_argument("--target-size", type=float, default=None, help="recommend NS steps for this model size")
     fit.add_argument("--csv", default=None, help="also write the fit table to this CSV file")
+    fit.add_argument("--storage-options", default=None, help="fsspec options for URLs, as a JSON object")
     return p
 
 
@@ -201,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "info":
-            print(info_text(args.run))
+            print(info_text(args.run, storage_options_arg(args.storage_options)))
         elif args.command == "demo":
             from .demo import DemoConfig, run_demo
 
@@ -229,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # become the server: signals (Ctrl-C, a supervisor's SIGTERM) reach Streamlit itself, no orphan left
             os.execve(cmd[0], cmd, env)
         elif args.command == "fit":
-            print(fit_text(args.runs, args.metric, args.quantile, args.target_size, args.csv))
+            print(fit_text(args.runs, args.metric, args.quantile, args.target_size, args.csv,
+                           storage_options_arg(args.storage_options)))
         return 0
     except UserError as exc:
         print(f"spectralscope {args.command}: error: {exc}", file=sys.stderr)

@@ -100,6 +100,16 @@ def test_fit_scaling_reads_a_glob_of_s3_runs(s3, tmp_path):
     np.testing.assert_allclose(remote["slope"].values, local["slope"].values, rtol=1e-12)
     with pytest.raises(ValueError, match="no run matches"):
         ss.fit_scaling(["s3://runs/nothing/*.zarr"], storage_options=s3)
+    # the command line takes the same options as JSON
+    import json
+
+    from spectralscope.cli import fit_text, info_text, main
+
+    text = fit_text(["s3://runs/sweep/*.zarr"], "momentum_sv", 0.5, None, None, s3)
+    assert "attn" in text or "mlp" in text or "other" in text
+    assert "s3://runs/sweep/w8.zarr" in info_text("s3://runs/sweep/w8.zarr", s3)
+    assert main(["info", "s3://runs/sweep/w8.zarr", "--storage-options", json.dumps(s3)]) == 0
+    assert main(["fit", "s3://runs/sweep/*.zarr", "--storage-options", "[1, 2]"]) == 2
 
 
 def test_the_dashboard_serves_a_runs_folder_on_s3(s3, monkeypatch):
