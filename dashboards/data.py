@@ -128,7 +128,7 @@ def _find_remote(root: str, max_depth: int, storage_options: Options) -> list[Ru
         raise FileNotFoundError(f"runs folder {root} does not exist or is not a folder")
 
     def read(url: str) -> str:
-        return fs.cat_file(_fs(url, storage_options)[1]).decode()
+        return fs.cat_file(url).decode()  # the filesystem strips its own protocol
 
     found: list[RunEntry] = []
     level = [base.rstrip("/")]
