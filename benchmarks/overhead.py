@@ -1,6 +1,7 @@
 """Overhead of recording at defaults on a small transformer trained with Muon.
 
     python benchmarks/overhead.py [--pairs 12] [--block 10] [--group 5] [--width 128] [--depth 4] [--batch 32] [--every 10]
+    python benchmarks/overhead.py --demo [--all-instruments]     # the demo's largest model (its cadence)
 
 Two identical models train side by side in one process, one plain and one under `ss.watch` at defaults
 (optimizer spectra every 10 steps, activation spectra every 50). Short blocks of `--block` steps (default
@@ -123,9 +124,49 @@ def paired_ratios(run_a, run_b, pairs: int, block: int, group: int) -> tuple[lis
     return ratios, ta, tb
 
 
+def demo_setup(args: argparse.Namespace):
+    """The demo's largest model (`spectralscope.demo`: GPT width 96, depth 4, ctx 64, batch 16 of its
+    bundled corpus) with its optimizers (Muon on the hidden matrices, AdamW on the rest, no weight decay),
+    and the demo's instrument cadence for its default 300 steps."""
+    from spectralscope.corpus import load_corpus
+    from spectralscope.demo import DemoConfig
+    from spectralscope.gpt import GPT as DemoGPT
+    from spectralscope.gpt import GPTConfig
+
+    cfg = DemoConfig()
+    width = max(cfg.widths)
+    corpus = load_corpus(cfg.data)
+    base = DemoGPT(GPTConfig(vocab=corpus.vocab, width=width, depth=cfg.depth, heads=max(1, width // 16), ctx=cfg.ctx))
+
+    def opts(model):
+        hidden = model.hidden_matrices()
+        rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+        return (torch.optim.Muon(hidden, lr=0.02, momentum=0.95, weight_decay=0.0),
+                torch.optim.AdamW(rest, lr=3e-3, weight_decay=0.0))
+
+    def batches(seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            yield corpus.batch(cfg.batch, cfg.ctx, gen)
+
+    probe = corpus.batch(cfg.batch, cfg.ctx, torch.Generator().manual_seed(cfg.seed + 1))
+    cadence = max(1, cfg.steps // 6)
+    instruments = {
+        "activations": ss.ActivationSpectra(every=max(1, cfg.steps // 12), max_tokens=2048),
+        "gradients": ss.GradientSpectra(every=cadence, max_samples=cfg.batch),
+        "sharpness": ss.Sharpness(lambda m, b: m.loss(b), probe, every=cadence),
+    }
+    desc = (f"demo GPT width {width}, depth {cfg.depth}, batch {cfg.batch}x{cfg.ctx} tokens")
+    return base, opts, batches, instruments, desc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model_arguments(ap, pairs=12)
+    ap.add_argument("--demo", action="store_true", help="the demo's largest model instead of this transformer")
+    ap.add_argument("--all-instruments", action="store_true",
+                    help="with --demo: every instrument at the demo's cadence (activations every 25 steps, "
+                         "per-sample gradients and sharpness every 50)")
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--block", type=int, default=10, help="steps per A or B block (default: one optimizer record)")
     ap.add_argument("--group", type=int, default=5, help="pairs summed per ratio (default: 50 steps, one activation record)")
@@ -134,17 +175,28 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if args.all_instruments and not args.demo:
+        ap.error("--all-instruments needs --demo")
+    if args.demo:
+        base, make_opts, batches, instruments, desc = demo_setup(args)
+        stream_a, stream_b = batches(1), batches(1)
+    else:
+        base = GPT(VOCAB, args.width, args.depth, args.ctx)
+        make_opts, instruments = optimizers, {}
+        desc = f"GPT width {args.width}, depth {args.depth}, batch {args.batch}x{args.ctx} tokens"
+        stream_a, stream_b = token_batches(args.batch, args.ctx), token_batches(args.batch, args.ctx)
     # Both models are copies of one initialisation, made the same way: an A/A run of this harness with the
     # original model as A showed a +1.3–1.9% bias from where the tensors of a fresh model and a copy live.
-    base = GPT(VOCAB, args.width, args.depth, args.ctx)
     plain, watched = copy.deepcopy(base), copy.deepcopy(base)
     del base
-    opts_a, opts_b = optimizers(plain), optimizers(watched)
-    run_a = make_block(plain, opts_a, token_batches(args.batch, args.ctx))
-    run_b = make_block(watched, opts_b, token_batches(args.batch, args.ctx))
+    opts_a, opts_b = make_opts(plain), make_opts(watched)
+    run_a = make_block(plain, opts_a, stream_a)
+    run_b = make_block(watched, opts_b, stream_b)
     steps = args.block * args.group
     with tempfile.TemporaryDirectory() as tmp:
         extra = {"activations": None} if args.no_activations else {}
+        if args.all_instruments:
+            extra = instruments
         rec = None if args.control else ss.watch(opts_b[0], watched, f"{tmp}/bench.zarr", every=args.every, **extra)
         run_a(steps), run_b(steps)  # warm-up, and the watched run starts its next group at a record
         ratios, ta, tb = paired_ratios(run_a, run_b, args.pairs, args.block, args.group)
@@ -155,10 +207,11 @@ def main() -> None:
     n_params = sum(p.numel() for p in plain.parameters())
     step = statistics.median(ta) / steps
     q = statistics.quantiles(ratios, n=4)
-    print(f"model: GPT width {args.width}, depth {args.depth}, {n_params / 1e6:.2f}M parameters, "
-          f"batch {args.batch}x{args.ctx} tokens; "
+    what = ("every instrument at the demo's cadence" if args.all_instruments
+            else f"activations {'off' if args.no_activations else 'every 50'}")
+    print(f"model: {desc}, {n_params / 1e6:.2f}M parameters; "
           + ("CONTROL: B not watched; " if args.control else f"{n_layers} watched matrices; ")
-          + f"optimizer record every {args.every} steps, activations {'off' if args.no_activations else 'every 50'}; "
+          + f"optimizer record every {args.every} steps, {what}; "
           f"{args.pairs} ratios, each over {args.group} alternating pairs of {args.block}-step blocks")
     print(f"{'plain step':>11} {'watched/plain':>14} {'IQR':>15} {'min–max':>15} {'sum B/sum A':>12} "
           f"{'records per ' + str(steps) + ' steps':>22}")

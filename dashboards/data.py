@@ -254,7 +254,7 @@ def read(path: Where, group: str, var: str, *, window: tuple[float, float] = (0.
          quantile: float | None = None, units: Sequence[int] | None = None,
          at_steps: Sequence[int] | None = None, storage_options: Options = None) -> xr.DataArray | None:
     """Committed rows of one variable as a DataArray with its named dimensions and coordinates
-    (``step``; ``layer``/``module`` with ``kind`` and ``depth``; ``quantile``; ``rank``).
+    (``step``; ``layer``/``module`` with ``kind``, ``depth`` and, where stored, ``sv_method``; ``quantile``; ``rank``).
 
     ``window``: fractions of the committed rows; ``max_steps``: keep at most that many, evenly strided;
     ``quantile``: only the nearest recorded level (that dimension dropped); ``units``: only these layer or
@@ -289,7 +289,7 @@ def read(path: Where, group: str, var: str, *, window: tuple[float, float] = (0.
         keep_dims.append(d)
         coords[d] = (d, values[idx] if idx is not None else values)
         if d in ("layer", "module"):
-            for aux in ("kind", "depth", "rows", "cols", "width"):
+            for aux in ("kind", "depth", "rows", "cols", "width", "sv_method"):
                 if aux in g:
                     av = _plain(g[aux][...])
                     coords[aux] = (d, av[idx] if idx is not None else av)

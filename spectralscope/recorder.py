@@ -30,6 +30,7 @@ from spectralscope.hooks.sharpness import Sharpness
 
 from . import distributed
 from .adapters import adapter_for
+from .estimate import EXACT_MAX, SpectrumEstimate, choose_method, quantile_bracket, representative_spectrum, slq
 from .layers import Layer, layer_coords, select_layers
 from .newton_schulz import NSConfig, newton_schulz
 from .optimizer_metrics import momentum_metrics, newton_schulz_metrics, update_metrics, weight_metrics
@@ -53,6 +54,9 @@ OPTIMIZER_VARIABLES: dict[str, bool] = {
     "neuron_cv": False,
     "weight_spectral_norm": False,
 }
+#: With an estimated layer in the run: the bound on |recorded − true| of each estimated quantile family
+#: (`estimate.quantile_bracket`: hi − lo; 0 on exactly measured layers), and the family it belongs to.
+ESTIMATE_BOUNDS = {"momentum_sv_err": "momentum", "ns_out_sv_err": "newton_schulz", "update_sv_err": "update"}
 _FAMILIES = {
     "momentum": ("momentum_sv", "momentum_norm", "ns_fail_frac"),
     "newton_schulz": ("ns_out_sv", "ns_polar_err", "ns_orth_err"),
@@ -100,6 +104,8 @@ class Recorder:
         resume: bool = False,
         overwrite: bool = False,
         storage_options: Mapping[str, Any] | None = None,
+        exact_max: int | None = EXACT_MAX,
+        sv_method: str = "auto",
         activations: ActivationSpectra | bool | None = True,
         gradients: GradientSpectra | bool | None = None,
         sharpness: Sharpness | None = None,
@@ -121,6 +127,9 @@ class Recorder:
                "model_size", "a positive int or None", model_size)
         _check(0 < ns_floor, "ns_floor", "a float > 0", ns_floor)
         _check(flush_seconds > 0, "flush_seconds", "a number > 0", flush_seconds)
+        _check(exact_max is None or (isinstance(exact_max, int) and not isinstance(exact_max, bool) and exact_max >= 1),
+               "exact_max", "an int >= 1 (largest smaller side measured exactly) or None (always exact)", exact_max)
+        _check(sv_method in ("auto", "exact", "slq"), "sv_method", "'auto', 'exact' or 'slq'", sv_method)
         if meta is not None:
             try:
                 json.dumps(dict(meta))
@@ -138,6 +147,11 @@ class Recorder:
                 "watch(): no parameter to watch — the optimizer updates no parameter with ndim >= 2"
                 + (f" whose name matches layers={layers!r}" if layers is not None else "")
             )
+        # how each layer's spectra are measured: fixed by its shape, so recorded once as a coordinate
+        self.methods = {lay.name: choose_method(lay.rows, lay.cols, exact_max, sv_method) for lay in self.layers}
+        self.estimated = any(m != "exact" for m in self.methods.values())
+        # the optimizer group's variables (name → has a quantile axis): the bounds only when a layer is estimated
+        self.variables = {**OPTIMIZER_VARIABLES, **({v: True for v in ESTIMATE_BOUNDS} if self.estimated else {})}
         _check(activations is None or isinstance(activations, (bool, ActivationSpectra)), "activations",
                "an ss.ActivationSpectra, True (defaults) or None/False (off)", activations)
         _check(gradients is None or isinstance(gradients, (bool, GradientSpectra)), "gradients",
@@ -223,6 +237,8 @@ class Recorder:
         self._before: dict[int, Tensor] | None = None
         self._vectors: dict[str, Tensor] = {}
         self._k_hint: dict[tuple[str, str], int] = {}  # singular values to refine at the last record, per spectrum
+        self._estimates: dict[str, SpectrumEstimate] = {}  # this layer's SLQ estimates, per family
+        self._slq_gen: torch.Generator | None = None  # fresh random vectors at every estimate, private stream
         self._scalars: dict[str, float] = {}
         self._scalar_step: int | None = None
         self._closed = False
@@ -235,8 +251,9 @@ class Recorder:
 
     # ---- layout ----------------------------------------------------------------------------------
     def _group_specs(self) -> list[GroupSpec]:
-        coords = {**layer_coords(self.layers), "quantile": ("quantile", np.array(self.quantiles, dtype=np.float64))}
-        variables = {v: ("step", "layer", "quantile") if q else ("step", "layer") for v, q in OPTIMIZER_VARIABLES.items()}
+        coords = {**layer_coords(self.layers), "quantile": ("quantile", np.array(self.quantiles, dtype=np.float64)),
+                  "sv_method": ("layer", np.array([self.methods[lay.name] for lay in self.layers]))}
+        variables = {v: ("step", "layer", "quantile") if q else ("step", "layer") for v, q in self.variables.items()}
         return [GroupSpec("optimizer", coords, variables), GroupSpec("scalars", dynamic=True)]
 
     def _resume_step(self) -> int:
@@ -345,7 +362,7 @@ class Recorder:
     def _measure(self) -> dict[str, np.ndarray] | None:
         """The optimizer row of this step (None on the ranks that do not write)."""
         nq, nl = len(self.quantiles), len(self.layers)
-        row = {v: np.full((nl, nq) if q else (nl,), np.nan) for v, q in OPTIMIZER_VARIABLES.items()}
+        row = {v: np.full((nl, nq) if q else (nl,), np.nan) for v, q in self.variables.items()}
         if self.sharded:
             return self._measure_sharded(row)
         for i, lay in enumerate(self.layers):
@@ -381,8 +398,9 @@ class Recorder:
         reasons: dict[str, str] = {}
 
         def fail(name: str, exc: BaseException) -> None:
-            for var in _FAMILIES[name]:
-                out[var] = torch.full((len(qs),) if OPTIMIZER_VARIABLES[var] else (), float("nan"))
+            bounds = [b for b, fam in ESTIMATE_BOUNDS.items() if fam == name and b in self.variables]
+            for var in (*_FAMILIES[name], *bounds):
+                out[var] = torch.full((len(qs),) if self.variables[var] else (), float("nan"))
                 reasons[var] = f"failed ({type(exc).__name__}: {exc})"
 
         def family(name: str, fn: Callable[[], dict[str, Tensor]]) -> None:
@@ -411,6 +429,19 @@ class Recorder:
             return metrics
 
         family("weight", weight)
+        if self.estimated:
+            if self.methods[lay.name] == "exact":
+                out.update({v: torch.zeros(len(qs), dtype=torch.float64) for v, fam in ESTIMATE_BOUNDS.items()
+                            if not (fam == "momentum" and m is None) and not (fam == "update" and w0 is None)
+                            and not (fam == "newton_schulz" and (m is None or ns is None))})
+            else:
+                try:
+                    out.update({k: v for k, v in self._bounds(out).items() if k not in reasons})
+                except Exception as exc:
+                    for var in ESTIMATE_BOUNDS:
+                        out[var] = torch.full((len(qs),), float("nan"))
+                        reasons[var] = f"failed ({type(exc).__name__}: {exc})"
+                self._estimates.clear()
         return {k: (v.detach().to("cpu", torch.float64).numpy(), reasons.get(k, "is not finite")) for k, v in out.items()}
 
     def _measure_sharded(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
@@ -418,7 +449,7 @@ class Recorder:
         and W_before from the shards and measures it; rank 0 gathers the results. Every rank takes part in
         every collective in the same order whatever it meets (NaN, a failed metric), so none can hang."""
         world, me = distributed.world_size(), distributed.rank()
-        sizes = {v: (len(self.quantiles) if q else 1) for v, q in OPTIMIZER_VARIABLES.items()}
+        sizes = {v: (len(self.quantiles) if q else 1) for v, q in self.variables.items()}
         width = sum(sizes.values())
         mine = np.full((len(self.layers), width), np.nan)
         reasons: dict[tuple[int, str], str] = {}
@@ -447,7 +478,7 @@ class Recorder:
             values, offset = gathered[i % world][i], 0
             host = {}
             for var, n in sizes.items():
-                value = values[offset:offset + n] if OPTIMIZER_VARIABLES[var] else values[offset]
+                value = values[offset:offset + n] if self.variables[var] else values[offset]
                 host[var] = (value, reasons.get((i, var), "is not finite"))
                 offset += n
             self._fill(row, i, lay, host)
@@ -458,11 +489,37 @@ class Recorder:
         key = (lay.name, family)
 
         def spectrum(a: Tensor) -> Spectrum:
+            if self.methods[lay.name] == "slq":
+                return self._estimate(a, family)
             sp = matrix_spectrum(a, self._k_hint.get(key))
             self._k_hint[key] = sp.k
             return sp
 
         return spectrum
+
+    def _estimate(self, a: Tensor, family: str) -> Spectrum:
+        """The SLQ route: σ̃ (`estimate.representative_spectrum`) and the exact Gram diagonal (row or column
+        norms²); the estimate is kept for the family's quantile bounds."""
+        m = as_matrix(a).detach().to(torch.float64)
+        if self._slq_gen is None or self._slq_gen.device != m.device:
+            self._slq_gen = torch.Generator(device=m.device).manual_seed(0)
+        est = slq(m, generator=self._slq_gen)
+        self._estimates[family] = est
+        diag = m.square().sum(1) if m.shape[0] <= m.shape[1] else m.square().sum(0)
+        return Spectrum(representative_spectrum(est), diag, "slq", 0)
+
+    def _bounds(self, out: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """hi − lo of each estimated quantile (`estimate.quantile_bracket`), in the units of the recorded
+        values: momentum_sv is normalised by ‖M‖_F."""
+        res = {}
+        for var, fam in ESTIMATE_BOUNDS.items():
+            est = self._estimates.get(fam)
+            if est is None:
+                continue
+            scale = float(out["momentum_norm"]) if fam == "momentum" else 1.0
+            lo, hi = quantile_bracket(est, self.quantiles, scale if scale > 0 else float("nan"))
+            res[var] = hi - lo
+        return res
 
     def _ns_output(self, p: Tensor, group: Mapping[str, Any], w1: Tensor, w0: Tensor | None, m: Tensor,
                    ns: NSConfig) -> Tensor:
@@ -544,7 +601,11 @@ def watch(
     ``layers`` (regex or callable narrowing the watched parameters), ``quantiles``, ``name``,
     ``model_size`` (default: the model's parameter count), ``ns_floor`` (the f_k floor behind
     ``ns_fail_frac``, default 0.5), ``flush_seconds`` (default 5), ``resume`` / ``overwrite``,
-    ``storage_options`` (fsspec), ``activations`` (an `ss.ActivationSpectra`; True, the default, records
+    ``storage_options`` (fsspec), ``exact_max`` (default 2048) and ``sv_method`` ("auto", the default:
+    spectra of matrices whose smaller side exceeds ``exact_max`` are estimated by stochastic Lanczos
+    quadrature when a cost model says that is cheaper, with a bound on every estimated quantile stored as
+    ``*_sv_err``; "slq": always above ``exact_max``; "exact": never; the coordinate ``sv_method`` says which
+    each layer got), ``activations`` (an `ss.ActivationSpectra`; True, the default, records
     the inputs of the watched linear layers every 50 steps; None turns it off), ``gradients`` (an
     `ss.GradientSpectra`, or True for every=100, max_samples=64; off by default), ``sharpness`` (an
     `ss.Sharpness(loss_fn, batch, every=100, per_layer=False)`; off by default), ``tensorboard`` (a log

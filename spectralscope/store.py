@@ -218,7 +218,8 @@ class RunWriter:
             return self._create_group(spec)
         g = self.root[spec.name]
         for name, (dim, values) in spec.coords.items():
-            if name == dim and name in g and name not in ("quantile",):
+            # the layer names, and how each layer's spectra are measured (a resumed run must not mix methods)
+            if (name == dim or name == "sv_method") and name in g and name not in ("quantile",):
                 old = [v.item() if hasattr(v, "item") else v for v in np.asarray(g[name][...])]
                 if list(np.asarray(old)) != list(np.asarray(values)):
                     raise ValueError(
