@@ -31,10 +31,15 @@ $(CHROMIUM):
 test: install lint $(CHROMIUM)
 	$(PY) -m pytest -q -ra
 
+# peers.py measures against WeightWatcher and PyHessian (the bench extra); gpu.py needs CUDA and is run by hand.
 bench: install
+	$(PY) -m pip install -q -e ".[dev,bench]"
 	$(PY) benchmarks/spectra.py
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/overhead.py --demo
+	$(PY) benchmarks/overhead.py --demo --all-instruments
 	$(PY) benchmarks/instruments.py
+	$(PY) benchmarks/peers.py
 	$(PY) benchmarks/dashboard.py
 
 clean:

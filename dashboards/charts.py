@@ -47,19 +47,33 @@ def heatmap(da: xr.DataArray, title: str, run: str, log: bool = False) -> go.Fig
 
 
 def lines(series: Mapping[str, xr.DataArray], title: str, y: str, log_y: bool = False,
-          threshold: tuple[float, str] | None = None) -> go.Figure:
+          threshold: tuple[float, str] | None = None, errors: Mapping[str, xr.DataArray] | None = None) -> go.Figure:
     """One line per (run, layer) of (step, layer) arrays: colour by layer, dash by run.
-    ``threshold`` = (value, label) draws a horizontal reference line (e.g. the NS threshold)."""
+    ``threshold`` = (value, label) draws a horizontal reference line (e.g. the NS threshold). ``errors``:
+    per run, the stored bound on |recorded − true| of an estimated quantile (``*_sv_err``), drawn as error
+    bars where it is positive; layers the store marks ``sv_method = "slq"`` are labelled "(estimated)"."""
     fig = go.Figure()
     colours: dict[str, str] = {}
     for r, (run, da) in enumerate(series.items()):
         unit = unit_dim(da.dims)
+        methods = [str(v) for v in da["sv_method"].values] if "sv_method" in da.coords else []
+        err_da = (errors or {}).get(run)
         for j, name in enumerate(str(v) for v in da[unit].values):
             colour = colours.setdefault(name, PALETTE[len(colours) % len(PALETTE)])
+            estimated = j < len(methods) and methods[j] == "slq"
+            err = None
+            if err_da is not None and err_da.sizes.get("step") == da.sizes["step"]:
+                values = err_da.isel({unit: j}).values
+                err = values if np.nanmax(np.append(values, 0.0)) > 0 else None
             fig.add_trace(go.Scatter(
-                x=da["step"].values, y=da.isel({unit: j}).values, mode="lines", name=f"{name} · {run}",
+                x=da["step"].values, y=da.isel({unit: j}).values, mode="lines+markers" if err is not None else "lines",
+                name=f"{name}{' (estimated)' if estimated else ''} · {run}",
                 line={"color": colour, "dash": DASHES[r % len(DASHES)], "width": 1.5},
-                hovertemplate=f"run {run}<br>{unit} {name}<br>step %{{x}}<br>value %{{y:.4g}}<extra></extra>",
+                error_y=({"type": "data", "array": err, "visible": True, "thickness": 1, "width": 2}
+                         if err is not None else None),
+                customdata=err,
+                hovertemplate=(f"run {run}<br>{unit} {name}<br>step %{{x}}<br>value %{{y:.4g}}"
+                               + (" ± %{customdata:.2g} (SLQ bound)" if err is not None else "") + "<extra></extra>"),
             ))
     if threshold is not None:
         fig.add_hline(y=threshold[0], line={"color": "crimson", "dash": "dash"}, annotation_text=threshold[1],

@@ -87,6 +87,13 @@ def read(entry: data.RunEntry, group: str, var: str, *, window: tuple[float, flo
         return None
 
 
+def bounds(runs: Sequence[data.RunEntry], var: str, quantile: float | None,
+           units: Sequence[int] | None) -> dict[str, xr.DataArray]:
+    """Per run, the stored bound ``{var}_err`` of an estimated quantile (runs with an SLQ-measured layer only)."""
+    return {e.rel: d for e in runs
+            if (d := read(e, "optimizer", f"{var}_err", quantile=quantile, units=units)) is not None}
+
+
 def header(title: str, caption: str) -> None:
     st.title(title)
     st.caption(caption)

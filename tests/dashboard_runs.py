@@ -23,9 +23,9 @@ def _batch(g: torch.Generator, n: int = 8, ctx: int = 16) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, ctx + 1), generator=g)
 
 
-def start_run(path: Path, width: int, every: int = 2, flush_seconds: float = 5.0, seed: int = 0):
-    """A tiny GPT (depth 2) under `watch` with optimizer spectra, activations, gradients and sharpness;
-    returns (recorder, step function)."""
+def start_run(path: Path, width: int, every: int = 2, flush_seconds: float = 5.0, seed: int = 0, **options):
+    """A tiny GPT (depth 2) under `watch` with optimizer spectra, activations, gradients and sharpness
+    (``options`` go to `watch` too); returns (recorder, step function)."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab=VOCAB, width=width, depth=2, heads=2, ctx=16))
     hidden = model.hidden_matrices()
@@ -36,7 +36,8 @@ def start_run(path: Path, width: int, every: int = 2, flush_seconds: float = 5.0
     rec = ss.watch(muon, model, path, every=every, meta={"width": width}, flush_seconds=flush_seconds,
                    activations=ss.ActivationSpectra(every=2 * every, max_tokens=256),
                    gradients=ss.GradientSpectra(every=2 * every, max_samples=8),
-                   sharpness=ss.Sharpness(lambda m, b: m.loss(b), probe, every=3 * every, per_layer=True))
+                   sharpness=ss.Sharpness(lambda m, b: m.loss(b), probe, every=3 * every, per_layer=True),
+                   **options)
 
     def step() -> None:
         loss = model.loss(_batch(g))
@@ -49,8 +50,8 @@ def start_run(path: Path, width: int, every: int = 2, flush_seconds: float = 5.0
     return rec, step
 
 
-def finished_run(path: Path, width: int, steps: int = 16) -> Path:
-    rec, step = start_run(path, width)
+def finished_run(path: Path, width: int, steps: int = 16, **options) -> Path:
+    rec, step = start_run(path, width, **options)
     for _ in range(steps):
         step()
     rec.close()

@@ -3,10 +3,12 @@ broken runs."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from dashboard_runs import broken_stores, finished_run, start_run
 from streamlit.testing.v1 import AppTest
@@ -42,6 +44,13 @@ def _app(monkeypatch, root) -> AppTest:
 
 def _figures(at) -> list[dict]:
     return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def _array(value) -> np.ndarray:
+    """A plotly JSON array: a list, or a typed array {"dtype", "bdata"} (base64)."""
+    if isinstance(value, dict) and "bdata" in value:
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).astype(float)
+    return np.asarray(value, dtype=float)
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -144,3 +153,26 @@ def test_spectra_overlay_every_run_at_its_nearest_recorded_step(monkeypatch, fol
     assert any("live.zarr · step 4" in n for n in names)  # its nearest committed step to 12
     modules = at.multiselect(key="activations-modules").value
     assert not any(m.endswith(("k_proj", "v_proj")) for m in modules) and len(modules) == 3
+
+
+def test_estimated_layers_are_labelled_and_drawn_with_their_bounds(monkeypatch, tmp_path):
+    """A run whose layers were measured by SLQ (exact_max=8, sv_method="slq"): the momentum, σ(O) and σ(ΔW)
+    lines say "(estimated)" and carry the stored bounds as error bars, equal to the store's *_sv_err."""
+    import xarray as xr
+
+    path = finished_run(tmp_path / "slq.zarr", 16, exact_max=8, sv_method="slq")
+    stored = xr.open_zarr(path, group="optimizer", consolidated=False)
+    at = _app(monkeypatch, tmp_path)
+    for page, var, title in (("views/optimizer.py", "momentum_sv", "momentum σ̃ at q=0.5 per layer"),
+                             ("views/newton_schulz.py", "ns_out_sv", "σ(O) at q=0"),
+                             ("views/updates.py", "update_sv", "σ(ΔW) at q=0.1")):
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+        fig = next(f for f in _figures(at) if f["layout"]["title"]["text"] == title)
+        q = float(title.split("q=")[1].split()[0])
+        err = stored[f"{var}_err"].sel(quantile=q, method="nearest")
+        layer0 = str(stored["layer"].values[0])
+        trace = next(t for t in fig["data"] if t["name"].startswith(layer0 + " (estimated)"))
+        drawn = _array(trace["error_y"]["array"])
+        np.testing.assert_allclose(drawn, err.isel(layer=0).values, rtol=1e-12)
+        assert (drawn > 0).all()

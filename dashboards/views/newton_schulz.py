@@ -23,7 +23,7 @@ if runs:
             st.plotly_chart(charts.lines(series, title, var, log_y=log), key=f"ns-{var}")
         series = {e.rel: d for e in runs
                   if (d := common.read(e, "optimizer", "ns_out_sv", quantile=q, units=units)) is not None}
-        st.plotly_chart(charts.lines(series, f"σ(O) at q={q:g}", "σ(O)", threshold=(1.0, "orthogonal")),
-                        key="ns-out-sv")
+        st.plotly_chart(charts.lines(series, f"σ(O) at q={q:g}", "σ(O)", threshold=(1.0, "orthogonal"),
+                                     errors=common.bounds(runs, "ns_out_sv", q, units)), key="ns-out-sv")
 
     charts_()

@@ -29,6 +29,8 @@ if runs:
         for i, (var, level, title, log) in enumerate(panels):
             series = {e.rel: d for e in runs
                       if (d := common.read(e, "optimizer", var, quantile=level, units=units)) is not None}
-            (left if i % 2 == 0 else right).plotly_chart(charts.lines(series, title, var, log_y=log), key=f"upd-{var}")
+            errors = common.bounds(runs, var, level, units) if var == "update_sv" else None
+            (left if i % 2 == 0 else right).plotly_chart(charts.lines(series, title, var, log_y=log, errors=errors),
+                                                         key=f"upd-{var}")
 
     charts_()

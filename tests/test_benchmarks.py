@@ -1,0 +1,30 @@
+"""The GPU benchmark is run by hand where CUDA is available; its --smoke mode keeps the script from rotting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_runs_on_the_cpu():
+    out = subprocess.run([sys.executable, "benchmarks/gpu.py", "--smoke"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert text.count("watched/plain") == 2  # defaults and every instrument
+    assert "1. weight spectra" in text and "2. activation" in text and "3. curvature probe" in text
+
+
+def test_gpu_benchmark_refuses_a_cpu_without_smoke():
+    import torch
+
+    if torch.cuda.is_available():  # there it would run the real benchmark
+        pytest.skip("CUDA available")
+    out = subprocess.run([sys.executable, "benchmarks/gpu.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "no CUDA device" in out.stderr
