@@ -89,6 +89,8 @@ def info_text(path: str, storage_options: dict | None = None) -> str:
                 da = last[var].sel(quantile=q) if q is not None else last[var]
                 table[f"{var}@q{q}" if q is not None else var] = da.values
             lines += ["", f"last recorded step: {int(ds['step'].values[-1])}"]
+        if "sv_method" in ds.coords:  # how each layer's spectra were measured: exact, or the SLQ estimate
+            table["spectra"] = [str(v) for v in ds["sv_method"].values]
         lines += ["", table.to_string(index=False, float_format=_fmt)]
     for group in ("activations", "gradients"):
         if group in tree.children and tree[group].dataset.sizes.get("step", 0):

@@ -365,8 +365,9 @@ class Recorder:
         row = {v: np.full((nl, nq) if q else (nl,), np.nan) for v, q in self.variables.items()}
         if self.sharded:
             return self._measure_sharded(row)
-        for i, lay in enumerate(self.layers):
-            self._fill(row, i, lay, self._measure_layer(lay, *self._local_inputs(lay)))
+        measured = [self._measure_layer(lay, *self._local_inputs(lay)) for lay in self.layers]
+        for i, (lay, host) in enumerate(zip(self.layers, _to_host(measured), strict=True)):
+            self._fill(row, i, lay, host)
         return row
 
     def _fill(self, row: dict[str, np.ndarray], i: int, lay: Layer, host: Mapping[str, tuple[np.ndarray, str]]) -> None:
@@ -388,8 +389,9 @@ class Recorder:
         return (None if m is None else m.detach()), p.detach(), w0, why
 
     def _measure_layer(self, lay: Layer, m: Tensor | None, w1: Tensor, w0: Tensor | None,
-                       why: BaseException | None = None) -> dict[str, tuple[np.ndarray, str]]:
-        """Every optimizer metric of one layer from its full matrices: {variable: (host value, NaN reason)}."""
+                       why: BaseException | None = None) -> dict[str, tuple[Tensor, str]]:
+        """Every optimizer metric of one layer from its full matrices: {variable: (value on the layer's device,
+        NaN reason)}; `_to_host` brings a whole record to the host at once."""
         p = lay.param
         group = self._group_of.get(id(p), self.optimizer.param_groups[0])
         ns = self.adapter.ns(group)
@@ -442,7 +444,7 @@ class Recorder:
                         out[var] = torch.full((len(qs),), float("nan"))
                         reasons[var] = f"failed ({type(exc).__name__}: {exc})"
                 self._estimates.clear()
-        return {k: (v.detach().to("cpu", torch.float64).numpy(), reasons.get(k, "is not finite")) for k, v in out.items()}
+        return {k: (v.detach(), reasons.get(k, "is not finite")) for k, v in out.items()}
 
     def _measure_sharded(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         """FSDP2: spectra of full matrices. Layer i belongs to rank i mod world, which gathers its full M, W_after
@@ -461,7 +463,7 @@ class Recorder:
                 continue
             m_full, w1_full, w0_full = full
             try:
-                host = self._measure_layer(lay, m_full, w1_full, w0_full, why)
+                host = _to_host([self._measure_layer(lay, m_full, w1_full, w0_full, why)])[0]
             except Exception as exc:  # never skip the collectives below
                 self._warn("optimizer", lay.name, exc)
                 continue
@@ -563,6 +565,26 @@ class Recorder:
         self.writer.append("scalars", self._scalar_step, values)
         self._scalars = {}
         self._scalar_step = None
+
+
+def _to_host(measured: Sequence[Mapping[str, tuple[Tensor, str]]]) -> list[dict[str, tuple[np.ndarray, str]]]:
+    """The values of a record's layers as float64 numpy arrays, with one device-to-host copy per device
+    (on an accelerator each copy waits for the device: one wait per record, not one per value)."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for out in measured:
+        for value, _ in out.values():
+            by_device.setdefault(value.device, []).append(value.reshape(-1).to(torch.float64))
+    flat = {dev: torch.cat(parts).cpu().numpy() if parts else np.empty(0) for dev, parts in by_device.items()}
+    offsets = dict.fromkeys(flat, 0)
+    hosts = []
+    for out in measured:
+        host = {}
+        for var, (value, reason) in out.items():
+            dev, n = value.device, value.numel()
+            host[var] = (flat[dev][offsets[dev]:offsets[dev] + n].reshape(value.shape), reason)
+            offsets[dev] += n
+        hosts.append(host)
+    return hosts
 
 
 def _register_exit(fn: Callable[[], None]) -> None:

@@ -37,6 +37,7 @@ def test_info_prints_attributes_layers_steps_and_last_values(tmp_path, capsys):
     assert lines["2.weight"][3] == "4x24"
     last = float(ds["momentum_sv"].sel(quantile=0.5).values[-1, 0])
     assert float(lines["0.weight"][4]) == float(f"{last:.4g}")
+    assert lines["0.weight"][-1] == "exact" and lines["2.weight"][-1] == "exact"  # the spectra column
     # activation spectra (on by default, recorded at step 0): one row per module with its last values
     act = ss.open_run(path)["activations"].dataset
     assert "[activations] last recorded step 0" in out
