@@ -7,9 +7,11 @@
 1. Overhead: two copies of one GPT (width 768, depth 12, 12 heads, context 1024, vocabulary 25,000, untied
    head: 124M parameters) train side by side with Muon (hidden matrices) and AdamW (the rest) under
    torch.autocast(bfloat16); one is under `ss.watch`. Alternating blocks A B, B A, … of 10 steps, wall
-   time between device synchronisations; ratios over 50-step groups (each holds the same records). Twice:
-   at the defaults (optimizer record every 10 steps, activations every 50) and with every instrument on
-   at the demo's cadence (activations every 25, per-sample gradients and sharpness every 50).
+   time between device synchronisations; ratios over 50-step groups (each holds the same records). Three
+   times: at the defaults (optimizer record every 10 steps, activations every 50), at the defaults with
+   ``background=True`` (records on a worker thread and its own CUDA stream: the training thread never waits
+   for them), and with every instrument on at the demo's cadence (activations every 25, per-sample
+   gradients and sharpness every 50).
 2. The peer ratios of `benchmarks/peers.py` on the device: weight spectra of the GPT's shapes (768²,
    768×3072) and of larger layers against torch.linalg.svdvals and WeightWatcher; activation ranks against
    numpy; our sharpness probe against PyHessian's top eigenvalue on the 124M model.
@@ -66,7 +68,8 @@ def block_runner(model: GPT, opts, stream, device: str):
     return run
 
 
-def overhead(cfg: GPTConfig, batch: int, pairs: int, device: str, all_instruments: bool) -> None:
+def overhead(cfg: GPTConfig, batch: int, pairs: int, device: str, all_instruments: bool,
+             background: bool = False) -> None:
     torch.manual_seed(0)
     base = GPT(cfg).to(device)
     plain, watched = copy.deepcopy(base), copy.deepcopy(base)
@@ -82,13 +85,14 @@ def overhead(cfg: GPTConfig, batch: int, pairs: int, device: str, all_instrument
                  "sharpness": ss.Sharpness(lambda m, b: m.loss(b), probe, every=50)}
     block, group = 10, 5
     with tempfile.TemporaryDirectory() as tmp:
-        rec = ss.watch(ob[0], watched, f"{tmp}/gpu.zarr", **extra)
+        rec = ss.watch(ob[0], watched, f"{tmp}/gpu.zarr", background=background, **extra)
         run_a(block * group), run_b(block * group)  # warm-up (kernels, allocator); B starts a group at a record
         ratios, ta, _ = paired_ratios(run_a, run_b, pairs, block, group)
         rec.close()
     n_params = sum(p.numel() for p in plain.parameters())
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     what = "every instrument at the demo's cadence" if all_instruments else "defaults"
+    what += ", optimizer records on a worker thread (background=True)" if background else ""
     print(f"\n1. overhead, {what}: GPT {n_params / 1e6:.0f}M parameters, width {cfg.width}, depth {cfg.depth}, "
           f"batch {batch}x{cfg.ctx}, bf16 autocast on {device}; {pairs} ratios of 50-step groups")
     print(f"{'plain step':>11} {'watched/plain':>14} {'IQR':>17}")
@@ -116,6 +120,7 @@ def main() -> None:
         shapes, widths = [(768, 768), (768, 3072), (2048, 8192), (4096, 11008), (8192, 8192)], [768, 3072]
     torch.backends.cuda.matmul.allow_tf32 = False  # the spectra are float64 anyway; keep the peers honest
     overhead(cfg, batch, pairs, device, all_instruments=False)
+    overhead(cfg, batch, pairs, device, all_instruments=False, background=True)
     overhead(cfg, batch, pairs, device, all_instruments=True)
     weight_spectra(shapes, repeats, device)
     activation_ranks(widths, repeats, device=device)

@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py [--pairs 12] [--block 10] [--group 5] [--width 128] [--depth 4] [--batch 32] [--every 10]
     python benchmarks/overhead.py --demo [--all-instruments]     # the demo's largest model (its cadence)
+    python benchmarks/overhead.py --background [--clock wall]    # optimizer records on a worker thread
 
 Two identical models train side by side in one process, one plain and one under `ss.watch` at defaults
 (optimizer spectra every 10 steps, activation spectra every 50). Short blocks of `--block` steps (default
@@ -13,6 +14,11 @@ with its spread, the ratio of the totals, and the cost of the records per group 
 line gives the direct account (`Account`): the recorder's own CPU time on the training thread and on the
 writer's threads over the same steps, as a share of the plain run's time — a measurement of the work
 itself, free of the run-to-run noise of a difference of totals.
+
+`--background` watches with ``background=True`` (optimizer records measured on a worker thread from copies
+taken after the step). process_time counts the worker's CPU too, wherever it lands, so its paired ratios
+say little; `--clock wall` times the blocks by the wall clock instead: the training thread's slowdown
+when a core is free for the worker (torch runs on one thread here, the machine has two).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -72,9 +79,9 @@ def optimizers(model: nn.Module):
     return torch.optim.Muon(hidden, lr=0.02), torch.optim.AdamW(rest, lr=3e-3)
 
 
-def make_block(model, opts, batches):
+def make_block(model, opts, batches, clock=time.process_time):
     def run(n: int) -> float:
-        t = time.process_time()
+        t = clock()
         for _ in range(n):
             x = next(batches)
             loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
@@ -82,7 +89,7 @@ def make_block(model, opts, batches):
             for o in opts:
                 o.step()
                 o.zero_grad(set_to_none=True)
-        return time.process_time() - t
+        return clock() - t
 
     return run
 
@@ -138,6 +145,7 @@ class Account:
         self.main = 0.0
         self._wrap(rec, "_measure")
         self._wrap(rec, "_emit")
+        self._wrap(rec, "_hand_over")  # background=True: the copies and the hand-over to the worker
         for inst in rec.instruments:
             for name in ("_add", "row", "before_step"):  # a sharpness probe runs inside its row
                 if hasattr(inst, name):
@@ -151,6 +159,8 @@ class Account:
         inner = getattr(obj, name)
 
         def timed(*args, **kwargs):
+            if threading.current_thread() is not threading.main_thread():
+                return inner(*args, **kwargs)  # a worker's time is among the other threads'
             t = time.thread_time()
             try:
                 return inner(*args, **kwargs)
@@ -217,6 +227,9 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=5, help="pairs summed per ratio (default: 50 steps, one activation record)")
     ap.add_argument("--no-activations", action="store_true", help="watch with activations=None")
     ap.add_argument("--control", action="store_true", help="A/A control: B is not watched (the harness's own bias)")
+    ap.add_argument("--background", action="store_true", help="watch with background=True (records on a worker thread)")
+    ap.add_argument("--clock", choices=("process", "wall"), default="process",
+                    help="time blocks by process CPU time (default) or by the wall clock")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -235,13 +248,16 @@ def main() -> None:
     plain, watched = copy.deepcopy(base), copy.deepcopy(base)
     del base
     opts_a, opts_b = make_opts(plain), make_opts(watched)
-    run_a = make_block(plain, opts_a, stream_a)
-    run_b = make_block(watched, opts_b, stream_b)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    run_a = make_block(plain, opts_a, stream_a, clock)
+    run_b = make_block(watched, opts_b, stream_b, clock)
     steps = args.block * args.group
     with tempfile.TemporaryDirectory() as tmp:
         extra = {"activations": None} if args.no_activations else {}
         if args.all_instruments:
             extra = instruments
+        if args.background:
+            extra["background"] = True
         rec = None if args.control else ss.watch(opts_b[0], watched, f"{tmp}/bench.zarr", every=args.every, **extra)
         account = Account(rec) if rec is not None else None
         run_a(steps), run_b(steps)  # warm-up, and the watched run starts its next group at a record
@@ -260,7 +276,8 @@ def main() -> None:
             else f"activations {'off' if args.no_activations else 'every 50'}")
     print(f"model: {desc}, {n_params / 1e6:.2f}M parameters; "
           + ("CONTROL: B not watched; " if args.control else f"{n_layers} watched matrices; ")
-          + f"optimizer record every {args.every} steps, {what}; "
+          + f"optimizer record every {args.every} steps{' on a worker thread' if args.background else ''}, {what}; "
+          + f"{args.clock} clock; "
           f"{args.pairs} ratios, each over {args.group} alternating pairs of {args.block}-step blocks")
     print(f"{'plain step':>11} {'watched/plain':>14} {'IQR':>15} {'min–max':>15} {'sum B/sum A':>12} "
           f"{'records per ' + str(steps) + ' steps':>22}")

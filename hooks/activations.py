@@ -25,6 +25,17 @@ from .modules import Context, check_every, check_modules, find_modules, module_c
 SCALARS = ("act_soft_rank", "act_hard_rank", "act_tail_alpha", "act_top10_share", "act_tokens")
 
 
+class _Deferred:
+    """A record's rows for one statistics slot, kept as copies to be summed later (``defer``): the forward
+    hook only copies, and `ActivationSpectra.finish` adds them up, off the training thread."""
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        self.rows.append(x.clone())
+
+
 class ActivationSpectra:
     """Record ``act_eig``, ``act_soft_rank``, ``act_hard_rank``, ``act_tail_alpha``, ``act_top10_share`` and
     ``act_tokens`` every ``every`` optimizer steps, for the inputs of the watched ``nn.Linear`` layers or of
@@ -43,6 +54,9 @@ class ActivationSpectra:
         self._names: list[str] = []
         self._dims: list[int] = []
         self._stats: list[CovarianceStats | None] = []
+        # each module's statistics of the last record, zeroed and reused at the next one: fresh d×d float64
+        # buffers every record would land on new pages (page faults cost as much as the small products)
+        self._spare: dict[int, CovarianceStats] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._gen: torch.Generator | None = None
         # inputs already accumulated this step, by tensor identity: q, k and v read the same tensor, and
@@ -50,13 +64,19 @@ class ActivationSpectra:
         self._seen: dict[int, tuple[weakref.ref, int]] = {}
         self._writes = True
         self.paused = False
+        # set by watch(background=True) outside torch.distributed: hooks keep copies, `finish` sums them
+        self.defer = False
+        # tokens in each statistics slot of this record, counted on the host (reading st.n would wait for
+        # the device at every forward of a record step)
+        self._tokens: dict[int, int] = {}
 
     # ---- wiring -------------------------------------------------------------------------------------
     def bind(self, ctx: Context) -> None:
         """Find the modules and register a forward pre-hook on each."""
         chosen = find_modules(ctx.model, ctx.layers, self.modules, "ActivationSpectra")
         self.remove()  # an instance handed to a second watch() starts afresh
-        self._names, self._dims, self._stats, self._seen = [], [], [], {}
+        self._names, self._dims, self._stats, self._seen, self._spare, self._tokens = [], [], [], {}, {}, {}
+        self.defer = False
         self._step, self._report, self._writes = ctx.step, ctx.report, ctx.writes
         for i, (name, module) in enumerate(chosen):
             self._names.append(name)
@@ -102,8 +122,8 @@ class ActivationSpectra:
             x = token_matrix(x.detach())
             st = self._stats[i]
             if st is None:
-                st = self._stats[i] = CovarianceStats.zeros(x.shape[-1], x.device)
-            room = self.max_tokens - int(st.n)
+                st = self._stats[i] = self._fresh(i, x.shape[-1], x.device)
+            room = self.max_tokens - self._tokens.get(id(st), 0)
             if room <= 0:
                 return
             if x.shape[0] > room:
@@ -112,6 +132,20 @@ class ActivationSpectra:
                 keep = torch.randperm(x.shape[0], generator=self._gen, device=x.device)[:room]
                 x = x[keep]
             st.add(x)
+            self._tokens[id(st)] = self._tokens.get(id(st), 0) + x.shape[0]
+
+    def _fresh(self, i: int, d: int, device: torch.device) -> CovarianceStats | _Deferred:
+        """Empty statistics for module i: copies to sum later (``defer``) or `_reused` ones."""
+        return _Deferred() if self.defer else self._reused(i, d, device)
+
+    def _reused(self, i: int, d: int, device: torch.device) -> CovarianceStats:
+        """Zeroed statistics for module i: its buffers from the last record when they fit."""
+        st = self._spare.get(i)
+        if st is None or st.s.shape[0] != d or st.s.device != device:
+            st = self._spare[i] = CovarianceStats.zeros(d, device)
+        else:
+            st.reset()
+        return st
 
     def _all_reduce(self) -> None:
         """Under torch.distributed, sum every module's (n, Σx, Σxxᵀ) over the ranks in one collective, so each
@@ -134,18 +168,42 @@ class ActivationSpectra:
 
     def row(self, step: int) -> dict[str, np.ndarray] | None:
         """The record for ``step`` (after its optimizer step), or None when ``step`` is not recorded."""
+        taken = self.take(step)
+        return None if taken is None else self.finish(taken)
+
+    def take(self, step: int) -> list | None:
+        """On the training thread, after the step: this record's statistics (summed over the ranks under
+        torch.distributed), leaving the instrument ready for the next one; None when ``step`` is not
+        recorded or this rank does not write. `finish` turns them into the row."""
         if step % self.every != 0:
             return None
         self._seen.clear()
+        self._tokens.clear()
         self._all_reduce()
-        if not self._writes:  # this rank took part in the sum; rank 0 decomposes and writes it
-            self._stats = [None] * len(self._stats)
-            return None
+        taken, self._stats = self._stats, [None] * len(self._stats)
+        return taken if self._writes else None  # other ranks took part in the sum; rank 0 writes it
+
+    def _summed(self, taken: list) -> list[CovarianceStats | None]:
+        """Deferred copies summed into statistics (one per shared slot, in module i's reused buffers)."""
+        out: list[CovarianceStats | None] = []
+        done: dict[int, CovarianceStats] = {}
+        for i, st in enumerate(taken):
+            if isinstance(st, _Deferred):
+                if id(st) not in done:
+                    summed = done[id(st)] = self._reused(i, self._dims[i], st.rows[0].device)
+                    for x in st.rows:
+                        summed.add(x)
+                st = done[id(st)]
+            out.append(st)
+        return out
+
+    def finish(self, taken: list) -> dict[str, np.ndarray]:
+        """The row from the statistics `take` returned: the covariance spectra and their summaries."""
+        stats = self._summed(taken)
         nm, nr = len(self._names), max(self._dims)
         out = {"act_eig": np.full((nm, nr), np.nan), **{v: np.full(nm, np.nan) for v in SCALARS}}
         done: dict[int, dict[str, torch.Tensor]] = {}  # shared statistics are decomposed once
-        for i, st in enumerate(self._stats):
-            self._stats[i] = None
+        for i, st in enumerate(stats):
             if st is None:
                 continue
             try:

@@ -10,14 +10,16 @@ stored as NaN, counted in the run's ``errors`` attribute and warned about once p
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import math
+import queue
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -57,6 +59,21 @@ OPTIMIZER_VARIABLES: dict[str, bool] = {
 #: With an estimated layer in the run: the bound on |recorded − true| of each estimated quantile family
 #: (`estimate.quantile_bracket`: hi − lo; 0 on exactly measured layers), and the family it belongs to.
 ESTIMATE_BOUNDS = {"momentum_sv_err": "momentum", "ns_out_sv_err": "newton_schulz", "update_sv_err": "update"}
+
+
+class LayerInputs(NamedTuple):
+    """What a layer's optimizer metrics are computed from: M (None if the optimizer has none; ``why`` says
+    what failed), W_after, W_before (None when not snapshotted), the hyperparameters of its param group (a
+    copy, without the parameters) and whether the step had a gradient for it."""
+
+    m: Tensor | None
+    w1: Tensor
+    w0: Tensor | None
+    why: BaseException | None
+    group: Mapping[str, Any]
+    stepped: bool
+
+
 _FAMILIES = {
     "momentum": ("momentum_sv", "momentum_norm", "ns_fail_frac"),
     "newton_schulz": ("ns_out_sv", "ns_polar_err", "ns_orth_err"),
@@ -110,6 +127,7 @@ class Recorder:
         gradients: GradientSpectra | bool | None = None,
         sharpness: Sharpness | None = None,
         tensorboard: str | Path | None = None,
+        background: bool = False,
     ):
         _check(isinstance(optimizer, torch.optim.Optimizer), "optimizer", "a torch.optim.Optimizer", optimizer)
         _check(model is None or isinstance(model, nn.Module), "model", "an nn.Module or None", model)
@@ -130,6 +148,7 @@ class Recorder:
         _check(exact_max is None or (isinstance(exact_max, int) and not isinstance(exact_max, bool) and exact_max >= 1),
                "exact_max", "an int >= 1 (largest smaller side measured exactly) or None (always exact)", exact_max)
         _check(sv_method in ("auto", "exact", "slq"), "sv_method", "'auto', 'exact' or 'slq'", sv_method)
+        _check(isinstance(background, bool), "background", "True or False", background)
         if meta is not None:
             try:
                 json.dumps(dict(meta))
@@ -242,6 +261,17 @@ class Recorder:
         self._scalars: dict[str, float] = {}
         self._scalar_step: int | None = None
         self._closed = False
+        # the error counts and the TensorBoard sink are shared with the measuring thread
+        self._lock = threading.Lock()
+        # background=True: optimizer records are measured on a worker thread from copies taken after the step
+        # (under FSDP2 the gathers are collectives of the training thread, so records stay there)
+        self.background = background and not self.sharded and self.writes
+        for inst in self.instruments:  # the activation statistics too, where no all-reduce needs their sums
+            if isinstance(inst, ActivationSpectra):
+                inst.defer = self.background and not distributed.active()
+        self._jobs: queue.Queue[tuple[Callable[[], None], dict[torch.device, Any]] | None] = queue.Queue(maxsize=1)
+        self._worker: threading.Thread | None = None
+        self._streams: dict[torch.device, Any] = {}
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -273,7 +303,8 @@ class Recorder:
     @property
     def errors(self) -> dict[str, dict[str, int]]:
         """Counts of metrics that came out NaN/Inf or failed, as {metric: {layer: count}}."""
-        return {k: dict(v) for k, v in self._errors.items()}
+        with self._lock:
+            return {k: dict(v) for k, v in self._errors.items()}
 
     def log(self, **scalars: float | Tensor) -> None:
         """Record scalars (``loss=loss``) at the current step into group ``scalars``; tensors are read
@@ -288,7 +319,9 @@ class Recorder:
             self._scalars[str(k)] = v.detach() if isinstance(v, Tensor) else v
 
     def flush(self) -> None:
-        """Commit everything recorded so far (blocks until written)."""
+        """Commit everything recorded so far (blocks until measured and written)."""
+        if self._worker is not None:
+            self._jobs.join()
         self._push_scalars()
         self.writer.flush()
 
@@ -303,6 +336,9 @@ class Recorder:
         for inst in self.instruments:
             inst.remove()
         atexit.unregister(self._atexit)
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join()
         self._push_scalars()
         self.writer.update_attrs(steps=self._step, errors=self.errors)
         self.writer.close()
@@ -341,12 +377,19 @@ class Recorder:
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
-            if self._recording() and (self.writes or self.sharded):
+            if self._recording() and self.background:
+                self._hand_over()
+            elif self._recording() and (self.writes or self.sharded):
                 with torch.no_grad():
-                    row = self._measure()
+                    row = self._measure([self._local_inputs(lay) for lay in self.layers])
                 if row is not None:
                     self._emit("optimizer", row)
             for inst in self.instruments:
+                if isinstance(inst, ActivationSpectra) and inst.defer:
+                    taken = inst.take(self._step)
+                    if taken is not None:
+                        self._submit(self._finisher(inst, taken, self._step))
+                    continue
                 inst_row = inst.row(self._step)
                 if inst_row is not None:
                     self._emit(inst.group, inst_row)
@@ -358,26 +401,89 @@ class Recorder:
             self._before = None
             self._step += 1
 
+    # ---- measuring on a worker thread (background=True) --------------------------------------------
+    def _hand_over(self) -> None:
+        """Copy this step's inputs (on their devices, in the training stream) and queue their record for the
+        worker."""
+        with torch.no_grad():
+            inputs = [self._local_inputs(lay, copy=True) for lay in self.layers]
+        step = self._step
+
+        def record() -> None:
+            row = self._measure(inputs, step)
+            if row is not None:
+                self._emit("optimizer", row, step)
+
+        self._submit(record)
+
+    def _finisher(self, inst: ActivationSpectra, taken: list, step: int) -> Callable[[], None]:
+        def finish() -> None:
+            try:
+                self._emit(inst.group, inst.finish(taken), step)
+            except Exception as exc:  # that record is lost, the optimizer's are not
+                self._warn("act_eig", "*", exc)
+
+        return finish
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        """Queue a job for the worker, behind the ones already queued (so records stay in step order). The
+        queue holds one job besides the one being run: a worker that falls behind makes the training thread
+        wait here rather than hold ever more copies."""
+        ready = {}
+        for dev in {lay.param.device for lay in self.layers}:  # on a GPU the worker's stream waits for the
+            if dev.type == "cuda":  # copies made so far on the training stream; the training thread does not
+                ready[dev] = torch.cuda.Event()
+                ready[dev].record(torch.cuda.current_stream(dev))
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name=f"spectralscope-measure:{self.path}", daemon=True)
+            self._worker.start()
+        self._jobs.put((job, ready))
+
+    def _work(self) -> None:
+        while True:
+            item = self._jobs.get()
+            try:
+                if item is None:
+                    return
+                job, ready = item
+                with contextlib.ExitStack() as stack:
+                    for dev, event in ready.items():
+                        stream = self._streams.get(dev) or self._streams.setdefault(dev, torch.cuda.Stream(dev))
+                        stream.wait_event(event)
+                        stack.enter_context(torch.cuda.stream(stream))
+                        # the copies were allocated on the training stream: nothing of ours may still read them
+                        # when they are freed (after this job), even if the record failed half-way
+                        stack.callback(stream.synchronize)
+                    with torch.no_grad():
+                        job()
+            except Exception as exc:  # the record is lost, training goes on
+                self._warn("optimizer", "*", exc)
+            finally:
+                item = job = None  # the copies go now, not when the next job arrives
+                self._jobs.task_done()
+
     # ---- measuring ---------------------------------------------------------------------------------
-    def _measure(self) -> dict[str, np.ndarray] | None:
-        """The optimizer row of this step (None on the ranks that do not write)."""
+    def _measure(self, inputs: Sequence[LayerInputs], step: int | None = None) -> dict[str, np.ndarray] | None:
+        """The optimizer row of a step from each layer's inputs (None on the ranks that do not write)."""
         nq, nl = len(self.quantiles), len(self.layers)
         row = {v: np.full((nl, nq) if q else (nl,), np.nan) for v, q in self.variables.items()}
         if self.sharded:
-            return self._measure_sharded(row)
-        measured = [self._measure_layer(lay, *self._local_inputs(lay)) for lay in self.layers]
+            return self._measure_sharded(row, inputs)
+        measured = [self._measure_layer(lay, x) for lay, x in zip(self.layers, inputs, strict=True)]
         for i, (lay, host) in enumerate(zip(self.layers, _to_host(measured), strict=True)):
-            self._fill(row, i, lay, host)
+            self._fill(row, i, lay, host, step)
         return row
 
-    def _fill(self, row: dict[str, np.ndarray], i: int, lay: Layer, host: Mapping[str, tuple[np.ndarray, str]]) -> None:
+    def _fill(self, row: dict[str, np.ndarray], i: int, lay: Layer, host: Mapping[str, tuple[np.ndarray, str]],
+              step: int | None = None) -> None:
         for var, (value, reason) in host.items():
             row[var][i] = value
             if not np.isfinite(value).all():
-                self._count(var, lay.name, reason)
+                self._count(var, lay.name, reason, step)
 
-    def _local_inputs(self, lay: Layer) -> tuple[Tensor | None, Tensor, Tensor | None, BaseException | None]:
-        """(M, W_after, W_before, why M is missing) of a layer as this process holds it."""
+    def _local_inputs(self, lay: Layer, copy: bool = False) -> LayerInputs:
+        """A layer's inputs as this process holds them after the step; with ``copy``, M and W_after are
+        copies (the next step changes both in place)."""
         p = lay.param
         group = self._group_of.get(id(p), self.optimizer.param_groups[0])
         m, why = None, None
@@ -386,14 +492,17 @@ class Recorder:
         except Exception as exc:
             why = exc
         w0 = self._before.get(id(p)) if self._before is not None else None
-        return (None if m is None else m.detach()), p.detach(), w0, why
+        m = None if m is None else m.detach()
+        w1 = p.detach()
+        if copy:
+            m, w1 = (None if m is None else m.clone()), w1.clone()
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        return LayerInputs(m, w1, w0, why, hyper, p.grad is not None)
 
-    def _measure_layer(self, lay: Layer, m: Tensor | None, w1: Tensor, w0: Tensor | None,
-                       why: BaseException | None = None) -> dict[str, tuple[Tensor, str]]:
+    def _measure_layer(self, lay: Layer, x: LayerInputs) -> dict[str, tuple[Tensor, str]]:
         """Every optimizer metric of one layer from its full matrices: {variable: (value on the layer's device,
         NaN reason)}; `_to_host` brings a whole record to the host at once."""
-        p = lay.param
-        group = self._group_of.get(id(p), self.optimizer.param_groups[0])
+        m, w1, w0, why, group = x.m, x.w1, x.w0, x.why, x.group
         ns = self.adapter.ns(group)
         qs = self.quantiles
         out: dict[str, Tensor] = {}
@@ -418,7 +527,7 @@ class Recorder:
             family("momentum", lambda: momentum_metrics(mat, qs, ns, self.ns_floor, self._spectrum(lay, "momentum")))
             if ns is not None:
                 family("newton_schulz", lambda: newton_schulz_metrics(
-                    self._ns_output(p, group, w1, w0, mat, ns), qs, self._spectrum(lay, "newton_schulz")))
+                    self._ns_output(x, mat, ns), qs, self._spectrum(lay, "newton_schulz")))
         if w0 is not None:
             # in float64: W_after − W_before of float32 weights is exact there, not always in float32
             family("update", lambda: update_metrics(w1.to(torch.float64) - w0.to(torch.float64), qs,
@@ -446,7 +555,7 @@ class Recorder:
                 self._estimates.clear()
         return {k: (v.detach(), reasons.get(k, "is not finite")) for k, v in out.items()}
 
-    def _measure_sharded(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    def _measure_sharded(self, row: dict[str, np.ndarray], inputs: Sequence[LayerInputs]) -> dict[str, np.ndarray] | None:
         """FSDP2: spectra of full matrices. Layer i belongs to rank i mod world, which gathers its full M, W_after
         and W_before from the shards and measures it; rank 0 gathers the results. Every rank takes part in
         every collective in the same order whatever it meets (NaN, a failed metric), so none can hang."""
@@ -455,15 +564,14 @@ class Recorder:
         width = sum(sizes.values())
         mine = np.full((len(self.layers), width), np.nan)
         reasons: dict[tuple[int, str], str] = {}
-        for i, lay in enumerate(self.layers):
+        for i, (lay, x) in enumerate(zip(self.layers, inputs, strict=True)):
             owner = i % world
-            m, w1, w0, why = self._local_inputs(lay)
-            full = distributed.gather_full([m, w1, w0], dst=owner, like=w1)
+            full = distributed.gather_full([x.m, x.w1, x.w0], dst=owner, like=x.w1)
             if me != owner:
                 continue
             m_full, w1_full, w0_full = full
             try:
-                host = _to_host([self._measure_layer(lay, m_full, w1_full, w0_full, why)])[0]
+                host = _to_host([self._measure_layer(lay, x._replace(m=m_full, w1=w1_full, w0=w0_full))])[0]
             except Exception as exc:  # never skip the collectives below
                 self._warn("optimizer", lay.name, exc)
                 continue
@@ -523,32 +631,34 @@ class Recorder:
             res[var] = hi - lo
         return res
 
-    def _ns_output(self, p: Tensor, group: Mapping[str, Any], w1: Tensor, w0: Tensor | None, m: Tensor,
-                   ns: NSConfig) -> Tensor:
+    def _ns_output(self, x: LayerInputs, m: Tensor, ns: NSConfig) -> Tensor:
         """O = NS_k(M): read back from the step just applied where the adapter knows how (the optimizer's own
         result, at no cost), else recomputed operation for operation. A parameter without a gradient was
         not stepped: nothing to read back."""
-        if w0 is not None and self.adapter.applied is not None and p.grad is not None:
-            o = self.adapter.applied(w1, group, w0)
+        if x.w0 is not None and self.adapter.applied is not None and x.stepped:
+            o = self.adapter.applied(x.w1, x.group, x.w0)
             if o is not None:
                 return o
         return newton_schulz(m, ns)
 
-    def _emit(self, group: str, row: dict[str, np.ndarray]) -> None:
-        self.writer.append(group, self._step, row)
+    def _emit(self, group: str, row: dict[str, np.ndarray], step: int | None = None) -> None:
+        step = self._step if step is None else step
+        self.writer.append(group, step, row)
         if self._tb is not None:
             try:
-                self._tb.write(group, self._step, row, *self._tb_axes[group])
+                with self._lock:
+                    self._tb.write(group, step, row, *self._tb_axes[group])
             except Exception as exc:  # a full disk must not stop training
                 self._warn("tensorboard", "*", exc)
 
-    def _count(self, metric: str, layer: str, reason: str) -> None:
-        per = self._errors.setdefault(metric, {})
-        first = layer not in per
-        per[layer] = per.get(layer, 0) + 1
+    def _count(self, metric: str, layer: str, reason: str, step: int | None = None) -> None:
+        with self._lock:
+            per = self._errors.setdefault(metric, {})
+            first = layer not in per
+            per[layer] = per.get(layer, 0) + 1
         if first:
             log.warning("spectralscope: %s of %s %s at step %d; recorded as NaN (warned once per metric and layer)",
-                        metric, layer, reason, self._step)
+                        metric, layer, reason, self._step if step is None else step)
 
     def _warn(self, metric: str, layer: str, exc: BaseException) -> None:
         self._count(metric, layer, f"failed ({type(exc).__name__}: {exc})")
@@ -631,7 +741,13 @@ def watch(
     the inputs of the watched linear layers every 50 steps; None turns it off), ``gradients`` (an
     `ss.GradientSpectra`, or True for every=100, max_samples=64; off by default), ``sharpness`` (an
     `ss.Sharpness(loss_fn, batch, every=100, per_layer=False)`; off by default), ``tensorboard`` (a log
-    directory: per-layer scalars of the main metrics with a custom-scalars layout).
+    directory: per-layer scalars of the main metrics with a custom-scalars layout), ``background``
+    (default False; True: the optimizer records are measured on a worker thread from copies of M and
+    W_after taken right after the step, and the activation hooks only copy their inputs, summed and
+    decomposed there too (not under torch.distributed, whose all-reduce needs the sums), so on a GPU the
+    training thread never waits for them and on a CPU they can use a core training leaves idle; at most one
+    job waits while another runs, beyond that the training thread waits; ``flush`` and ``close`` wait for
+    the worker; not under FSDP2).
     Under torch.distributed call it on every rank with the same arguments: only rank 0 writes (the path is
     not touched elsewhere); with FSDP2 (DTensor parameters) every rank measures its round-robin share of
     the layers on gathered full matrices.

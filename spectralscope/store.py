@@ -37,6 +37,10 @@ SCHEMA = 1
 #: Arrays start with room for this many chunks of steps (missing chunks cost nothing on disk) and
 #: double when full, so resizes — the one multi-file change — are rare.
 INITIAL_CHUNKS = 16
+#: The writer keeps a copy of the chunk being filled for every array whose chunk is at most this big, so a
+#: commit writes whole chunks: Zarr writes part of a chunk by reading, decompressing and merging the old
+#: one first (≈ 0.5 of the ≈ 1.5 ms an array costs per commit).
+TAIL_BYTES = 4 << 20
 
 
 def unit_dim(dims) -> str | None:
@@ -120,6 +124,7 @@ class _GroupState:
         self.capacity = capacity
         self.pending: list[tuple[int, dict[str, Any]]] = []
         self._arrays: dict[str, zarr.Array] = {}
+        self._tails: dict[str, tuple[int, np.ndarray]] = {}  # array → (chunk index, that chunk's rows)
 
     def array(self, name: str) -> zarr.Array:
         """The group's array ``name``, opened once: ``group[name]`` re-reads its metadata document each time
@@ -128,6 +133,28 @@ class _GroupState:
         if arr is None:
             arr = self._arrays[name] = self.group[name]
         return arr
+
+    def write(self, name: str, start: int, block: np.ndarray, chunk: int) -> None:
+        """arr[start : start + len(block)] = block, as whole chunks where the chunk fits in `TAIL_BYTES`: the
+        rows before ``start`` in its chunk come from the kept copy (read from the store once, on resume)."""
+        arr = self.array(name)
+        stop = start + len(block)
+        if chunk * block[:1].nbytes > TAIL_BYTES:
+            arr[start:stop] = block
+            return
+        for c in range(start // chunk, (stop - 1) // chunk + 1):
+            c0 = c * chunk
+            lo, hi = max(start, c0), min(stop, c0 + chunk)
+            kept = self._tails.get(name)
+            if kept is None or kept[0] != c:
+                buf = np.full((chunk, *arr.shape[1:]), arr.fill_value, dtype=arr.dtype)
+                if lo > c0:
+                    buf[: lo - c0] = arr[c0:lo]
+                kept = self._tails[name] = (c, buf)
+            buf = kept[1]
+            buf[lo - c0 : hi - c0] = block[lo - start : hi - start]
+            end = min(c0 + chunk, arr.shape[0])
+            arr[c0:end] = buf[: end - c0]
 
 
 class RunWriter:
@@ -354,8 +381,8 @@ class RunWriter:
             for i, (_, values) in enumerate(rows):
                 if var in values:
                     block[i] = values[var]
-            st.array(var)[start:stop] = block
-        st.array("step")[start:stop] = np.array([s for s, _ in rows], dtype=np.int64)
+            st.write(var, start, block, self.chunk)
+        st.write("step", start, np.array([s for s, _ in rows], dtype=np.int64), self.chunk)
         st.group.attrs.put({**dict(st.group.attrs), "n_rows": stop})
         st.n = stop
         st.pending = []

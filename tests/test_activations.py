@@ -39,12 +39,14 @@ def _ref_eig(chunks):
     return np.sort(np.clip(np.linalg.eigvalsh(np.cov(x.T, ddof=1)), 0, None))[::-1]
 
 
-def test_act_eig_matches_numpy_cov_of_the_layer_inputs(tmp_path):
+@pytest.mark.parametrize("background", [False, True])  # True: hooks copy, a worker thread sums and decomposes
+def test_act_eig_matches_numpy_cov_of_the_layer_inputs(tmp_path, background):
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.01)
     seen, handles = _capture(model)
-    with ss.watch(opt, model, tmp_path / "r.zarr", every=1, activations=ss.ActivationSpectra(every=2)):
+    with ss.watch(opt, model, tmp_path / "r.zarr", every=1, activations=ss.ActivationSpectra(every=2),
+                  background=background):
         for step in range(4):
             seen.clear()
             for _ in range(2):  # gradient accumulation: both forwards belong to this step
@@ -71,16 +73,22 @@ def test_act_eig_matches_numpy_cov_of_the_layer_inputs(tmp_path):
         assert ds["act_soft_rank"].values[1, j] == pytest.approx(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()), rel=1e-9)
 
 
-def test_max_tokens_subsamples_without_touching_the_global_rng(tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_max_tokens_subsamples_without_touching_the_global_rng(tmp_path, background):
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with ss.watch(opt, model, tmp_path / "r.zarr", activations=ss.ActivationSpectra(every=1, max_tokens=30)):
-        x = torch.randn(10, 8, 12)
-        model(x).sum().backward()
-        state = torch.get_rng_state()
-        opt.step()
-        assert torch.equal(state, torch.get_rng_state())
+    with ss.watch(opt, model, tmp_path / "r.zarr", activations=ss.ActivationSpectra(every=1, max_tokens=30),
+                  background=background):
+        for _step in range(2):
+            x = torch.randn(10, 8, 12)
+            model(x).sum().backward()
+            state = torch.get_rng_state()
+            opt.step()
+            assert torch.equal(state, torch.get_rng_state())
+            for _ in range(3):  # three passes of 20 tokens at the next step: the budget spans them
+                model(torch.randn(2, 10, 12)).sum().backward()
     ds = ss.open_run(tmp_path / "r.zarr")["activations"].dataset
+    assert ds.sizes["step"] == 2
     assert (ds["act_tokens"].values == 30).all()
     assert np.isfinite(ds["act_hard_rank"].values).all()
 
@@ -118,11 +126,14 @@ class Attn(nn.Module):
         return self.o_proj(self.q_proj(x) * self.k_proj(x) + self.v_proj(x))
 
 
-def test_modules_reading_one_tensor_share_its_statistics(tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_modules_reading_one_tensor_share_its_statistics(tmp_path, background):
     model = Attn()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     seen, handles = _capture(model)
-    with ss.watch(opt, model, tmp_path / "r.zarr", activations=ss.ActivationSpectra(every=1)):
+    inst = ss.ActivationSpectra(every=1)
+    with ss.watch(opt, model, tmp_path / "r.zarr", activations=inst, background=background):
+        assert inst.defer == background
         for _ in range(2):
             model(torch.randn(20, 8)).sum().backward()
         opt.step()
@@ -138,8 +149,8 @@ def test_an_instrument_can_serve_two_runs_in_turn(tmp_path):
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     inst = ss.ActivationSpectra(every=1)
-    for name in ("a.zarr", "b.zarr"):
-        with ss.watch(opt, model, tmp_path / name, activations=inst):
+    for name, background in (("a.zarr", True), ("b.zarr", False)):
+        with ss.watch(opt, model, tmp_path / name, activations=inst, background=background):
             model(torch.randn(5, 12)).sum().backward()
             opt.step()
         ds = ss.open_run(tmp_path / name)["activations"].dataset

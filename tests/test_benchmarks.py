@@ -17,7 +17,8 @@ def test_gpu_benchmark_smoke_runs_on_the_cpu():
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
-    assert text.count("watched/plain") == 2  # defaults and every instrument
+    assert text.count("watched/plain") == 3  # defaults, defaults on a worker thread, every instrument
+    assert "background=True" in text
     assert "1. weight spectra" in text and "2. activation" in text and "3. curvature probe" in text
 
 

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+import spectralscope.covariance as covariance_module
 from spectralscope.covariance import (
     CovarianceStats,
     activation_metrics,
+    covariance,
     covariance_eigenvalues,
     tail_alpha,
     tail_window,
@@ -28,6 +30,21 @@ def test_eigenvalues_match_numpy_cov(rng, chunks):
     lam = covariance_eigenvalues(_stats(x, chunks)).numpy()
     ref = np.sort(np.clip(np.linalg.eigvalsh(np.cov(x.T, ddof=1)), 0, None))[::-1]
     np.testing.assert_allclose(lam, ref, rtol=1e-9, atol=1e-12 * ref[0])
+
+
+def test_blockwise_in_place_sums_match_numpy_and_reset_starts_over(rng, monkeypatch):
+    monkeypatch.setattr(covariance_module, "BLOCK_BYTES", 8 * 30 * 7)  # 7 tokens per block: many blocks
+    x = rng.standard_normal((101, 30)).astype(np.float32) * np.geomspace(4.0, 0.1, 30).astype(np.float32) + 2.0
+    st = _stats(x, 3)
+    assert st.n.item() == 101
+    np.testing.assert_allclose(st.s.numpy(), x.astype(np.float64).sum(0), rtol=1e-13)
+    np.testing.assert_allclose(covariance(st).numpy(), np.cov(x.astype(np.float64).T, ddof=1), rtol=1e-12, atol=1e-14)
+    ss = st.ss
+    y = rng.standard_normal((40, 30))
+    st.reset()
+    st.add(torch.from_numpy(y))
+    assert st.ss is ss and st.n.item() == 40  # the same buffers, zeroed
+    np.testing.assert_allclose(covariance(st).numpy(), np.cov(y.T, ddof=1), rtol=1e-12, atol=1e-14)
 
 
 def test_metrics_match_their_formulas(rng):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -130,7 +131,7 @@ def test_optimizer_without_momentum_still_records_updates(tmp_path):
     np.testing.assert_allclose(opt.update_rms.values[0, 0], np.sqrt(np.mean(dw**2)), rtol=1e-12)
 
 
-def _train(model, steps, watch_path=None, every=1):
+def _train(model, steps, watch_path=None, every=1, **watch_kw):
     hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("blocks")]
     rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and n.startswith("blocks"))]
     muon = torch.optim.Muon(hidden, lr=0.05, momentum=0.95)
@@ -139,8 +140,8 @@ def _train(model, steps, watch_path=None, every=1):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     recs = []
     if watch_path is not None:
-        recs = [ss.watch(muon, model, watch_path / "muon.zarr", every=every),
-                ss.watch(adamw, model, watch_path / "adamw.zarr", every=every)]
+        recs = [ss.watch(muon, model, watch_path / "muon.zarr", every=every, **watch_kw),
+                ss.watch(adamw, model, watch_path / "adamw.zarr", every=every, **watch_kw)]
     gen = torch.Generator().manual_seed(5)
     for step in range(steps):
         x = torch.randn(32, 12, generator=gen)
@@ -161,7 +162,8 @@ def _train(model, steps, watch_path=None, every=1):
     return muon, adamw
 
 
-def test_training_is_bit_for_bit_unchanged(tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_training_is_bit_for_bit_unchanged(tmp_path, background):
     torch.manual_seed(0)
     a = Tiny()
     b = copy.deepcopy(a)
@@ -169,7 +171,7 @@ def test_training_is_bit_for_bit_unchanged(tmp_path):
     opt_a = _train(a, 8)
     rng_a = torch.get_rng_state()
     torch.manual_seed(1)
-    opt_b = _train(b, 8, watch_path=tmp_path)
+    opt_b = _train(b, 8, watch_path=tmp_path, background=background)
     rng_b = torch.get_rng_state()
     for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(pa, pb), na
@@ -183,6 +185,81 @@ def test_training_is_bit_for_bit_unchanged(tmp_path):
     tree = ss.open_run(tmp_path / "muon.zarr")
     assert tree["optimizer"].sizes["step"] == 8
     assert np.isfinite(tree["optimizer"].momentum_sv.values).all()
+
+
+def test_background_records_equal_the_inline_ones(tmp_path):
+    # the LR scheduler and the checkpoint round trip change the param groups right after a step, while the
+    # worker may still be measuring it: it must see the copies taken at the step
+    torch.manual_seed(0)
+    a = Tiny()
+    b = copy.deepcopy(a)
+    torch.manual_seed(1)
+    _train(a, 9, watch_path=tmp_path / "inline")
+    torch.manual_seed(1)
+    _train(b, 9, watch_path=tmp_path / "worker", background=True)
+    for name in ("muon.zarr", "adamw.zarr"):
+        ds_a = ss.open_run(tmp_path / "inline" / name)["optimizer"].dataset
+        ds_b = ss.open_run(tmp_path / "worker" / name)["optimizer"].dataset
+        assert ds_a.sizes["step"] == ds_b.sizes["step"] == 9
+        np.testing.assert_array_equal(ds_a["step"].values, ds_b["step"].values)
+        for var in ds_a.data_vars:
+            np.testing.assert_array_equal(ds_a[var].values, ds_b[var].values, err_msg=f"{name} {var}")
+        assert np.isfinite(ds_b["ns_out_sv"].values).all() == (name == "muon.zarr")
+        act_a = ss.open_run(tmp_path / "inline" / name)["activations"].dataset
+        act_b = ss.open_run(tmp_path / "worker" / name)["activations"].dataset
+        assert act_b.sizes["step"] == 1 and np.isfinite(act_b["act_soft_rank"].values).all()
+        for var in act_a.data_vars:  # summed and decomposed on the worker from the hooks' copies
+            np.testing.assert_array_equal(act_a[var].values, act_b[var].values, err_msg=f"{name} {var}")
+
+
+def test_a_lagging_worker_measures_the_step_as_it_was(tmp_path):
+    # the worker is held until two more changes of lr (as a scheduler makes) and a third step have happened
+    def run(path, background):
+        torch.manual_seed(0)
+        model = Tiny()
+        opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.05, weight_decay=0.1)
+        rec = ss.watch(opt, model, path, every=1, background=background, activations=None)
+        gate = threading.Event()
+        if background:
+            measure = rec._measure
+
+            def held(*args, **kwargs):
+                gate.wait()
+                return measure(*args, **kwargs)
+
+            rec._measure = held
+        gen = torch.Generator().manual_seed(3)
+        for step in range(4):
+            model(torch.randn(8, 12, generator=gen)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            opt.param_groups[0]["lr"] *= 0.3
+            if step == 1:
+                gate.set()  # step 0 is being measured, step 1 waits in the queue
+        rec.close()
+        return ss.open_run(path)["optimizer"].dataset
+
+    inline, worker = run(tmp_path / "a.zarr", False), run(tmp_path / "b.zarr", True)
+    for var in inline.data_vars:
+        np.testing.assert_array_equal(inline[var].values, worker[var].values, err_msg=var)
+
+
+def test_background_flush_waits_for_the_worker_and_close_stops_it(tmp_path):
+    model = Tiny()
+    opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.01)
+    rec = ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=True, activations=None)
+    for _ in range(6):
+        model(torch.randn(8, 12)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    rec.flush()
+    assert ss.open_run(tmp_path / "r.zarr")["optimizer"].sizes["step"] == 6  # measured and committed
+    worker = rec._worker
+    assert worker is not None and worker.is_alive() and worker is not threading.current_thread()
+    rec.close()
+    assert not worker.is_alive()
+    with pytest.raises(ValueError, match="background"):
+        ss.watch(opt, model, tmp_path / "s.zarr", background="yes")
 
 
 def test_close_removes_every_hook(tmp_path):
@@ -273,11 +350,11 @@ def test_every_and_scalars(tmp_path):
     assert tree.attrs["status"] == "finished" and tree.attrs["steps"] == 10
 
 
-def _nan_run(tmp_path, caplog, name):
+def _nan_run(tmp_path, caplog, name, **watch_kw):
     model = Tiny()
     opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.01)
     with caplog.at_level(logging.WARNING, logger="spectralscope"):
-        rec = ss.watch(opt, model, tmp_path / name, every=1)
+        rec = ss.watch(opt, model, tmp_path / name, every=1, **watch_kw)
         for i in range(4):
             model(torch.randn(8, 12)).square().mean().backward()
             if i in (2, 3):  # the head's gradient: NaN reaches its weights only after the last forward
@@ -288,8 +365,9 @@ def _nan_run(tmp_path, caplog, name):
     return rec
 
 
-def test_nan_gradient_never_raises_and_is_counted_once_warned(tmp_path, caplog):
-    rec = _nan_run(tmp_path, caplog, "r.zarr")
+@pytest.mark.parametrize("background", [False, True])
+def test_nan_gradient_never_raises_and_is_counted_once_warned(tmp_path, caplog, background):
+    rec = _nan_run(tmp_path, caplog, "r.zarr", background=background)
     tree = ss.open_run(tmp_path / "r.zarr")
     ds = tree["optimizer"]
     bad = "head.weight"

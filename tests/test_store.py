@@ -14,6 +14,7 @@ import xarray as xr
 import zarr
 
 import spectralscope as ss
+from spectralscope import store
 from spectralscope.store import RunWriter
 
 HERE = Path(__file__).parent
@@ -61,6 +62,28 @@ def test_writer_commits_rows_and_trims_on_close(tmp_path):
     assert zarr.open_array(str(path / "optimizer" / "a"), mode="r").chunks[0] >= 256
     attrs = ss.open_run(path).attrs
     assert attrs["status"] == "finished" and attrs["spectralscope"] == {"schema": 1, "version": ss.__version__}
+
+
+@pytest.mark.parametrize("tail_bytes", [4 << 20, 0])  # whole chunks from the kept copy / Zarr's own merge
+def test_small_commits_and_a_resume_mid_chunk_keep_every_row(tmp_path, monkeypatch, tail_bytes):
+    monkeypatch.setattr(store, "TAIL_BYTES", tail_bytes)
+    path = tmp_path / "r.zarr"
+    attrs = {"name": "t", "model_size": 1}
+    w = RunWriter(path, [group_spec()], attrs, flush_seconds=60)
+    for s in range(300):
+        w.append("optimizer", s, expected(s))
+        if s % 7 == 0:
+            w.flush()  # commits of one to seven rows, one across the chunk boundary at 256
+    w.close()
+    w = RunWriter(path, [group_spec()], attrs, resume=True, flush_seconds=60)
+    for s in range(300, 530):  # the resumed chunk's first 44 rows are read back from the store
+        w.append("optimizer", s, expected(s))
+        if s % 11 == 0:
+            w.flush()
+    w.flush()
+    assert _check_rows(_raw_rows(path)) == 530
+    w.close()
+    assert _check_rows(xr.open_zarr(path, group="optimizer", consolidated=False)) == 530
 
 
 def test_tail_is_flushed_every_flush_seconds(tmp_path):
