@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.distributed
 from torch import nn
 
 from spectralscope import distributed
@@ -159,7 +158,7 @@ class ActivationSpectra:
             st = st or CovarianceStats.zeros(d, device)
             parts.append(torch.cat([st.n.reshape(1), st.s, st.ss.reshape(-1)]).to(device))
         flat = torch.cat(parts)
-        torch.distributed.all_reduce(flat)
+        distributed.all_reduce(flat)
         offset = 0
         for i, d in enumerate(self._dims):
             n, s, ss = flat[offset], flat[offset + 1 : offset + 1 + d], flat[offset + 1 + d : offset + 1 + d + d * d]

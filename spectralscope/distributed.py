@@ -8,7 +8,8 @@ as tensors on the backend's device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,12 +34,40 @@ def collective_device(preferred: torch.device | None = None) -> torch.device:
     return preferred if preferred is not None else torch.device("cpu")
 
 
+def _collective(call: Callable[..., dist.Work | None], held: Sequence[torch.Tensor]) -> None:
+    """Run ``call(async_op=True)``, wait for it, then wait (at most 2 s) until the backend's worker thread has
+    let go of ``held`` (the tensors the collective reads or writes).
+
+    Why the second wait: gloo's worker thread drops its reference to a collective's tensors just after it
+    signals completion. If Python has dropped a tensor by then, the worker must take the GIL to free the
+    tensor's Python object, and if the interpreter is shutting down at that moment (a script that ends
+    right after a record) the worker thread dies inside a C++ destructor and the process aborts with
+    "terminate called without an active exception". Holding the tensors until the worker has let go makes
+    its drop free of Python. Under NCCL the tensors stay with the watchdog until the GPU work is done, and
+    waiting for that would be a host synchronisation, so only gloo is waited for."""
+    base = [t._use_count() for t in held]
+    work = call(async_op=True)
+    if work is not None:
+        work.wait()
+        del work
+    if dist.get_backend() != "gloo":
+        return
+    deadline = time.monotonic() + 2.0
+    while any(t._use_count() > b for t, b in zip(held, base, strict=True)) and time.monotonic() < deadline:
+        time.sleep(1e-4)
+
+
+def all_reduce(t: torch.Tensor) -> None:
+    """Sum ``t`` over the default group in place."""
+    _collective(lambda **kw: dist.all_reduce(t, **kw), [t])
+
+
 def broadcast_ints(values: Sequence[int], src: int = 0) -> list[int]:
     """``values`` as rank ``src`` holds them, on every rank (a no-op outside a process group)."""
     if not active():
         return [int(v) for v in values]
     t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=collective_device())
-    dist.broadcast(t, src=src)
+    _collective(lambda **kw: dist.broadcast(t, src=src, **kw), [t])
     return [int(v) for v in t.tolist()]
 
 
@@ -84,7 +113,7 @@ def gather_full(tensors: Sequence[torch.Tensor | None], dst: int, like: torch.Te
                 present[j] = 1
     flat = torch.cat([present, buf.reshape(-1)])
     parts = [torch.empty_like(flat) for _ in range(world)] if me == dst else None
-    dist.gather(flat, parts, dst=dst)
+    _collective(lambda **kw: dist.gather(flat, parts, dst=dst, **kw), [flat, *(parts or [])])
     if me != dst:
         return [None] * len(tensors)
     out: list[torch.Tensor | None] = []
@@ -103,5 +132,5 @@ def gather_rows(rows: np.ndarray, dst: int = 0) -> list[np.ndarray]:
     me, world = rank(), world_size()
     t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float64)).to(collective_device())
     parts = [torch.empty_like(t) for _ in range(world)] if me == dst else None
-    dist.gather(t, parts, dst=dst)
+    _collective(lambda **kw: dist.gather(t, parts, dst=dst, **kw), [t, *(parts or [])])
     return [p.cpu().numpy() for p in parts] if me == dst else []

@@ -26,3 +26,28 @@ def _seed() -> None:
 
 def np_quantile(x: np.ndarray, qs) -> np.ndarray:
     return np.quantile(np.asarray(x, dtype=np.float64), list(qs), method="linear")
+
+
+def in_group(rank: int, body, world: int, init: str, *args) -> None:
+    """``torch.multiprocessing.spawn`` target: ``body(rank, world, *args)`` inside a gloo group of ``world``
+    processes, then leave the group and end the process without interpreter shutdown.
+
+    Why the abrupt end: gloo's worker threads free a finished collective's tensors just after signalling
+    completion. FSDP2's own all-gathers leave tensors whose Python objects such a thread must then free
+    under the GIL; if the interpreter is finalizing at that moment the thread dies inside a C++ destructor
+    and the process aborts with "terminate called without an active exception" (seen in CI, about one run
+    of this file in ten here; pytorch/pytorch#179291). Our own collectives wait for gloo to let go
+    (``distributed._collective``); torch's cannot be made to. A body that raises still fails the spawn."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        body(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import in_group
 from torch import nn
 
 import spectralscope as ss
@@ -33,19 +33,15 @@ def _train(model, wrapped, path, batches, rank=0, world=1):
             opt.zero_grad()
 
 
-def _worker(rank: int, world: int, init: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        model = _model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        _train(model, ddp, f"{out}/rank{rank}.zarr", _batches(3), rank, world)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out: str) -> None:
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    _train(model, ddp, f"{out}/rank{rank}.zarr", _batches(3), rank, world)
 
 
 @pytest.mark.slow
 def test_ddp_record_equals_single_process_on_the_full_batch(tmp_path):
-    mp.spawn(_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(in_group, args=(_worker, 2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
     model = _model()
     _train(model, model, tmp_path / "single.zarr", _batches(3))
     ref = ss.open_run(tmp_path / "single.zarr")["activations"].dataset

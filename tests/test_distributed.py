@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import in_group
 from torch import nn
 
 import spectralscope as ss
@@ -38,23 +38,15 @@ def _train(model, wrapped, path, batches, rank=0, world=1, named=None, **kw):
     return rec
 
 
-def _init(rank: int, world: int, init: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-
-
-def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
-    _init(rank, world, init)
-    try:
-        model = _model()
-        # a path per rank, so that anything rank 1 wrote would show
-        _train(model, nn.parallel.DistributedDataParallel(model), f"{out}/rank{rank}.zarr", _batches(4), rank, world)
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int, world: int, out: str) -> None:
+    model = _model()
+    # a path per rank, so that anything rank 1 wrote would show
+    _train(model, nn.parallel.DistributedDataParallel(model), f"{out}/rank{rank}.zarr", _batches(4), rank, world)
 
 
 @pytest.mark.slow
 def test_only_rank_0_writes_what_a_single_process_records(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(in_group, args=(_ddp_worker, 2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
     shared = tmp_path / "rank0.zarr"
     model = _model()
     _train(model, model, tmp_path / "single.zarr", _batches(4))
@@ -77,41 +69,34 @@ def test_only_rank_0_writes_what_a_single_process_records(tmp_path):
     assert not (tmp_path / "rank1.zarr").exists(), "rank 1 must not write"
 
 
-def _exists_worker(rank: int, world: int, init: str, path: str, out: str) -> None:
-    _init(rank, world, init)
+def _exists_worker(rank: int, world: int, path: str, out: str) -> None:
+    opt = torch.optim.Muon(_model().parameters(), lr=0.02)
     try:
-        opt = torch.optim.Muon(_model().parameters(), lr=0.02)
-        try:
-            ss.watch(opt, None, path)
-            outcome = "opened"
-        except (FileExistsError, RuntimeError) as exc:
-            outcome = f"{type(exc).__name__}: {exc}"
-        with open(f"{out}/rank{rank}.txt", "w") as f:
-            f.write(outcome)
-    finally:
-        dist.destroy_process_group()
+        ss.watch(opt, None, path)
+        outcome = "opened"
+    except (FileExistsError, RuntimeError) as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    with open(f"{out}/rank{rank}.txt", "w") as f:
+        f.write(outcome)
 
 
 @pytest.mark.slow
 def test_a_store_rank_0_cannot_open_fails_every_rank_without_hanging(tmp_path):
     path = tmp_path / "taken.zarr"
     ss.watch(torch.optim.Muon(_model().parameters()), None, path).close()
-    mp.spawn(_exists_worker, args=(2, f"file://{tmp_path}/init", str(path), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(in_group, args=(_exists_worker, 2, f"file://{tmp_path}/init", str(path), str(tmp_path)), nprocs=2,
+             join=True)
     assert (tmp_path / "rank0.txt").read_text().startswith("FileExistsError")
     assert (tmp_path / "rank1.txt").read_text().startswith("RuntimeError: watch(): rank 0 could not open")
 
 
-def _resume_worker(rank: int, world: int, init: str, path: str, out: str) -> None:
-    _init(rank, world, init)
-    try:
-        model = _model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        # named after the inner model, as the single-process run that started the store
-        rec = _train(model, ddp, path, _batches(3), rank, world, named=model, resume=True)
-        with open(f"{out}/rank{rank}.txt", "w") as f:
-            f.write(str(rec.step))
-    finally:
-        dist.destroy_process_group()
+def _resume_worker(rank: int, world: int, path: str, out: str) -> None:
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    # named after the inner model, as the single-process run that started the store
+    rec = _train(model, ddp, path, _batches(3), rank, world, named=model, resume=True)
+    with open(f"{out}/rank{rank}.txt", "w") as f:
+        f.write(str(rec.step))
 
 
 @pytest.mark.slow
@@ -119,7 +104,8 @@ def test_resume_aligns_every_ranks_step_count(tmp_path):
     path = tmp_path / "run.zarr"
     model = _model()
     _train(model, model, path, _batches(5))  # steps 0–4 on disk; rank 1 has no store to read them from
-    mp.spawn(_resume_worker, args=(2, f"file://{tmp_path}/init", str(path), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(in_group, args=(_resume_worker, 2, f"file://{tmp_path}/init", str(path), str(tmp_path)), nprocs=2,
+             join=True)
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text() == "7"
     ds = ss.open_run(path)["optimizer"].dataset
     np.testing.assert_array_equal(ds["step"].values, np.arange(8))
@@ -131,7 +117,7 @@ def _spawn(fn, args, timeout: float = 180.0) -> None:
     """mp.spawn with a deadline: a collective that hangs fails the test instead of stalling the suite."""
     import time
 
-    ctx = mp.spawn(fn, args=args, nprocs=2, join=False)
+    ctx = mp.spawn(in_group, args=(fn, *args), nprocs=2, join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
@@ -146,38 +132,34 @@ def _fsdp_model() -> nn.Module:
                          nn.Linear(24, 7, bias=False))
 
 
-def _fsdp_worker(rank: int, world: int, init: str, out: str, nan_step: int) -> None:
-    _init(rank, world, init)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+def _fsdp_worker(rank: int, world: int, out: str, nan_step: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world,))
-        model = _fsdp_model()
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        opt = torch.optim.Muon(model.parameters(), lr=0.02)
-        weights = [model[i].weight for i in (0, 2, 4)]
-        with ss.watch(opt, model, f"{out}/rank{rank}.zarr", every=1, activations=None):
-            for step, x in enumerate(_batches(4)):
-                model(x.chunk(world)[rank]).square().mean().backward()
-                if step == nan_step and rank == 1:  # one rank's shard of one gradient turns NaN
-                    model[2].weight.grad.to_local().fill_(float("nan"))
-                before = [w.detach().full_tensor() for w in weights]
-                opt.step()
-                # the full matrices of this step, for the test's float64 reference (M as Muon forms it)
-                full = {}
-                for i, (w, w0) in enumerate(zip(weights, before, strict=True)):
-                    m = w.grad.lerp(opt.state[w]["momentum_buffer"], opt.param_groups[0]["momentum"])
-                    full.update({f"m{i}": m.detach().full_tensor().numpy(), f"w0_{i}": w0.numpy(),
-                                 f"w1_{i}": w.detach().full_tensor().numpy()})
-                if rank == 0:
-                    np.savez(f"{out}/full{step}.npz", **full)
-                opt.zero_grad()
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world,))
+    model = _fsdp_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.Muon(model.parameters(), lr=0.02)
+    weights = [model[i].weight for i in (0, 2, 4)]
+    with ss.watch(opt, model, f"{out}/rank{rank}.zarr", every=1, activations=None):
+        for step, x in enumerate(_batches(4)):
+            model(x.chunk(world)[rank]).square().mean().backward()
+            if step == nan_step and rank == 1:  # one rank's shard of one gradient turns NaN
+                model[2].weight.grad.to_local().fill_(float("nan"))
+            before = [w.detach().full_tensor() for w in weights]
+            opt.step()
+            # the full matrices of this step, for the test's float64 reference (M as Muon forms it)
+            full = {}
+            for i, (w, w0) in enumerate(zip(weights, before, strict=True)):
+                m = w.grad.lerp(opt.state[w]["momentum_buffer"], opt.param_groups[0]["momentum"])
+                full.update({f"m{i}": m.detach().full_tensor().numpy(), f"w0_{i}": w0.numpy(),
+                             f"w1_{i}": w.detach().full_tensor().numpy()})
+            if rank == 0:
+                np.savez(f"{out}/full{step}.npz", **full)
+            opt.zero_grad()
 
 
 @pytest.mark.slow
