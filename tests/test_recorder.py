@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 from conftest import np_quantile, prescribed
 from torch import nn
 from torch.optim._muon import _zeropower_via_newtonschulz
+from torch.overrides import TorchFunctionMode
 
 import spectralscope as ss
 from spectralscope.spectra import DEFAULT_QUANTILES as QS
@@ -242,6 +245,63 @@ def test_a_lagging_worker_measures_the_step_as_it_was(tmp_path):
     inline, worker = run(tmp_path / "a.zarr", False), run(tmp_path / "b.zarr", True)
     for var in inline.data_vars:
         np.testing.assert_array_equal(inline[var].values, worker[var].values, err_msg=var)
+
+
+class _HostWaits(TorchFunctionMode):
+    """Notes every call that makes the host wait for an accelerator (a value read back, a copy to the CPU, a
+    linalg routine's status check) made from spectralscope's own code, with the line that made it. Torch
+    function modes are per thread: only the thread that enters the mode is watched. On the CPU nothing
+    waits, but the calls are the same ones that would on a GPU."""
+
+    WAITS = frozenset({"item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__int__", "__float__",
+                       "__index__", "__array__", "equal", "allclose"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        import spectralscope.hooks
+
+        self.ours = (Path(ss.__file__).parent, Path(spectralscope.hooks.__file__).parent)
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        to_host = name == "to" and any(str(a).startswith("cpu") for a in (*args[1:], kwargs.get("device")))
+        solver = name.startswith("linalg_") and name not in ("linalg_vector_norm", "linalg_matrix_norm")
+        if name in self.WAITS or solver or to_host:
+            frame = sys._getframe(1)
+            while frame is not None:
+                path = Path(frame.f_code.co_filename)
+                if any(d in path.parents for d in self.ours):
+                    self.calls.append(f"{name} at {path.name}:{frame.f_lineno}")
+                    break
+                frame = frame.f_back
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_background_leaves_no_host_wait_on_the_training_thread(tmp_path, background):
+    # with background=True the hooks on the training thread only copy (optimizer inputs, activation rows)
+    # and queue; inline, the same run reads values back (the control: the detector sees them)
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02, weight_decay=0.1)
+    rec = ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=background,
+                   activations=ss.ActivationSpectra(every=2, max_tokens=24))
+    gen = torch.Generator().manual_seed(3)
+    with _HostWaits() as waits:
+        for _ in range(4):
+            model(torch.randn(8, 5, 12, generator=gen)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    rec.close()
+    tree = ss.open_run(tmp_path / "r.zarr")
+    assert tree["optimizer"].sizes["step"] == 4 and tree["activations"].sizes["step"] == 2
+    assert (tree["activations"]["act_tokens"].values == 24).all()  # subsampled on the training thread
+    if background:
+        assert waits.calls == []
+    else:
+        assert len(waits.calls) > 20, waits.calls
 
 
 def test_background_flush_waits_for_the_worker_and_close_stops_it(tmp_path):
