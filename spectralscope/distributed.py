@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ def _collective(call: Callable[..., dist.Work | None], held: Sequence[torch.Tens
 
 def all_reduce(t: torch.Tensor) -> None:
     """Sum ``t`` over the default group in place."""
-    _collective(lambda **kw: dist.all_reduce(t, **kw), [t])
+    _collective(partial(dist.all_reduce, t), [t])
 
 
 def broadcast_ints(values: Sequence[int], src: int = 0) -> list[int]:
@@ -67,7 +68,7 @@ def broadcast_ints(values: Sequence[int], src: int = 0) -> list[int]:
     if not active():
         return [int(v) for v in values]
     t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=collective_device())
-    _collective(lambda **kw: dist.broadcast(t, src=src, **kw), [t])
+    _collective(partial(dist.broadcast, t, src=src), [t])
     return [int(v) for v in t.tolist()]
 
 
@@ -113,7 +114,7 @@ def gather_full(tensors: Sequence[torch.Tensor | None], dst: int, like: torch.Te
                 present[j] = 1
     flat = torch.cat([present, buf.reshape(-1)])
     parts = [torch.empty_like(flat) for _ in range(world)] if me == dst else None
-    _collective(lambda **kw: dist.gather(flat, parts, dst=dst, **kw), [flat, *(parts or [])])
+    _collective(partial(dist.gather, flat, parts, dst=dst), [flat, *(parts or [])])
     if me != dst:
         return [None] * len(tensors)
     out: list[torch.Tensor | None] = []
@@ -132,5 +133,5 @@ def gather_rows(rows: np.ndarray, dst: int = 0) -> list[np.ndarray]:
     me, world = rank(), world_size()
     t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float64)).to(collective_device())
     parts = [torch.empty_like(t) for _ in range(world)] if me == dst else None
-    _collective(lambda **kw: dist.gather(t, parts, dst=dst, **kw), [t, *(parts or [])])
+    _collective(partial(dist.gather, t, parts, dst=dst), [t, *(parts or [])])
     return [p.cpu().numpy() for p in parts] if me == dst else []
