@@ -27,7 +27,7 @@ from test_dashboard_browser import CHROMIUM, browser, free_port, serve  # noqa: 
 
 from spectralscope.gpt import GPT, GPTConfig  # noqa: E402
 from spectralscope.layers import layer_coords, select_layers  # noqa: E402
-from spectralscope.recorder import OPTIMIZER_VARIABLES  # noqa: E402
+from spectralscope.measure import OPTIMIZER_VARIABLES  # noqa: E402
 from spectralscope.spectra import DEFAULT_QUANTILES  # noqa: E402
 from spectralscope.store import GroupSpec, RunWriter  # noqa: E402
 

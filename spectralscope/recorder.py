@@ -19,7 +19,7 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,55 +32,13 @@ from spectralscope.hooks.sharpness import Sharpness
 
 from . import distributed
 from .adapters import adapter_for
-from .estimate import EXACT_MAX, SpectrumEstimate, choose_method, quantile_bracket, representative_spectrum, slq
+from .estimate import EXACT_MAX, choose_method
 from .layers import Layer, layer_coords, select_layers
-from .newton_schulz import NSConfig, newton_schulz
-from .optimizer_metrics import momentum_metrics, newton_schulz_metrics, update_metrics, weight_metrics
-from .spectra import DEFAULT_QUANTILES, Spectrum, as_matrix, matrix_spectrum
+from .measure import LayerInputs, Measurer, fill, to_host
+from .spectra import DEFAULT_QUANTILES
 from .store import DiscardWriter, GroupSpec, RunWriter
 
 log = logging.getLogger("spectralscope")
-
-#: Variables of the ``optimizer`` group and whether they carry a quantile axis.
-OPTIMIZER_VARIABLES: dict[str, bool] = {
-    "momentum_sv": True,
-    "momentum_norm": False,
-    "ns_out_sv": True,
-    "ns_polar_err": False,
-    "ns_orth_err": False,
-    "ns_fail_frac": False,
-    "update_rms": False,
-    "update_sv": True,
-    "update_erank": False,
-    "neuron_norm": True,
-    "neuron_cv": False,
-    "weight_spectral_norm": False,
-}
-#: With an estimated layer in the run: the bound on |recorded − true| of each estimated quantile family
-#: (`estimate.quantile_bracket`: hi − lo; 0 on exactly measured layers), and the family it belongs to.
-ESTIMATE_BOUNDS = {"momentum_sv_err": "momentum", "ns_out_sv_err": "newton_schulz", "update_sv_err": "update"}
-
-
-class LayerInputs(NamedTuple):
-    """What a layer's optimizer metrics are computed from: M (None if the optimizer has none; ``why`` says
-    what failed), W_after, W_before (None when not snapshotted), the hyperparameters of its param group (a
-    copy, without the parameters) and whether the step had a gradient for it."""
-
-    m: Tensor | None
-    w1: Tensor
-    w0: Tensor | None
-    why: BaseException | None
-    group: Mapping[str, Any]
-    stepped: bool
-
-
-_FAMILIES = {
-    "momentum": ("momentum_sv", "momentum_norm", "ns_fail_frac"),
-    "newton_schulz": ("ns_out_sv", "ns_polar_err", "ns_orth_err"),
-    "update": ("update_rms", "update_sv", "update_erank", "neuron_norm", "neuron_cv"),
-    "weight": ("weight_spectral_norm",),
-}
-
 
 def _jsonable(x: Any) -> Any:
     if isinstance(x, Tensor):
@@ -168,9 +126,10 @@ class Recorder:
             )
         # how each layer's spectra are measured: fixed by its shape, so recorded once as a coordinate
         self.methods = {lay.name: choose_method(lay.rows, lay.cols, exact_max, sv_method) for lay in self.layers}
-        self.estimated = any(m != "exact" for m in self.methods.values())
-        # the optimizer group's variables (name → has a quantile axis): the bounds only when a layer is estimated
-        self.variables = {**OPTIMIZER_VARIABLES, **({v: True for v in ESTIMATE_BOUNDS} if self.estimated else {})}
+        self.measurer = Measurer([lay.name for lay in self.layers], self.methods, qs, self.ns_floor,
+                                 self.adapter.ns, self.adapter.applied)
+        self.estimated = self.measurer.estimated
+        self.variables = self.measurer.variables  # the optimizer group's variables: name → has a quantile axis
         _check(activations is None or isinstance(activations, (bool, ActivationSpectra)), "activations",
                "an ss.ActivationSpectra, True (defaults) or None/False (off)", activations)
         _check(gradients is None or isinstance(gradients, (bool, GradientSpectra)), "gradients",
@@ -254,10 +213,6 @@ class Recorder:
             self._errors = {k: dict(v) for k, v in dict(self.writer._attrs.get("errors", {})).items()}
         self._step = start
         self._before: dict[int, Tensor] | None = None
-        self._vectors: dict[str, Tensor] = {}
-        self._k_hint: dict[tuple[str, str], int] = {}  # singular values to refine at the last record, per spectrum
-        self._estimates: dict[str, SpectrumEstimate] = {}  # this layer's SLQ estimates, per family
-        self._slq_gen: torch.Generator | None = None  # fresh random vectors at every estimate, private stream
         self._scalars: dict[str, float] = {}
         self._scalar_step: int | None = None
         self._closed = False
@@ -465,21 +420,12 @@ class Recorder:
     # ---- measuring ---------------------------------------------------------------------------------
     def _measure(self, inputs: Sequence[LayerInputs], step: int | None = None) -> dict[str, np.ndarray] | None:
         """The optimizer row of a step from each layer's inputs (None on the ranks that do not write)."""
-        nq, nl = len(self.quantiles), len(self.layers)
-        row = {v: np.full((nl, nq) if q else (nl,), np.nan) for v, q in self.variables.items()}
         if self.sharded:
-            return self._measure_sharded(row, inputs)
-        measured = [self._measure_layer(lay, x) for lay, x in zip(self.layers, inputs, strict=True)]
-        for i, (lay, host) in enumerate(zip(self.layers, _to_host(measured), strict=True)):
-            self._fill(row, i, lay, host, step)
+            return self._measure_sharded(self.measurer.empty_row(), inputs)
+        row, problems = self.measurer.measure(inputs)
+        for var, layer, reason in problems:
+            self._count(var, layer, reason, step)
         return row
-
-    def _fill(self, row: dict[str, np.ndarray], i: int, lay: Layer, host: Mapping[str, tuple[np.ndarray, str]],
-              step: int | None = None) -> None:
-        for var, (value, reason) in host.items():
-            row[var][i] = value
-            if not np.isfinite(value).all():
-                self._count(var, lay.name, reason, step)
 
     def _local_inputs(self, lay: Layer, copy: bool = False) -> LayerInputs:
         """A layer's inputs as this process holds them after the step; with ``copy``, M and W_after are
@@ -499,62 +445,6 @@ class Recorder:
         hyper = {k: v for k, v in group.items() if k != "params"}
         return LayerInputs(m, w1, w0, why, hyper, p.grad is not None)
 
-    def _measure_layer(self, lay: Layer, x: LayerInputs) -> dict[str, tuple[Tensor, str]]:
-        """Every optimizer metric of one layer from its full matrices: {variable: (value on the layer's device,
-        NaN reason)}; `_to_host` brings a whole record to the host at once."""
-        m, w1, w0, why, group = x.m, x.w1, x.w0, x.why, x.group
-        ns = self.adapter.ns(group)
-        qs = self.quantiles
-        out: dict[str, Tensor] = {}
-        reasons: dict[str, str] = {}
-
-        def fail(name: str, exc: BaseException) -> None:
-            bounds = [b for b, fam in ESTIMATE_BOUNDS.items() if fam == name and b in self.variables]
-            for var in (*_FAMILIES[name], *bounds):
-                out[var] = torch.full((len(qs),) if self.variables[var] else (), float("nan"))
-                reasons[var] = f"failed ({type(exc).__name__}: {exc})"
-
-        def family(name: str, fn: Callable[[], dict[str, Tensor]]) -> None:
-            try:
-                out.update(fn())
-            except Exception as exc:
-                fail(name, exc)
-
-        if why is not None:
-            fail("momentum", why)
-        if m is not None:
-            mat = as_matrix(m)
-            family("momentum", lambda: momentum_metrics(mat, qs, ns, self.ns_floor, self._spectrum(lay, "momentum")))
-            if ns is not None:
-                family("newton_schulz", lambda: newton_schulz_metrics(
-                    self._ns_output(x, mat, ns), qs, self._spectrum(lay, "newton_schulz")))
-        if w0 is not None:
-            # in float64: W_after − W_before of float32 weights is exact there, not always in float32
-            family("update", lambda: update_metrics(w1.to(torch.float64) - w0.to(torch.float64), qs,
-                                                    self._spectrum(lay, "update")))
-
-        def weight() -> dict[str, Tensor]:
-            metrics, v = weight_metrics(w1, self._vectors.get(lay.name))
-            if v is not None and bool(torch.isfinite(v).all()):
-                self._vectors[lay.name] = v
-            return metrics
-
-        family("weight", weight)
-        if self.estimated:
-            if self.methods[lay.name] == "exact":
-                out.update({v: torch.zeros(len(qs), dtype=torch.float64) for v, fam in ESTIMATE_BOUNDS.items()
-                            if not (fam == "momentum" and m is None) and not (fam == "update" and w0 is None)
-                            and not (fam == "newton_schulz" and (m is None or ns is None))})
-            else:
-                try:
-                    out.update({k: v for k, v in self._bounds(out).items() if k not in reasons})
-                except Exception as exc:
-                    for var in ESTIMATE_BOUNDS:
-                        out[var] = torch.full((len(qs),), float("nan"))
-                        reasons[var] = f"failed ({type(exc).__name__}: {exc})"
-                self._estimates.clear()
-        return {k: (v.detach(), reasons.get(k, "is not finite")) for k, v in out.items()}
-
     def _measure_sharded(self, row: dict[str, np.ndarray], inputs: Sequence[LayerInputs]) -> dict[str, np.ndarray] | None:
         """FSDP2: spectra of full matrices. Layer i belongs to rank i mod world, which gathers its full M, W_after
         and W_before from the shards and measures it; rank 0 gathers the results. Every rank takes part in
@@ -571,7 +461,7 @@ class Recorder:
                 continue
             m_full, w1_full, w0_full = full
             try:
-                host = _to_host([self._measure_layer(lay, x._replace(m=m_full, w1=w1_full, w0=w0_full))])[0]
+                host = to_host([self.measurer.measure_layer(lay.name, x._replace(m=m_full, w1=w1_full, w0=w0_full))])[0]
             except Exception as exc:  # never skip the collectives below
                 self._warn("optimizer", lay.name, exc)
                 continue
@@ -591,55 +481,9 @@ class Recorder:
                 value = values[offset:offset + n] if self.variables[var] else values[offset]
                 host[var] = (value, reasons.get((i, var), "is not finite"))
                 offset += n
-            self._fill(row, i, lay, host)
+            for var, layer, reason in fill(row, i, lay.name, host):
+                self._count(var, layer, reason)
         return row
-
-    def _spectrum(self, lay: Layer, family: str) -> Callable[[Tensor], Spectrum]:
-        """The exact route for this layer's spectrum, chosen from what the last record of it needed."""
-        key = (lay.name, family)
-
-        def spectrum(a: Tensor) -> Spectrum:
-            if self.methods[lay.name] == "slq":
-                return self._estimate(a, family)
-            sp = matrix_spectrum(a, self._k_hint.get(key))
-            self._k_hint[key] = sp.k
-            return sp
-
-        return spectrum
-
-    def _estimate(self, a: Tensor, family: str) -> Spectrum:
-        """The SLQ route: σ̃ (`estimate.representative_spectrum`) and the exact Gram diagonal (row or column
-        norms²); the estimate is kept for the family's quantile bounds."""
-        m = as_matrix(a).detach().to(torch.float64)
-        if self._slq_gen is None or self._slq_gen.device != m.device:
-            self._slq_gen = torch.Generator(device=m.device).manual_seed(0)
-        est = slq(m, generator=self._slq_gen)
-        self._estimates[family] = est
-        diag = m.square().sum(1) if m.shape[0] <= m.shape[1] else m.square().sum(0)
-        return Spectrum(representative_spectrum(est), diag, "slq", 0)
-
-    def _bounds(self, out: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """hi − lo of each estimated quantile (`estimate.quantile_bracket`), in the units of the recorded
-        values: momentum_sv is normalised by ‖M‖_F."""
-        res = {}
-        for var, fam in ESTIMATE_BOUNDS.items():
-            est = self._estimates.get(fam)
-            if est is None:
-                continue
-            scale = float(out["momentum_norm"]) if fam == "momentum" else 1.0
-            lo, hi = quantile_bracket(est, self.quantiles, scale if scale > 0 else float("nan"))
-            res[var] = hi - lo
-        return res
-
-    def _ns_output(self, x: LayerInputs, m: Tensor, ns: NSConfig) -> Tensor:
-        """O = NS_k(M): read back from the step just applied where the adapter knows how (the optimizer's own
-        result, at no cost), else recomputed operation for operation. A parameter without a gradient was
-        not stepped: nothing to read back."""
-        if x.w0 is not None and self.adapter.applied is not None and x.stepped:
-            o = self.adapter.applied(x.w1, x.group, x.w0)
-            if o is not None:
-                return o
-        return newton_schulz(m, ns)
 
     def _emit(self, group: str, row: dict[str, np.ndarray], step: int | None = None) -> None:
         step = self._step if step is None else step
@@ -675,26 +519,6 @@ class Recorder:
         self.writer.append("scalars", self._scalar_step, values)
         self._scalars = {}
         self._scalar_step = None
-
-
-def _to_host(measured: Sequence[Mapping[str, tuple[Tensor, str]]]) -> list[dict[str, tuple[np.ndarray, str]]]:
-    """The values of a record's layers as float64 numpy arrays, with one device-to-host copy per device
-    (on an accelerator each copy waits for the device: one wait per record, not one per value)."""
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for out in measured:
-        for value, _ in out.values():
-            by_device.setdefault(value.device, []).append(value.reshape(-1).to(torch.float64))
-    flat = {dev: torch.cat(parts).cpu().numpy() if parts else np.empty(0) for dev, parts in by_device.items()}
-    offsets = dict.fromkeys(flat, 0)
-    hosts = []
-    for out in measured:
-        host = {}
-        for var, (value, reason) in out.items():
-            dev, n = value.device, value.numel()
-            host[var] = (flat[dev][offsets[dev]:offsets[dev] + n].reshape(value.shape), reason)
-            offsets[dev] += n
-        hosts.append(host)
-    return hosts
 
 
 def _register_exit(fn: Callable[[], None]) -> None:

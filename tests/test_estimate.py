@@ -20,7 +20,7 @@ from spectralscope.estimate import (
     slq,
     slq_cost,
 )
-from spectralscope.recorder import ESTIMATE_BOUNDS
+from spectralscope.measure import ESTIMATE_BOUNDS
 from spectralscope.spectra import DEFAULT_QUANTILES, quantiles, route_costs
 
 LEVELS = np.linspace(0.0, 1.0, 201)

@@ -1,0 +1,234 @@
+"""The optimizer record of one step: every watched layer's metrics from its matrices (SPEC §6).
+
+A `Measurer` holds what measuring needs besides the matrices — the layers' names and spectrum methods,
+the quantile levels, how the optimizer's Newton–Schulz is configured and read back — and the little state
+carried from record to record (the exact route each spectrum took last time, the power-iteration vector
+of large layers, the estimator's random stream). It does no I/O and knows nothing of hooks or stores, so
+the recorder can run it inline, on a worker thread, or in a worker process (`spectralscope.worker`),
+with the same results. The formulas are in `optimizer_metrics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .estimate import SpectrumEstimate, quantile_bracket, representative_spectrum, slq
+from .newton_schulz import NSConfig, newton_schulz
+from .optimizer_metrics import momentum_metrics, newton_schulz_metrics, update_metrics, weight_metrics
+from .spectra import Spectrum, as_matrix, matrix_spectrum
+
+#: Variables of the ``optimizer`` group and whether they carry a quantile axis.
+OPTIMIZER_VARIABLES: dict[str, bool] = {
+    "momentum_sv": True,
+    "momentum_norm": False,
+    "ns_out_sv": True,
+    "ns_polar_err": False,
+    "ns_orth_err": False,
+    "ns_fail_frac": False,
+    "update_rms": False,
+    "update_sv": True,
+    "update_erank": False,
+    "neuron_norm": True,
+    "neuron_cv": False,
+    "weight_spectral_norm": False,
+}
+#: With an estimated layer in the run: the bound on |recorded − true| of each estimated quantile family
+#: (`estimate.quantile_bracket`: hi − lo; 0 on exactly measured layers), and the family it belongs to.
+ESTIMATE_BOUNDS = {"momentum_sv_err": "momentum", "ns_out_sv_err": "newton_schulz", "update_sv_err": "update"}
+
+_FAMILIES = {
+    "momentum": ("momentum_sv", "momentum_norm", "ns_fail_frac"),
+    "newton_schulz": ("ns_out_sv", "ns_polar_err", "ns_orth_err"),
+    "update": ("update_rms", "update_sv", "update_erank", "neuron_norm", "neuron_cv"),
+    "weight": ("weight_spectral_norm",),
+}
+
+#: A metric that came out NaN/Inf or failed: (variable, layer name, why).
+Problem = tuple[str, str, str]
+
+
+class LayerInputs(NamedTuple):
+    """What a layer's optimizer metrics are computed from: M (None if the optimizer has none; ``why`` says
+    what failed), W_after, W_before (None when not snapshotted), the hyperparameters of its param group (a
+    copy, without the parameters) and whether the step had a gradient for it."""
+
+    m: Tensor | None
+    w1: Tensor
+    w0: Tensor | None
+    why: BaseException | None
+    group: Mapping[str, Any]
+    stepped: bool
+
+
+class Measurer:
+    """Measures the optimizer row of a step. ``ns(group)`` gives the optimizer's NS configuration (None
+    without NS); ``applied(w_after, group, w_before)``, where known, reads the NS output the step applied
+    back from the weights (see `adapters.Adapter`)."""
+
+    def __init__(self, names: Sequence[str], methods: Mapping[str, str], quantiles: Sequence[float],
+                 ns_floor: float, ns: Callable[[Mapping[str, Any]], NSConfig | None],
+                 applied: Callable[[Tensor, Mapping[str, Any], Tensor], Tensor | None] | None):
+        self.names = list(names)
+        self.methods = dict(methods)
+        self.quantiles = list(quantiles)
+        self.ns_floor = float(ns_floor)
+        self.ns = ns
+        self.applied = applied
+        self.estimated = any(m != "exact" for m in self.methods.values())
+        # the optimizer group's variables (name → has a quantile axis): the bounds only when a layer is estimated
+        self.variables = {**OPTIMIZER_VARIABLES, **({v: True for v in ESTIMATE_BOUNDS} if self.estimated else {})}
+        self._vectors: dict[str, Tensor] = {}
+        self._k_hint: dict[tuple[str, str], int] = {}  # singular values to refine at the last record, per spectrum
+        self._estimates: dict[str, SpectrumEstimate] = {}  # this layer's SLQ estimates, per family
+        self._slq_gen: torch.Generator | None = None  # fresh random vectors at every estimate, private stream
+
+    def empty_row(self) -> dict[str, np.ndarray]:
+        nq, nl = len(self.quantiles), len(self.names)
+        return {v: np.full((nl, nq) if q else (nl,), np.nan) for v, q in self.variables.items()}
+
+    def measure(self, inputs: Sequence[LayerInputs]) -> tuple[dict[str, np.ndarray], list[Problem]]:
+        """The optimizer row from each layer's inputs, and the metrics that came out NaN/Inf or failed."""
+        row = self.empty_row()
+        measured = [self.measure_layer(name, x) for name, x in zip(self.names, inputs, strict=True)]
+        problems: list[Problem] = []
+        for i, host in enumerate(to_host(measured)):
+            problems += fill(row, i, self.names[i], host)
+        return row, problems
+
+    def measure_layer(self, name: str, x: LayerInputs) -> dict[str, tuple[Tensor, str]]:
+        """Every optimizer metric of one layer from its full matrices: {variable: (value on the layer's device,
+        NaN reason)}; `to_host` brings a whole record to the host at once."""
+        m, w1, w0, why, group = x.m, x.w1, x.w0, x.why, x.group
+        ns = self.ns(group)
+        qs = self.quantiles
+        out: dict[str, Tensor] = {}
+        reasons: dict[str, str] = {}
+
+        def fail(family_name: str, exc: BaseException) -> None:
+            bounds = [b for b, fam in ESTIMATE_BOUNDS.items() if fam == family_name and b in self.variables]
+            for var in (*_FAMILIES[family_name], *bounds):
+                out[var] = torch.full((len(qs),) if self.variables[var] else (), float("nan"))
+                reasons[var] = f"failed ({type(exc).__name__}: {exc})"
+
+        def family(family_name: str, fn: Callable[[], dict[str, Tensor]]) -> None:
+            try:
+                out.update(fn())
+            except Exception as exc:
+                fail(family_name, exc)
+
+        if why is not None:
+            fail("momentum", why)
+        if m is not None:
+            mat = as_matrix(m)
+            family("momentum", lambda: momentum_metrics(mat, qs, ns, self.ns_floor, self._spectrum(name, "momentum")))
+            if ns is not None:
+                family("newton_schulz", lambda: newton_schulz_metrics(
+                    self._ns_output(x, mat, ns), qs, self._spectrum(name, "newton_schulz")))
+        if w0 is not None:
+            # in float64: W_after − W_before of float32 weights is exact there, not always in float32
+            family("update", lambda: update_metrics(w1.to(torch.float64) - w0.to(torch.float64), qs,
+                                                    self._spectrum(name, "update")))
+
+        def weight() -> dict[str, Tensor]:
+            metrics, v = weight_metrics(w1, self._vectors.get(name))
+            if v is not None and bool(torch.isfinite(v).all()):
+                self._vectors[name] = v
+            return metrics
+
+        family("weight", weight)
+        if self.estimated:
+            if self.methods[name] == "exact":
+                out.update({v: torch.zeros(len(qs), dtype=torch.float64) for v, fam in ESTIMATE_BOUNDS.items()
+                            if not (fam == "momentum" and m is None) and not (fam == "update" and w0 is None)
+                            and not (fam == "newton_schulz" and (m is None or ns is None))})
+            else:
+                try:
+                    out.update({k: v for k, v in self._bounds(out).items() if k not in reasons})
+                except Exception as exc:
+                    for var in ESTIMATE_BOUNDS:
+                        out[var] = torch.full((len(qs),), float("nan"))
+                        reasons[var] = f"failed ({type(exc).__name__}: {exc})"
+                self._estimates.clear()
+        return {k: (v.detach(), reasons.get(k, "is not finite")) for k, v in out.items()}
+
+    def _spectrum(self, name: str, family: str) -> Callable[[Tensor], Spectrum]:
+        """The exact route for this layer's spectrum, chosen from what the last record of it needed."""
+        key = (name, family)
+
+        def spectrum(a: Tensor) -> Spectrum:
+            if self.methods[name] == "slq":
+                return self._estimate(a, family)
+            sp = matrix_spectrum(a, self._k_hint.get(key))
+            self._k_hint[key] = sp.k
+            return sp
+
+        return spectrum
+
+    def _estimate(self, a: Tensor, family: str) -> Spectrum:
+        """The SLQ route: σ̃ (`estimate.representative_spectrum`) and the exact Gram diagonal (row or column
+        norms²); the estimate is kept for the family's quantile bounds."""
+        m = as_matrix(a).detach().to(torch.float64)
+        if self._slq_gen is None or self._slq_gen.device != m.device:
+            self._slq_gen = torch.Generator(device=m.device).manual_seed(0)
+        est = slq(m, generator=self._slq_gen)
+        self._estimates[family] = est
+        diag = m.square().sum(1) if m.shape[0] <= m.shape[1] else m.square().sum(0)
+        return Spectrum(representative_spectrum(est), diag, "slq", 0)
+
+    def _bounds(self, out: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """hi − lo of each estimated quantile (`estimate.quantile_bracket`), in the units of the recorded
+        values: momentum_sv is normalised by ‖M‖_F."""
+        res = {}
+        for var, fam in ESTIMATE_BOUNDS.items():
+            est = self._estimates.get(fam)
+            if est is None:
+                continue
+            scale = float(out["momentum_norm"]) if fam == "momentum" else 1.0
+            lo, hi = quantile_bracket(est, self.quantiles, scale if scale > 0 else float("nan"))
+            res[var] = hi - lo
+        return res
+
+    def _ns_output(self, x: LayerInputs, m: Tensor, ns: NSConfig) -> Tensor:
+        """O = NS_k(M): read back from the step just applied where the adapter knows how (the optimizer's own
+        result, at no cost), else recomputed operation for operation. A parameter without a gradient was
+        not stepped: nothing to read back."""
+        if x.w0 is not None and self.applied is not None and x.stepped:
+            o = self.applied(x.w1, x.group, x.w0)
+            if o is not None:
+                return o
+        return newton_schulz(m, ns)
+
+
+def fill(row: dict[str, np.ndarray], i: int, name: str, host: Mapping[str, tuple[np.ndarray, str]]) -> list[Problem]:
+    """Put layer i's host values into the row; returns its values that are not finite, with the reason."""
+    problems = []
+    for var, (value, reason) in host.items():
+        row[var][i] = value
+        if not np.isfinite(value).all():
+            problems.append((var, name, reason))
+    return problems
+
+
+def to_host(measured: Sequence[Mapping[str, tuple[Tensor, str]]]) -> list[dict[str, tuple[np.ndarray, str]]]:
+    """The values of a record's layers as float64 numpy arrays, with one device-to-host copy per device
+    (on an accelerator each copy waits for the device: one wait per record, not one per value)."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for out in measured:
+        for value, _ in out.values():
+            by_device.setdefault(value.device, []).append(value.reshape(-1).to(torch.float64))
+    flat = {dev: torch.cat(parts).cpu().numpy() if parts else np.empty(0) for dev, parts in by_device.items()}
+    offsets = dict.fromkeys(flat, 0)
+    hosts = []
+    for out in measured:
+        host = {}
+        for var, (value, reason) in out.items():
+            dev, n = value.device, value.numel()
+            host[var] = (flat[dev][offsets[dev]:offsets[dev] + n].reshape(value.shape), reason)
+            offsets[dev] += n
+        hosts.append(host)
+    return hosts
