@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py [--pairs 12] [--block 10] [--group 5] [--width 128] [--depth 4] [--batch 32] [--every 10]
     python benchmarks/overhead.py --demo [--all-instruments]     # the demo's largest model (its cadence)
-    python benchmarks/overhead.py --background [--clock wall]    # optimizer records on a worker thread
+    python benchmarks/overhead.py --background [--clock wall]    # records measured in a worker process
 
 Two identical models train side by side in one process, one plain and one under `ss.watch` at defaults
 (optimizer spectra every 10 steps, activation spectra every 50). Short blocks of `--block` steps (default
@@ -15,10 +15,11 @@ line gives the direct account (`Account`): the recorder's own CPU time on the tr
 writer's threads over the same steps, as a share of the plain run's time — a measurement of the work
 itself, free of the run-to-run noise of a difference of totals.
 
-`--background` watches with ``background=True`` (optimizer records measured on a worker thread from copies
-taken after the step). process_time counts the worker's CPU too, wherever it lands, so its paired ratios
-say little; `--clock wall` times the blocks by the wall clock instead: the training thread's slowdown
-when a core is free for the worker (torch runs on one thread here, the machine has two).
+`--background` watches with ``background=True`` (on the CPU: optimizer and activation records measured in
+a worker process, `spectralscope.worker`, from copies taken after the step). Time it with `--clock wall`:
+the training loop's slowdown when a core is free for the worker (torch runs on one thread here, the
+machine has two); process_time would not see the worker process at all. The account then adds the
+worker process's CPU (from /proc), which the training loop does not wait for.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ class Account:
 
     def __init__(self, rec) -> None:
         self.main = 0.0
+        self._rec = rec
         self._wrap(rec, "_measure")
         self._wrap(rec, "_emit")
         self._wrap(rec, "_hand_over")  # background=True: the copies and the hand-over to the worker
@@ -169,14 +171,24 @@ class Account:
 
         setattr(obj, name, timed)
 
+    def _child(self) -> float:
+        """CPU seconds of the recorder's worker process (background=True on the CPU), 0 without one."""
+        proc = getattr(self._rec, "_process", None)
+        if proc is None:
+            return 0.0
+        with open(f"/proc/{proc.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
     def start(self) -> None:
         self.main = 0.0
-        self._process, self._thread = time.process_time(), time.thread_time()
+        self._process, self._thread, self._child0 = time.process_time(), time.thread_time(), self._child()
 
-    def stop(self) -> tuple[float, float]:
-        """(main-thread seconds inside the recorder, other threads' seconds) since `start`."""
+    def stop(self) -> tuple[float, float, float]:
+        """(main-thread seconds inside the recorder, other threads' seconds, worker process seconds) since
+        `start`."""
         others = (time.process_time() - self._process) - (time.thread_time() - self._thread)
-        return self.main, others
+        return self.main, others, self._child() - self._child0
 
 
 def demo_setup(args: argparse.Namespace):
@@ -227,7 +239,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=5, help="pairs summed per ratio (default: 50 steps, one activation record)")
     ap.add_argument("--no-activations", action="store_true", help="watch with activations=None")
     ap.add_argument("--control", action="store_true", help="A/A control: B is not watched (the harness's own bias)")
-    ap.add_argument("--background", action="store_true", help="watch with background=True (records on a worker thread)")
+    ap.add_argument("--background", action="store_true",
+                    help="watch with background=True (records measured in a worker process)")
     ap.add_argument("--clock", choices=("process", "wall"), default="process",
                     help="time blocks by process CPU time (default) or by the wall clock")
     args = ap.parse_args()
@@ -264,7 +277,7 @@ def main() -> None:
         if account is not None:
             account.start()
         ratios, ta, tb = paired_ratios(run_a, run_b, args.pairs, args.block, args.group)
-        main_s, others_s = account.stop() if account is not None else (0.0, 0.0)
+        main_s, others_s, child_s = account.stop() if account is not None else (0.0, 0.0, 0.0)
         n_layers = 0
         if rec is not None:
             rec.close()
@@ -276,7 +289,7 @@ def main() -> None:
             else f"activations {'off' if args.no_activations else 'every 50'}")
     print(f"model: {desc}, {n_params / 1e6:.2f}M parameters; "
           + ("CONTROL: B not watched; " if args.control else f"{n_layers} watched matrices; ")
-          + f"optimizer record every {args.every} steps{' on a worker thread' if args.background else ''}, {what}; "
+          + f"optimizer record every {args.every} steps{' in a worker process' if args.background else ''}, {what}; "
           + f"{args.clock} clock; "
           f"{args.pairs} ratios, each over {args.group} alternating pairs of {args.block}-step blocks")
     print(f"{'plain step':>11} {'watched/plain':>14} {'IQR':>15} {'min–max':>15} {'sum B/sum A':>12} "
@@ -287,9 +300,10 @@ def main() -> None:
           f"{overhead * steps:17.2f} steps")
     if not args.control:
         plain = sum(ta)
+        child = f" + worker process {100 * child_s / plain:.2f}%" if args.background else ""
         print(f"direct account over the same {args.pairs * steps} watched steps: recorder work on the training thread "
-              f"{100 * main_s / plain:.2f}% + writer and zarr threads {100 * others_s / plain:.2f}% "
-              f"= {100 * (main_s + others_s) / plain:.2f}% of the plain run's time")
+              f"{100 * main_s / plain:.2f}% + writer and zarr threads {100 * others_s / plain:.2f}%{child} "
+              f"= {100 * (main_s + others_s + child_s) / plain:.2f}% of the plain run's time (CPU)")
 
 
 if __name__ == "__main__":

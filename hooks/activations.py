@@ -9,7 +9,7 @@ spectrum is taken and the statistics reset. The formulas live in `spectralscope.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,77 @@ class _Deferred:
         self.rows.append(x.clone())
 
 
+class ActivationFinisher:
+    """Turns a record's statistics into its row (the covariance spectra and their summaries), for modules
+    ``names`` of input widths ``dims``. Holds each module's float64 buffers from one record to the next
+    (fresh d×d buffers every record would land on new pages: page faults cost as much as the small
+    products). No hooks: it runs where the record is finished — the training thread, a worker thread or
+    a worker process (`spectralscope.worker`)."""
+
+    def __init__(self, names: Sequence[str], dims: Sequence[int]) -> None:
+        self.names, self.dims = list(names), list(dims)
+        self._spare: dict[int, CovarianceStats] = {}
+
+    def __getstate__(self) -> dict:
+        return {"names": self.names, "dims": self.dims, "_spare": {}}  # buffers stay with their process
+
+    def reused(self, i: int, d: int, device: torch.device) -> CovarianceStats:
+        """Zeroed statistics for module i: its buffers from the last record when they fit."""
+        st = self._spare.get(i)
+        if st is None or st.s.shape[0] != d or st.s.device != device:
+            st = self._spare[i] = CovarianceStats.zeros(d, device)
+        else:
+            st.reset()
+        return st
+
+    def summed(self, taken: list) -> list[CovarianceStats | None]:
+        """Deferred copies summed into statistics (one per shared slot, in module i's reused buffers)."""
+        out: list[CovarianceStats | None] = []
+        done: dict[int, CovarianceStats] = {}
+        for i, st in enumerate(taken):
+            if isinstance(st, _Deferred):
+                if id(st) not in done:
+                    summed = done[id(st)] = self.reused(i, self.dims[i], st.rows[0].device)
+                    for x in st.rows:
+                        summed.add(x)
+                st = done[id(st)]
+            out.append(st)
+        return out
+
+    def run(self, taken: list) -> tuple[dict[str, np.ndarray], list[tuple[str, str, str]]]:
+        """`finish`, with the reports returned as (metric, module, why) beside the row (a worker process's job)."""
+        problems: list[tuple[str, str, str]] = []
+        return self.finish(taken, lambda *p: problems.append(p)), problems
+
+    def finish(self, taken: list, report: Callable[[str, str, str], None]) -> dict[str, np.ndarray]:
+        """The row from the statistics `ActivationSpectra.take` returned; ``report(metric, module, why)`` is
+        told of every value that is not finite or failed."""
+        stats = self.summed(taken)
+        nm, nr = len(self.names), max(self.dims)
+        out = {"act_eig": np.full((nm, nr), np.nan), **{v: np.full(nm, np.nan) for v in SCALARS}}
+        done: dict[int, dict[str, torch.Tensor]] = {}  # shared statistics are decomposed once
+        for i, st in enumerate(stats):
+            if st is None:
+                continue
+            try:
+                if id(st) not in done:
+                    done[id(st)] = activation_metrics(covariance_eigenvalues(st))
+                metrics = dict(done[id(st)])
+            except Exception as exc:
+                report("act_eig", self.names[i], f"failed ({type(exc).__name__}: {exc})")
+                continue
+            lam = metrics.pop("act_eig").cpu().numpy()
+            out["act_eig"][i, : len(lam)] = lam
+            for k, v in metrics.items():
+                out[k][i] = float(v)
+            out["act_tokens"][i] = float(st.n)
+            for k in ("act_eig", "act_soft_rank", "act_hard_rank", "act_top10_share"):
+                val = out[k][i]
+                if not np.isfinite(val[: len(lam)] if k == "act_eig" else val).all():
+                    report(k, self.names[i], "is not finite")
+        return out
+
+
 class ActivationSpectra:
     """Record ``act_eig``, ``act_soft_rank``, ``act_hard_rank``, ``act_tail_alpha``, ``act_top10_share`` and
     ``act_tokens`` every ``every`` optimizer steps, for the inputs of the watched ``nn.Linear`` layers or of
@@ -53,9 +124,7 @@ class ActivationSpectra:
         self._names: list[str] = []
         self._dims: list[int] = []
         self._stats: list[CovarianceStats | None] = []
-        # each module's statistics of the last record, zeroed and reused at the next one: fresh d×d float64
-        # buffers every record would land on new pages (page faults cost as much as the small products)
-        self._spare: dict[int, CovarianceStats] = {}
+        self.finisher = ActivationFinisher([], [])
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._gen: torch.Generator | None = None
         # inputs already accumulated this step, by tensor identity: q, k and v read the same tensor, and
@@ -74,7 +143,7 @@ class ActivationSpectra:
         """Find the modules and register a forward pre-hook on each."""
         chosen = find_modules(ctx.model, ctx.layers, self.modules, "ActivationSpectra")
         self.remove()  # an instance handed to a second watch() starts afresh
-        self._names, self._dims, self._stats, self._seen, self._spare, self._tokens = [], [], [], {}, {}, {}
+        self._names, self._dims, self._stats, self._seen, self._tokens = [], [], [], {}, {}
         self.defer = False
         self._step, self._report, self._writes = ctx.step, ctx.report, ctx.writes
         for i, (name, module) in enumerate(chosen):
@@ -82,6 +151,7 @@ class ActivationSpectra:
             self._dims.append(module.in_features)
             self._stats.append(None)
             self._handles.append(module.register_forward_pre_hook(self._hook(i)))
+        self.finisher = ActivationFinisher(self._names, self._dims)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -134,17 +204,8 @@ class ActivationSpectra:
             self._tokens[id(st)] = self._tokens.get(id(st), 0) + x.shape[0]
 
     def _fresh(self, i: int, d: int, device: torch.device) -> CovarianceStats | _Deferred:
-        """Empty statistics for module i: copies to sum later (``defer``) or `_reused` ones."""
-        return _Deferred() if self.defer else self._reused(i, d, device)
-
-    def _reused(self, i: int, d: int, device: torch.device) -> CovarianceStats:
-        """Zeroed statistics for module i: its buffers from the last record when they fit."""
-        st = self._spare.get(i)
-        if st is None or st.s.shape[0] != d or st.s.device != device:
-            st = self._spare[i] = CovarianceStats.zeros(d, device)
-        else:
-            st.reset()
-        return st
+        """Empty statistics for module i: copies to sum later (``defer``) or reused zeroed ones."""
+        return _Deferred() if self.defer else self.finisher.reused(i, d, device)
 
     def _all_reduce(self) -> None:
         """Under torch.distributed, sum every module's (n, Σx, Σxxᵀ) over the ranks in one collective, so each
@@ -182,43 +243,6 @@ class ActivationSpectra:
         taken, self._stats = self._stats, [None] * len(self._stats)
         return taken if self._writes else None  # other ranks took part in the sum; rank 0 writes it
 
-    def _summed(self, taken: list) -> list[CovarianceStats | None]:
-        """Deferred copies summed into statistics (one per shared slot, in module i's reused buffers)."""
-        out: list[CovarianceStats | None] = []
-        done: dict[int, CovarianceStats] = {}
-        for i, st in enumerate(taken):
-            if isinstance(st, _Deferred):
-                if id(st) not in done:
-                    summed = done[id(st)] = self._reused(i, self._dims[i], st.rows[0].device)
-                    for x in st.rows:
-                        summed.add(x)
-                st = done[id(st)]
-            out.append(st)
-        return out
-
     def finish(self, taken: list) -> dict[str, np.ndarray]:
         """The row from the statistics `take` returned: the covariance spectra and their summaries."""
-        stats = self._summed(taken)
-        nm, nr = len(self._names), max(self._dims)
-        out = {"act_eig": np.full((nm, nr), np.nan), **{v: np.full(nm, np.nan) for v in SCALARS}}
-        done: dict[int, dict[str, torch.Tensor]] = {}  # shared statistics are decomposed once
-        for i, st in enumerate(stats):
-            if st is None:
-                continue
-            try:
-                if id(st) not in done:
-                    done[id(st)] = activation_metrics(covariance_eigenvalues(st))
-                metrics = dict(done[id(st)])
-            except Exception as exc:
-                self._report("act_eig", self._names[i], f"failed ({type(exc).__name__}: {exc})")
-                continue
-            lam = metrics.pop("act_eig").cpu().numpy()
-            out["act_eig"][i, : len(lam)] = lam
-            for k, v in metrics.items():
-                out[k][i] = float(v)
-            out["act_tokens"][i] = float(st.n)
-            for k in ("act_eig", "act_soft_rank", "act_hard_rank", "act_top10_share"):
-                val = out[k][i]
-                if not np.isfinite(val[: len(lam)] if k == "act_eig" else val).all():
-                    self._report(k, self._names[i], "is not finite")
-        return out
+        return self.finisher.finish(taken, self._report)

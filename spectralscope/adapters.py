@@ -23,6 +23,12 @@ NSFn = Callable[[Mapping[str, Any]], NSConfig | None]
 AppliedFn = Callable[[Tensor, Mapping[str, Any], Tensor], Tensor | None]  # (W_after, group, W_before) -> O
 
 
+def no_ns(group: Mapping[str, Any]) -> None:
+    """The NS configuration of an optimizer without Newton–Schulz: none. (A named function, not a lambda,
+    so that a worker process can be handed it.)"""
+    return None
+
+
 @dataclass(frozen=True)
 class Adapter:
     """``momentum(param, group, state)`` → M or None; ``ns(group)`` → NSConfig or None.
@@ -33,7 +39,7 @@ class Adapter:
     the recorder then skips recomputing NS_k(M). It is only asked for parameters that had a gradient."""
 
     momentum: MomentumFn
-    ns: NSFn = lambda group: None
+    ns: NSFn = no_ns
     describe: tuple[str, ...] = ("lr", "momentum", "weight_decay")
     applied: AppliedFn | None = None
 
@@ -61,7 +67,7 @@ def register_adapter(
         raise TypeError(f"optimizer_class must be a class, got {optimizer_class!r}")
     if not callable(momentum):
         raise TypeError("momentum must be callable (param, group, state) -> Tensor | None")
-    adapter = Adapter(momentum, ns or (lambda group: None), tuple(describe), applied)
+    adapter = Adapter(momentum, ns or no_ns, tuple(describe), applied)
     _REGISTRY[optimizer_class] = adapter
     return adapter
 

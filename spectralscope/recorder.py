@@ -37,6 +37,7 @@ from .layers import Layer, layer_coords, select_layers
 from .measure import LayerInputs, Measurer, fill, to_host
 from .spectra import DEFAULT_QUANTILES
 from .store import DiscardWriter, GroupSpec, RunWriter
+from .worker import WorkerProcess, can_pickle, portable
 
 log = logging.getLogger("spectralscope")
 
@@ -85,7 +86,7 @@ class Recorder:
         gradients: GradientSpectra | bool | None = None,
         sharpness: Sharpness | None = None,
         tensorboard: str | Path | None = None,
-        background: bool = False,
+        background: bool | str = False,
     ):
         _check(isinstance(optimizer, torch.optim.Optimizer), "optimizer", "a torch.optim.Optimizer", optimizer)
         _check(model is None or isinstance(model, nn.Module), "model", "an nn.Module or None", model)
@@ -106,7 +107,8 @@ class Recorder:
         _check(exact_max is None or (isinstance(exact_max, int) and not isinstance(exact_max, bool) and exact_max >= 1),
                "exact_max", "an int >= 1 (largest smaller side measured exactly) or None (always exact)", exact_max)
         _check(sv_method in ("auto", "exact", "slq"), "sv_method", "'auto', 'exact' or 'slq'", sv_method)
-        _check(isinstance(background, bool), "background", "True or False", background)
+        _check(background is True or background is False or background in ("thread", "process"),
+               "background", "True, False, 'thread' or 'process'", background)
         if meta is not None:
             try:
                 json.dumps(dict(meta))
@@ -124,6 +126,10 @@ class Recorder:
                 "watch(): no parameter to watch — the optimizer updates no parameter with ndim >= 2"
                 + (f" whose name matches layers={layers!r}" if layers is not None else "")
             )
+        on_cpu = all(lay.param.device.type == "cpu" for lay in self.layers)
+        if background == "process" and not on_cpu:
+            raise ValueError("watch(): background='process' measures parameters on the CPU only; these live on "
+                             f"{sorted({str(lay.param.device) for lay in self.layers})} (use True or 'thread')")
         # how each layer's spectra are measured: fixed by its shape, so recorded once as a coordinate
         self.methods = {lay.name: choose_method(lay.rows, lay.cols, exact_max, sv_method) for lay in self.layers}
         self.measurer = Measurer([lay.name for lay in self.layers], self.methods, qs, self.ns_floor,
@@ -218,12 +224,17 @@ class Recorder:
         self._closed = False
         # the error counts and the TensorBoard sink are shared with the measuring thread
         self._lock = threading.Lock()
-        # background=True: optimizer records are measured on a worker thread from copies taken after the step
+        # background: optimizer records are measured off the training thread from copies taken after the step
         # (under FSDP2 the gathers are collectives of the training thread, so records stay there)
-        self.background = background and not self.sharded and self.writes
+        self.background = bool(background) and not self.sharded and self.writes
         for inst in self.instruments:  # the activation statistics too, where no all-reduce needs their sums
             if isinstance(inst, ActivationSpectra):
                 inst.defer = self.background and not distributed.active()
+        # on the CPU in a worker process (a thread would contend with training for the interpreter lock: see
+        # `spectralscope.worker`); on an accelerator, or where the process cannot be had, on a worker thread
+        self._process: WorkerProcess | None = None
+        if self.background and on_cpu and background in (True, "process"):
+            self._process = self._start_process(background == "process")
         self._jobs: queue.Queue[tuple[Callable[[], None], dict[torch.device, Any]] | None] = queue.Queue(maxsize=1)
         self._worker: threading.Thread | None = None
         self._streams: dict[torch.device, Any] = {}
@@ -275,6 +286,8 @@ class Recorder:
 
     def flush(self) -> None:
         """Commit everything recorded so far (blocks until measured and written)."""
+        if self._process is not None:
+            self._process.join()
         if self._worker is not None:
             self._jobs.join()
         self._push_scalars()
@@ -291,6 +304,8 @@ class Recorder:
         for inst in self.instruments:
             inst.remove()
         atexit.unregister(self._atexit)
+        if self._process is not None:
+            self._process.close()
         if self._worker is not None:
             self._jobs.put(None)
             self._worker.join()
@@ -342,7 +357,7 @@ class Recorder:
             for inst in self.instruments:
                 if isinstance(inst, ActivationSpectra) and inst.defer:
                     taken = inst.take(self._step)
-                    if taken is not None:
+                    if taken is not None and not self._to_process(inst.group, taken):
                         self._submit(self._finisher(inst, taken, self._step))
                     continue
                 inst_row = inst.row(self._step)
@@ -356,10 +371,51 @@ class Recorder:
             self._before = None
             self._step += 1
 
+    # ---- measuring in a worker process (background on the CPU) ------------------------------------
+    def _start_process(self, required: bool) -> WorkerProcess | None:
+        setup: dict[str, Callable[[Any], Any]] = {"optimizer": self.measurer.measure}
+        for inst in self.instruments:
+            if isinstance(inst, ActivationSpectra) and inst.defer:
+                setup[inst.group] = inst.finisher.run
+        why = can_pickle(setup)
+        if why is None:
+            try:
+                return WorkerProcess(setup, self._answered, self._lost, name=f"spectralscope:{self.path}")
+            except OSError as exc:
+                why = f"{type(exc).__name__}: {exc}"
+        (log.warning if required else log.info)(
+            "spectralscope: records are measured on a worker thread, not a process (%s)", why)
+        return None
+
+    def _to_process(self, kind: str, payload: Any) -> bool:
+        """Send a job to the worker process; False when there is none (any more): measure it on the thread."""
+        proc = self._process
+        if proc is None:
+            return False
+        if proc.submit(kind, self._step, payload):
+            return True
+        log.warning("spectralscope: %s; records are measured on a worker thread from now on", proc.why_dead)
+        self._process = None
+        return False
+
+    def _answered(self, kind: str, step: int, row: dict[str, np.ndarray], problems: list) -> None:
+        self._emit(kind, row, step)
+        for var, layer, reason in problems:
+            self._count(var, layer, reason, step)
+
+    def _lost(self, kind: str, step: int, why: str) -> None:
+        self._count("optimizer" if kind == "optimizer" else "act_eig", "*", why, step)
+
     # ---- measuring on a worker thread (background=True) --------------------------------------------
     def _hand_over(self) -> None:
         """Copy this step's inputs (on their devices, in the training stream) and queue their record for the
-        worker."""
+        worker process or thread."""
+        if self._process is not None:
+            with torch.no_grad():
+                inputs = [self._local_inputs(lay) for lay in self.layers]
+                inputs = [x._replace(why=portable(x.why)) for x in inputs]
+            if self._to_process("optimizer", inputs):
+                return
         with torch.no_grad():
             inputs = [self._local_inputs(lay, copy=True) for lay in self.layers]
         step = self._step
@@ -566,12 +622,13 @@ def watch(
     `ss.GradientSpectra`, or True for every=100, max_samples=64; off by default), ``sharpness`` (an
     `ss.Sharpness(loss_fn, batch, every=100, per_layer=False)`; off by default), ``tensorboard`` (a log
     directory: per-layer scalars of the main metrics with a custom-scalars layout), ``background``
-    (default False; True: the optimizer records are measured on a worker thread from copies of M and
+    (default False; True: the records are measured off the training thread from copies of M, W_before and
     W_after taken right after the step, and the activation hooks only copy their inputs, summed and
-    decomposed there too (not under torch.distributed, whose all-reduce needs the sums), so on a GPU the
-    training thread never waits for them and on a CPU they can use a core training leaves idle; at most one
-    job waits while another runs, beyond that the training thread waits; ``flush`` and ``close`` wait for
-    the worker; not under FSDP2).
+    decomposed there too (not under torch.distributed, whose all-reduce needs the sums): for parameters on
+    the CPU in a worker process (`spectralscope.worker`: a thread would contend with training for the
+    interpreter lock), else on a worker thread with its own CUDA stream, so the training thread never
+    waits for them; "thread" or "process" chooses; at most two records are in flight, beyond that the
+    training thread waits; ``flush`` and ``close`` wait for them; not under FSDP2).
     Under torch.distributed call it on every rank with the same arguments: only rank 0 writes (the path is
     not touched elsewhere); with FSDP2 (DTensor parameters) every rank measures its round-robin share of
     the layers on gathered full matrices.

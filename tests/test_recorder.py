@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import copy
+import glob
 import logging
+import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -15,6 +18,7 @@ from torch.optim._muon import _zeropower_via_newtonschulz
 from torch.overrides import TorchFunctionMode
 
 import spectralscope as ss
+from spectralscope import worker as worker_module
 from spectralscope.spectra import DEFAULT_QUANTILES as QS
 
 THRESHOLD_5 = 1.067e-3  # SPEC §7 reference value of ns_threshold(5)
@@ -215,7 +219,8 @@ def test_background_records_equal_the_inline_ones(tmp_path):
             np.testing.assert_array_equal(act_a[var].values, act_b[var].values, err_msg=f"{name} {var}")
 
 
-def test_a_lagging_worker_measures_the_step_as_it_was(tmp_path):
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_a_lagging_worker_measures_the_step_as_it_was(tmp_path, where):
     # the worker is held until two more changes of lr (as a scheduler makes) and a third step have happened
     def run(path, background):
         torch.manual_seed(0)
@@ -223,7 +228,7 @@ def test_a_lagging_worker_measures_the_step_as_it_was(tmp_path):
         opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.05, weight_decay=0.1)
         rec = ss.watch(opt, model, path, every=1, background=background, activations=None)
         gate = threading.Event()
-        if background:
+        if background == "thread":
             measure = rec._measure
 
             def held(*args, **kwargs):
@@ -231,6 +236,10 @@ def test_a_lagging_worker_measures_the_step_as_it_was(tmp_path):
                 return measure(*args, **kwargs)
 
             rec._measure = held
+        elif background == "process":
+            pid = rec._process.proc.pid
+            os.kill(pid, signal.SIGSTOP)
+            gate.set = lambda: os.kill(pid, signal.SIGCONT)
         gen = torch.Generator().manual_seed(3)
         for step in range(4):
             model(torch.randn(8, 12, generator=gen)).square().mean().backward()
@@ -242,7 +251,7 @@ def test_a_lagging_worker_measures_the_step_as_it_was(tmp_path):
         rec.close()
         return ss.open_run(path)["optimizer"].dataset
 
-    inline, worker = run(tmp_path / "a.zarr", False), run(tmp_path / "b.zarr", True)
+    inline, worker = run(tmp_path / "a.zarr", False), run(tmp_path / "b.zarr", where)
     for var in inline.data_vars:
         np.testing.assert_array_equal(inline[var].values, worker[var].values, err_msg=var)
 
@@ -304,22 +313,89 @@ def test_background_leaves_no_host_wait_on_the_training_thread(tmp_path, backgro
         assert len(waits.calls) > 20, waits.calls
 
 
-def test_background_flush_waits_for_the_worker_and_close_stops_it(tmp_path):
+@pytest.mark.parametrize("background", ["thread", True])  # True on the CPU: a worker process
+def test_background_flush_waits_for_the_worker_and_close_stops_it(tmp_path, background):
     model = Tiny()
     opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.01)
-    rec = ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=True, activations=None)
+    rec = ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=background, activations=None)
     for _ in range(6):
         model(torch.randn(8, 12)).square().mean().backward()
         opt.step()
         opt.zero_grad()
     rec.flush()
     assert ss.open_run(tmp_path / "r.zarr")["optimizer"].sizes["step"] == 6  # measured and committed
-    worker = rec._worker
-    assert worker is not None and worker.is_alive() and worker is not threading.current_thread()
-    rec.close()
-    assert not worker.is_alive()
-    with pytest.raises(ValueError, match="background"):
-        ss.watch(opt, model, tmp_path / "s.zarr", background="yes")
+    if background == "thread":
+        worker = rec._worker
+        assert rec._process is None
+        assert worker is not None and worker.is_alive() and worker is not threading.current_thread()
+        rec.close()
+        assert not worker.is_alive()
+    else:
+        child = rec._process.proc
+        assert rec._worker is None and child.poll() is None and child.pid != os.getpid()
+        rec.close()
+        assert child.returncode == 0
+        assert not glob.glob(f"{worker_module._shm_dir()}/spectralscope-{os.getpid()}-*")  # no copies left behind
+    for bad in ("yes", 1, "processes"):
+        with pytest.raises(ValueError, match="background"):
+            ss.watch(opt, model, tmp_path / "s.zarr", background=bad)
+    meta = nn.Linear(4, 4, device="meta")
+    with pytest.raises(ValueError, match="CPU only"):
+        ss.watch(torch.optim.Muon([meta.weight], lr=0.01), None, tmp_path / "t.zarr", background="process")
+
+
+def test_a_killed_worker_process_loses_the_records_in_flight_and_training_goes_on(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = Tiny()
+    plain = copy.deepcopy(model)
+    opts = [torch.optim.Muon([p for p in m.parameters() if p.ndim == 2], lr=0.02) for m in (model, plain)]
+    with caplog.at_level(logging.WARNING, logger="spectralscope"):
+        rec = ss.watch(opts[0], model, tmp_path / "r.zarr", every=1, background=True,
+                       activations=ss.ActivationSpectra(every=2, max_tokens=32))
+        gen = torch.Generator().manual_seed(3)
+        for step in range(6):
+            x = torch.randn(8, 12, generator=gen)
+            for m, o in zip((model, plain), opts, strict=True):
+                m(x).square().mean().backward()
+                o.step()
+                o.zero_grad()
+            if step == 1:
+                rec.flush()
+                os.kill(rec._process.proc.pid, signal.SIGSTOP)  # steps 2 (optimizer and activations) in flight
+            if step == 2:
+                os.kill(rec._process.proc.pid, signal.SIGKILL)
+        rec.close()
+    for a, b in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)
+    tree = ss.open_run(tmp_path / "r.zarr")
+    assert list(tree["optimizer"].step.values) == [0, 1, 3, 4, 5]  # step 2 was lost with the process
+    assert list(tree["activations"].step.values) == [0, 4]
+    assert np.isfinite(tree["optimizer"]["momentum_sv"].values).all()
+    assert tree.attrs["errors"]["optimizer"] == {"*": 1} and tree.attrs["errors"]["act_eig"] == {"*": 1}
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "measuring process exited with code -9" in said and "on a worker thread from now on" in said
+    assert rec._process is None and rec._worker is not None
+
+
+def test_a_worker_process_needs_functions_it_can_import(tmp_path, caplog):
+    def ns(group):  # a local function: a fresh interpreter cannot import it
+        return None
+
+    class Mine(torch.optim.SGD):
+        pass
+
+    ss.register_adapter(Mine, lambda p, g, s: s.get("momentum_buffer"), ns=ns)
+    model = Tiny()
+    opt = Mine(model.parameters(), lr=0.01, momentum=0.9)
+    with caplog.at_level(logging.INFO, logger="spectralscope"):
+        with ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=True) as rec:
+            for _ in range(3):
+                model(torch.randn(8, 12)).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+    assert rec._process is None and rec._worker is not None
+    assert "measured on a worker thread, not a process" in caplog.text
+    assert np.isfinite(ss.open_run(tmp_path / "r.zarr")["optimizer"]["momentum_sv"].values).all()
 
 
 def test_close_removes_every_hook(tmp_path):

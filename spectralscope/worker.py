@@ -1,0 +1,311 @@
+"""Measuring in a worker process: ``watch(background=True)`` for parameters on the CPU.
+
+A worker *thread* shares the interpreter lock with training. Each time a training step's small torch
+operation returns, the training thread must take the lock back, and while the worker runs Python or a
+LAPACK wrapper that keeps the lock (SciPy's ``dsytrd``/``dsyrk`` do), it waits up to the interpreter's
+switch interval (5 ms) per operation: measured here, a thread measuring records without pause made the
+demo model's training steps 1.74× slower, a process doing the same 1.05×. So on the CPU the records are
+measured by a child process (`serve`, in a fresh interpreter) with its own interpreter, one BLAS
+thread, and the same `Measurer` and `ActivationFinisher` state the recorder would have used inline —
+the rows are bit for bit the inline ones.
+
+The training thread's part of a job is a copy: every CPU tensor in the job (M, W_after, W_before, the
+activation rows) is copied into one shared-memory file (``/dev/shm``, else the temp folder; its space is
+reserved up front, so a full tmpfs fails the job instead of killing training with SIGBUS), and a small
+message naming the file and where each tensor lies goes down a socket. The child maps the file, removes
+its name, measures, and sends back the row and the metrics that came out NaN. At most ``MAX_PENDING``
+jobs are in flight: a child that falls behind makes the training thread wait rather than hold ever more
+copies. If the child dies, the jobs in flight are reported lost and the recorder goes on with a thread.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import mmap
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+log = logging.getLogger("spectralscope")
+
+#: Jobs sent and not yet answered, at most (one being measured, one waiting).
+MAX_PENDING = 2
+_ALIGN = 64
+
+
+def _shm_dir() -> str:
+    d = "/dev/shm"
+    return d if os.path.isdir(d) and os.access(d, os.W_OK) else tempfile.gettempdir()
+
+
+# ---- the training process's side ------------------------------------------------------------------
+class _Packer(pickle.Pickler):
+    """Pickles a job with every tensor replaced by its place in the shared file (filled in afterwards)."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors: list[tuple[int, torch.Tensor]] = []
+        self.size = 0
+
+    def persistent_id(self, obj: Any) -> Any:
+        if not isinstance(obj, torch.Tensor):
+            return None
+        if obj.device.type != "cpu":
+            raise ValueError(f"a worker process measures CPU tensors only, got one on {obj.device}")
+        t = obj.detach()
+        offset = -(-self.size // _ALIGN) * _ALIGN
+        self.tensors.append((offset, t))
+        self.size = offset + t.numel() * t.element_size()
+        return (offset, t.dtype, tuple(t.shape))
+
+
+def _view(buf: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+    return buf[offset:offset + n].view(dtype).view(shape)
+
+
+def _write_shared(path: str, size: int, tensors: list[tuple[int, torch.Tensor]]) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)  # ENOSPC here, not SIGBUS at the first write into a full tmpfs
+        mm = mmap.mmap(fd, size)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+    buf = torch.frombuffer(mm, dtype=torch.uint8)
+    for offset, t in tensors:
+        _view(buf, offset, t.dtype, tuple(t.shape)).copy_(t)
+    del buf  # the mapping goes with the last view of it
+
+
+class WorkerProcess:
+    """The child process and the training process's end of it. ``setup`` (pickled) is what the child
+    measures with: {kind: function ``payload -> (row, problems)``}, e.g. a bound `Measurer.measure`.
+    ``on_result(kind, step, row, problems)`` is called on a receiving thread for every answered job;
+    ``on_lost(kind, step, why)`` for a job the child could not answer (it failed, or the child died)."""
+
+    def __init__(self, setup: dict[Any, Any], on_result: Callable[..., None], on_lost: Callable[..., None],
+                 name: str = "spectralscope") -> None:
+        blob = pickle.dumps(setup, protocol=pickle.HIGHEST_PROTOCOL)
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = "1"  # the child uses one core: the one training leaves idle
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # what the parent imports, the child can
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", f"from spectralscope.worker import serve; serve({theirs.fileno()})"],
+                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL, close_fds=True,
+            )
+        finally:
+            theirs.close()
+        self.conn = Connection(ours.detach())
+        self.conn.send_bytes(blob)
+        self._on_result, self._on_lost = on_result, on_lost
+        self._dir = _shm_dir()
+        self._ids = itertools.count()
+        self._pending: dict[int, tuple[Any, int, str]] = {}  # job id → (kind, step, file)
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self.alive = True
+        self.why_dead = ""
+        self._receiver = threading.Thread(target=self._receive, name=f"{name}-results", daemon=True)
+        self._receiver.start()
+
+    # -- jobs --
+    def submit(self, kind: Any, step: int, payload: Any) -> bool:
+        """Copy ``payload``'s tensors into shared memory and send the job; False if the child is gone (the
+        caller measures another way). Waits while ``MAX_PENDING`` jobs are in flight. Raises if the job
+        cannot be packed (a tensor off the CPU, no space for the copies)."""
+        with self._cond:
+            while self.alive and len(self._pending) >= MAX_PENDING:
+                self._cond.wait()
+            if not self.alive:
+                return False
+        out = io.BytesIO()
+        packer = _Packer(out)
+        packer.dump(payload)
+        job = next(self._ids)
+        path = os.path.join(self._dir, f"spectralscope-{os.getpid()}-{id(self):x}-{job}")
+        if packer.size:
+            _write_shared(path, packer.size, packer.tensors)
+        with self._cond:
+            self._pending[job] = (kind, step, path)
+        try:
+            with self._send_lock:
+                self.conn.send((job, kind, path if packer.size else None, out.getvalue()))
+        except OSError as exc:
+            self._died(f"could not send to it ({exc})")
+        return True
+
+    def join(self) -> None:
+        """Wait until every job sent has been answered (or lost)."""
+        with self._cond:
+            while self._pending:
+                self._cond.wait()
+
+    def close(self) -> None:
+        """Let the child finish what it holds, then stop it."""
+        if self.alive:
+            self.join()
+            try:
+                with self._send_lock:
+                    self.conn.send(None)
+            except OSError:
+                pass
+        self._receiver.join()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.conn.close()
+
+    # -- answers --
+    def _receive(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError) as exc:
+                code = self.proc.poll()
+                if code is None:
+                    try:
+                        code = self.proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        code = None
+                self._died(f"exited with code {code}" if code is not None else f"stopped answering ({exc!r})")
+                return
+            if msg is None:  # the answer to close
+                with self._cond:
+                    self.alive = False
+                    self._cond.notify_all()
+                return
+            job, row, problems, error = msg
+            with self._cond:
+                kind, step, path = self._pending[job]
+            _unlink(path)
+            try:
+                if error is not None:
+                    self._on_lost(kind, step, error)
+                else:
+                    self._on_result(kind, step, row, problems)
+            except Exception as exc:  # a failing callback must not stop the answers to later jobs
+                log.warning("spectralscope: could not store a record of step %d (%s: %s)", step, type(exc).__name__, exc)
+            finally:
+                with self._cond:
+                    del self._pending[job]
+                    self._cond.notify_all()
+
+    def _died(self, why: str) -> None:
+        with self._cond:
+            if not self.alive:
+                return
+            self.alive = False
+            self.why_dead = f"the measuring process {why}"
+            lost = sorted(self._pending.items())
+            self._pending.clear()
+            self._cond.notify_all()
+        for _, (kind, step, path) in lost:
+            _unlink(path)
+            self._on_lost(kind, step, f"lost: {self.why_dead}")
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except (FileNotFoundError, TypeError):
+        pass
+
+
+def can_pickle(setup: Any) -> str | None:
+    """None if a worker process could be given ``setup``, else why not: functions defined in ``__main__``
+    (or not importable by name) exist only in the training process."""
+    class Probe(pickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            if callable(obj) and getattr(obj, "__module__", None) == "__main__" and not isinstance(obj, type(len)):
+                raise pickle.PicklingError(f"{getattr(obj, '__qualname__', obj)} is defined in __main__")
+            return NotImplemented
+
+    try:
+        Probe(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL).dump(setup)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def portable(exc: BaseException | None) -> BaseException | None:
+    """``exc``, or where it cannot be unpickled elsewhere (a class defined in ``__main__``), a RuntimeError
+    with the same text."""
+    if exc is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+# ---- the child's side ----------------------------------------------------------------------------
+class _Unpacker(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, buf: torch.Tensor | None) -> None:
+        super().__init__(file)
+        self.buf = buf
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        offset, dtype, shape = pid
+        return _view(self.buf, offset, dtype, shape)
+
+
+def _map(path: str | None) -> torch.Tensor | None:
+    if path is None:
+        return None
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        mm = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+        _unlink(path)  # the memory lives while mapped; nothing is left behind if this process dies
+    return torch.frombuffer(mm, dtype=torch.uint8)
+
+
+def serve(fd: int) -> None:
+    """The child's loop: read the setup, then answer jobs until told to stop or the parent goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    torch.set_num_threads(1)
+    conn = Connection(fd)
+    setup = pickle.loads(conn.recv_bytes())
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the training process is gone
+        if msg is None:
+            conn.send(None)
+            return
+        job, kind, path, blob = msg
+        row = problems = error = None
+        try:
+            buf = _map(path)
+            payload = _Unpacker(io.BytesIO(blob), buf).load()
+            with torch.no_grad():
+                row, problems = setup[kind](payload)
+        except Exception as exc:
+            error = f"failed ({type(exc).__name__}: {exc})"
+        payload = buf = None  # unmap before answering: the parent counts this job's memory as freed
+        conn.send((job, row, problems, error))
+
