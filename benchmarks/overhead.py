@@ -2,12 +2,12 @@
 
     python benchmarks/overhead.py [--pairs 12] [--block 10] [--group 5] [--width 128] [--depth 4] [--batch 32] [--every 10]
     python benchmarks/overhead.py --demo [--all-instruments]     # the demo's largest model (its cadence)
-    python benchmarks/overhead.py --background [--clock wall]    # records measured in a worker process
+    python benchmarks/overhead.py --background                   # records measured in a worker process
 
 Two identical models train side by side in one process, one plain and one under `ss.watch` at defaults
 (optimizer spectra every 10 steps, activation spectra every 50). Short blocks of `--block` steps (default
-10: one optimizer record each) alternate A B, B A, … on one thread, each timed with time.process_time()
-(which also counts the writer thread); `--group` consecutive pairs (default 5, i.e. 50 steps: every group
+10: one optimizer record each) alternate A B, B A, … on one thread, each timed (see below for the clock);
+`--group` consecutive pairs (default 5, i.e. 50 steps: every group
 holds the same records, activations included) make one ratio watched/plain. Short alternation keeps the
 machine's drift (±15% between identical blocks here) out of the ratios. The table gives the median ratio
 with its spread, the ratio of the totals, and the cost of the records per group in training steps; a last
@@ -15,11 +15,14 @@ line gives the direct account (`Account`): the recorder's own CPU time on the tr
 writer's threads over the same steps, as a share of the plain run's time — a measurement of the work
 itself, free of the run-to-run noise of a difference of totals.
 
-`--background` watches with ``background=True`` (on the CPU: optimizer and activation records measured in
-a worker process, `spectralscope.worker`, from copies taken after the step). Time it with `--clock wall`:
-the training loop's slowdown when a core is free for the worker (torch runs on one thread here, the
-machine has two); process_time would not see the worker process at all. The account then adds the
-worker process's CPU (from /proc), which the training loop does not wait for.
+At defaults (``background=False``) everything runs on the training thread and the blocks are timed by
+time.process_time(), which also counts the writer's threads. `--background` watches with
+``background=True``: on the CPU the records are measured in a worker process (`spectralscope.worker`)
+from copies taken after the step, so the blocks are timed by the wall clock — the training loop's
+slowdown when a core is free for the worker (torch runs on one thread here, the machine has two);
+process_time would not see the worker process at all. The account then adds the worker process's CPU
+(from /proc), which the training loop does not wait for. `--thread` measures on a worker thread (what a
+GPU gets), by the wall clock.
 """
 
 from __future__ import annotations
@@ -240,14 +243,20 @@ def main() -> None:
     ap.add_argument("--no-activations", action="store_true", help="watch with activations=None")
     ap.add_argument("--control", action="store_true", help="A/A control: B is not watched (the harness's own bias)")
     ap.add_argument("--background", action="store_true",
-                    help="watch with background=True (records measured in a worker process)")
-    ap.add_argument("--clock", choices=("process", "wall"), default="process",
-                    help="time blocks by process CPU time (default) or by the wall clock")
+                    help="watch with background=True (on the CPU: records measured in a worker process)")
+    ap.add_argument("--thread", action="store_true", help="watch with background='thread' (records on a worker thread)")
+    ap.add_argument("--clock", choices=("process", "wall"), default=None,
+                    help="time blocks by process CPU time (default at defaults) or by the wall clock (default "
+                         "with --background or --thread)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     if args.all_instruments and not args.demo:
         ap.error("--all-instruments needs --demo")
+    if args.background and args.thread:
+        ap.error("--background and --thread exclude each other")
+    args.clock = args.clock or ("wall" if args.background or args.thread else "process")
+    mode = "in a worker process" if args.background else "on a worker thread" if args.thread else "inline"
     if args.demo:
         base, make_opts, batches, instruments, desc = demo_setup(args)
         stream_a, stream_b = batches(1), batches(1)
@@ -269,8 +278,8 @@ def main() -> None:
         extra = {"activations": None} if args.no_activations else {}
         if args.all_instruments:
             extra = instruments
-        if args.background:
-            extra["background"] = True
+        if args.background or args.thread:
+            extra["background"] = True if args.background else "thread"
         rec = None if args.control else ss.watch(opts_b[0], watched, f"{tmp}/bench.zarr", every=args.every, **extra)
         account = Account(rec) if rec is not None else None
         run_a(steps), run_b(steps)  # warm-up, and the watched run starts its next group at a record
@@ -289,7 +298,7 @@ def main() -> None:
             else f"activations {'off' if args.no_activations else 'every 50'}")
     print(f"model: {desc}, {n_params / 1e6:.2f}M parameters; "
           + ("CONTROL: B not watched; " if args.control else f"{n_layers} watched matrices; ")
-          + f"optimizer record every {args.every} steps{' in a worker process' if args.background else ''}, {what}; "
+          + f"optimizer record every {args.every} steps {mode}, {what}; "
           + f"{args.clock} clock; "
           f"{args.pairs} ratios, each over {args.group} alternating pairs of {args.block}-step blocks")
     print(f"{'plain step':>11} {'watched/plain':>14} {'IQR':>15} {'min–max':>15} {'sum B/sum A':>12} "

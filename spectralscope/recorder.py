@@ -107,8 +107,8 @@ class Recorder:
         _check(exact_max is None or (isinstance(exact_max, int) and not isinstance(exact_max, bool) and exact_max >= 1),
                "exact_max", "an int >= 1 (largest smaller side measured exactly) or None (always exact)", exact_max)
         _check(sv_method in ("auto", "exact", "slq"), "sv_method", "'auto', 'exact' or 'slq'", sv_method)
-        _check(background is True or background is False or background in ("thread", "process"),
-               "background", "True, False, 'thread' or 'process'", background)
+        _check(background is True or background is False or background in ("auto", "thread", "process"),
+               "background", "'auto', True, False, 'thread' or 'process'", background)
         if meta is not None:
             try:
                 json.dumps(dict(meta))
@@ -127,6 +127,8 @@ class Recorder:
                 + (f" whose name matches layers={layers!r}" if layers is not None else "")
             )
         on_cpu = all(lay.param.device.type == "cpu" for lay in self.layers)
+        if background == "auto":  # a worker process where that is measured to pay (the CPU), else inline
+            background = on_cpu
         if background == "process" and not on_cpu:
             raise ValueError("watch(): background='process' measures parameters on the CPU only; these live on "
                              f"{sorted({str(lay.param.device) for lay in self.layers})} (use True or 'thread')")
@@ -380,7 +382,7 @@ class Recorder:
         why = can_pickle(setup)
         if why is None:
             try:
-                return WorkerProcess(setup, self._answered, self._lost, name=f"spectralscope:{self.path}")
+                return WorkerProcess(setup, self._answered, self._lost)
             except OSError as exc:
                 why = f"{type(exc).__name__}: {exc}"
         (log.warning if required else log.info)(
@@ -622,13 +624,16 @@ def watch(
     `ss.GradientSpectra`, or True for every=100, max_samples=64; off by default), ``sharpness`` (an
     `ss.Sharpness(loss_fn, batch, every=100, per_layer=False)`; off by default), ``tensorboard`` (a log
     directory: per-layer scalars of the main metrics with a custom-scalars layout), ``background``
-    (default False; True: the records are measured off the training thread from copies of M, W_before and
-    W_after taken right after the step, and the activation hooks only copy their inputs, summed and
-    decomposed there too (not under torch.distributed, whose all-reduce needs the sums): for parameters on
-    the CPU in a worker process (`spectralscope.worker`: a thread would contend with training for the
-    interpreter lock), else on a worker thread with its own CUDA stream, so the training thread never
-    waits for them; "thread" or "process" chooses; at most two records are in flight, beyond that the
-    training thread waits; ``flush`` and ``close`` wait for them; not under FSDP2).
+    (False, the default: records are measured inline, on the training thread, right after the step, so a
+    killed run loses at most the last flush interval (SPEC §5). True: off the training thread, from
+    copies of M, W_before and W_after taken right after the step, and the activation hooks only copy their
+    inputs, summed and decomposed there too (not under torch.distributed, whose all-reduce needs the sums):
+    for parameters on the CPU in a worker process shared by the recorders of this process
+    (`spectralscope.worker`: a thread would contend with training for the interpreter lock), else on a
+    worker thread with its own CUDA stream, so the training thread never waits for them; "thread" or
+    "process" chooses; "auto": the process on the CPU, inline elsewhere. At most two records are in
+    flight, beyond that the training thread waits, and a killed run loses those too; ``flush`` and
+    ``close`` wait for them; not under FSDP2; the rows are bit for bit the inline ones).
     Under torch.distributed call it on every rank with the same arguments: only rank 0 writes (the path is
     not touched elsewhere); with FSDP2 (DTensor parameters) every rank measures its round-robin share of
     the layers on gathered full matrices.

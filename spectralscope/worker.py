@@ -92,15 +92,11 @@ def _write_shared(path: str, size: int, tensors: list[tuple[int, torch.Tensor]])
     del buf  # the mapping goes with the last view of it
 
 
-class WorkerProcess:
-    """The child process and the training process's end of it. ``setup`` (pickled) is what the child
-    measures with: {kind: function ``payload -> (row, problems)``}, e.g. a bound `Measurer.measure`.
-    ``on_result(kind, step, row, problems)`` is called on a receiving thread for every answered job;
-    ``on_lost(kind, step, why)`` for a job the child could not answer (it failed, or the child died)."""
+class _Child:
+    """The worker process, shared by every recorder of this training process, and the thread that reads
+    its answers and hands each to the recorder that sent the job."""
 
-    def __init__(self, setup: dict[Any, Any], on_result: Callable[..., None], on_lost: Callable[..., None],
-                 name: str = "spectralscope") -> None:
-        blob = pickle.dumps(setup, protocol=pickle.HIGHEST_PROTOCOL)
+    def __init__(self) -> None:
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -113,18 +109,148 @@ class WorkerProcess:
             )
         finally:
             theirs.close()
+        self.pid = os.getpid()  # a forked copy of the training process must not use this child
         self.conn = Connection(ours.detach())
-        self.conn.send_bytes(blob)
-        self._on_result, self._on_lost = on_result, on_lost
-        self._dir = _shm_dir()
-        self._ids = itertools.count()
-        self._pending: dict[int, tuple[Any, int, str]] = {}  # job id → (kind, step, file)
-        self._cond = threading.Condition()
-        self._send_lock = threading.Lock()
+        self.ids = itertools.count()
+        self.routes: dict[int, WorkerProcess] = {}  # job id → the client that sent it
+        self.clients: set[WorkerProcess] = set()
         self.alive = True
         self.why_dead = ""
-        self._receiver = threading.Thread(target=self._receive, name=f"{name}-results", daemon=True)
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._idle: threading.Timer | None = None
+        self._receiver = threading.Thread(target=self._receive, name="spectralscope-worker-answers", daemon=True)
         self._receiver.start()
+
+    def send(self, msg: Any) -> None:
+        with self._send_lock:
+            self.conn.send(msg)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError) as exc:
+                code = self.proc.poll()
+                if code is None:
+                    try:
+                        code = self.proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        code = None
+                self._died(f"exited with code {code}" if code is not None else f"stopped answering ({exc!r})")
+                return
+            if msg is None:  # the answer to `stop`
+                return
+            job, row, problems, error, fatal = msg
+            with self._lock:
+                client = self.routes.pop(job, None)
+            if client is not None:
+                client._answer(job, row, problems, error, fatal)
+
+    def _died(self, why: str) -> None:
+        with self._lock:
+            if not self.alive:
+                return
+            self.alive = False
+            self.why_dead = f"the measuring process {why}"
+            clients = list(self.clients)
+            self.routes.clear()
+        for client in clients:
+            client._died(self.why_dead)
+
+    def stop(self) -> None:
+        """Tell the child to finish and wait for it (every client has detached)."""
+        if self.alive:
+            try:
+                self.send(None)
+            except OSError:
+                pass
+        self._receiver.join(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.alive = False
+        self.conn.close()
+
+
+#: The shared worker process stops this long after its last recorder closed (a sweep's next run reuses it).
+IDLE_SECONDS = 60.0
+_CHILD: _Child | None = None
+_CHILD_LOCK = threading.Lock()
+
+
+def _attach(client: WorkerProcess) -> _Child:
+    global _CHILD
+    with _CHILD_LOCK:
+        if _CHILD is None or not _CHILD.alive or _CHILD.pid != os.getpid():
+            _CHILD = _Child()
+        child = _CHILD
+        if child._idle is not None:
+            child._idle.cancel()
+            child._idle = None
+        with child._lock:
+            child.clients.add(client)
+        return child
+
+
+def _detach(client: WorkerProcess) -> None:
+    with _CHILD_LOCK:
+        child = client.child
+        with child._lock:
+            child.clients.discard(client)
+            idle = not child.clients
+        if idle and child is _CHILD and child.alive:
+            child._idle = threading.Timer(IDLE_SECONDS, _stop_if_idle, args=(child,))
+            child._idle.daemon = True
+            child._idle.start()
+
+
+def _stop_if_idle(child: _Child) -> None:
+    global _CHILD
+    with _CHILD_LOCK:
+        if child.clients or child is not _CHILD:
+            return
+        _CHILD = None
+    child.stop()
+
+
+def shutdown() -> None:
+    """Stop the shared worker process now, if no recorder uses it (else it stops after the last one)."""
+    global _CHILD
+    with _CHILD_LOCK:
+        child = _CHILD
+        if child is None or child.clients:
+            return
+        if child._idle is not None:
+            child._idle.cancel()
+        _CHILD = None
+    child.stop()
+
+
+class WorkerProcess:
+    """One recorder's use of the worker process (started by the first, shared by all recorders of this
+    process). ``setup`` (pickled) is what the child measures this recorder's jobs with: {kind: function
+    ``payload -> (row, problems)``}, e.g. a bound `Measurer.measure`. ``on_result(kind, step, row,
+    problems)`` is called on the answering thread for every answered job; ``on_lost(kind, step, why)`` for
+    a job the child could not answer (it failed, or the child died)."""
+
+    def __init__(self, setup: dict[Any, Any], on_result: Callable[..., None], on_lost: Callable[..., None]) -> None:
+        blob = pickle.dumps(setup, protocol=pickle.HIGHEST_PROTOCOL)
+        self._on_result, self._on_lost = on_result, on_lost
+        self._dir = _shm_dir()
+        self._pending: dict[int, tuple[Any, int, str]] = {}  # job id → (kind, step, file)
+        self._cond = threading.Condition()
+        self.alive = True
+        self.why_dead = ""
+        self.child = _attach(self)
+        self.proc = self.child.proc
+        self.cid = next(self.child.ids)
+        try:
+            self.child.send(("setup", self.cid, blob))
+        except OSError as exc:
+            self._died(f"the measuring process could not be reached ({exc})")
 
     # -- jobs --
     def submit(self, kind: Any, step: int, payload: Any) -> bool:
@@ -139,17 +265,18 @@ class WorkerProcess:
         out = io.BytesIO()
         packer = _Packer(out)
         packer.dump(payload)
-        job = next(self._ids)
-        path = os.path.join(self._dir, f"spectralscope-{os.getpid()}-{id(self):x}-{job}")
+        job = next(self.child.ids)
+        path = os.path.join(self._dir, f"spectralscope-{os.getpid()}-{self.cid}-{job}")
         if packer.size:
             _write_shared(path, packer.size, packer.tensors)
         with self._cond:
             self._pending[job] = (kind, step, path)
+        with self.child._lock:
+            self.child.routes[job] = self
         try:
-            with self._send_lock:
-                self.conn.send((job, kind, path if packer.size else None, out.getvalue()))
+            self.child.send(("job", self.cid, job, kind, path if packer.size else None, out.getvalue()))
         except OSError as exc:
-            self._died(f"could not send to it ({exc})")
+            self.child._died(f"could not be sent a job ({exc})")
         return True
 
     def join(self) -> None:
@@ -159,69 +286,50 @@ class WorkerProcess:
                 self._cond.wait()
 
     def close(self) -> None:
-        """Let the child finish what it holds, then stop it."""
+        """Wait for this recorder's jobs, then let the child forget it."""
+        self.join()
         if self.alive:
-            self.join()
             try:
-                with self._send_lock:
-                    self.conn.send(None)
+                self.child.send(("forget", self.cid))
             except OSError:
                 pass
-        self._receiver.join()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.conn.close()
+        with self._cond:
+            self.alive = False
+            self.why_dead = self.why_dead or "closed"
+        _detach(self)
 
-    # -- answers --
-    def _receive(self) -> None:
-        while True:
-            try:
-                msg = self.conn.recv()
-            except (EOFError, OSError) as exc:
-                code = self.proc.poll()
-                if code is None:
-                    try:
-                        code = self.proc.wait(timeout=5)
-                    except subprocess.TimeoutExpired:
-                        code = None
-                self._died(f"exited with code {code}" if code is not None else f"stopped answering ({exc!r})")
-                return
-            if msg is None:  # the answer to close
-                with self._cond:
-                    self.alive = False
-                    self._cond.notify_all()
-                return
-            job, row, problems, error = msg
+    # -- answers (on the answering thread) --
+    def _answer(self, job: int, row: Any, problems: Any, error: str | None, fatal: bool) -> None:
+        with self._cond:
+            kind, step, path = self._pending.get(job, (None, -1, None))
+        _unlink(path)
+        try:
+            if error is not None:
+                self._on_lost(kind, step, error)
+            else:
+                self._on_result(kind, step, row, problems)
+        except Exception as exc:  # a failing callback must not stop the answers to later jobs
+            log.warning("spectralscope: could not store a record of step %d (%s: %s)", step, type(exc).__name__, exc)
+        finally:
             with self._cond:
-                kind, step, path = self._pending[job]
-            _unlink(path)
-            try:
-                if error is not None:
-                    self._on_lost(kind, step, error)
-                else:
-                    self._on_result(kind, step, row, problems)
-            except Exception as exc:  # a failing callback must not stop the answers to later jobs
-                log.warning("spectralscope: could not store a record of step %d (%s: %s)", step, type(exc).__name__, exc)
-            finally:
-                with self._cond:
-                    del self._pending[job]
-                    self._cond.notify_all()
+                self._pending.pop(job, None)
+                if fatal:  # the child cannot measure for this recorder: later jobs go elsewhere
+                    self.alive = False
+                    self.why_dead = error or ""
+                self._cond.notify_all()
 
     def _died(self, why: str) -> None:
         with self._cond:
-            if not self.alive:
+            if not self.alive and not self._pending:
                 return
             self.alive = False
-            self.why_dead = f"the measuring process {why}"
+            self.why_dead = why
             lost = sorted(self._pending.items())
             self._pending.clear()
             self._cond.notify_all()
         for _, (kind, step, path) in lost:
             _unlink(path)
-            self._on_lost(kind, step, f"lost: {self.why_dead}")
+            self._on_lost(kind, step, f"lost: {why}")
 
 
 def _unlink(path: str) -> None:
@@ -284,11 +392,11 @@ def _map(path: str | None) -> torch.Tensor | None:
 
 
 def serve(fd: int) -> None:
-    """The child's loop: read the setup, then answer jobs until told to stop or the parent goes away."""
+    """The child's loop: keep each recorder's setup, answer jobs until told to stop or the parent goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     torch.set_num_threads(1)
     conn = Connection(fd)
-    setup = pickle.loads(conn.recv_bytes())
+    setups: dict[int, Any] = {}
     while True:
         try:
             msg = conn.recv()
@@ -297,15 +405,27 @@ def serve(fd: int) -> None:
         if msg is None:
             conn.send(None)
             return
-        job, kind, path, blob = msg
+        if msg[0] == "setup":
+            try:
+                setups[msg[1]] = pickle.loads(msg[2])
+            except Exception as exc:  # answered with the recorder's first job
+                setups[msg[1]] = f"could not load the recorder's setup ({type(exc).__name__}: {exc})"
+            continue
+        if msg[0] == "forget":
+            setups.pop(msg[1], None)
+            continue
+        _, cid, job, kind, path, blob = msg
         row = problems = error = None
+        setup = setups.get(cid, "has no setup for this recorder")
+        fatal = isinstance(setup, str)
         try:
             buf = _map(path)
+            if fatal:
+                raise RuntimeError(setup)
             payload = _Unpacker(io.BytesIO(blob), buf).load()
             with torch.no_grad():
                 row, problems = setup[kind](payload)
         except Exception as exc:
             error = f"failed ({type(exc).__name__}: {exc})"
         payload = buf = None  # unmap before answering: the parent counts this job's memory as freed
-        conn.send((job, row, problems, error))
-
+        conn.send((job, row, problems, error, fatal))

@@ -313,7 +313,7 @@ def test_background_leaves_no_host_wait_on_the_training_thread(tmp_path, backgro
         assert len(waits.calls) > 20, waits.calls
 
 
-@pytest.mark.parametrize("background", ["thread", True])  # True on the CPU: a worker process
+@pytest.mark.parametrize("background", ["thread", True, "auto"])  # True, "auto" on the CPU: a worker process
 def test_background_flush_waits_for_the_worker_and_close_stops_it(tmp_path, background):
     model = Tiny()
     opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.01)
@@ -334,6 +334,8 @@ def test_background_flush_waits_for_the_worker_and_close_stops_it(tmp_path, back
         child = rec._process.proc
         assert rec._worker is None and child.poll() is None and child.pid != os.getpid()
         rec.close()
+        assert not rec._process.alive
+        worker_module.shutdown()  # else it stops by itself a minute after its last recorder
         assert child.returncode == 0
         assert not glob.glob(f"{worker_module._shm_dir()}/spectralscope-{os.getpid()}-*")  # no copies left behind
     for bad in ("yes", 1, "processes"):

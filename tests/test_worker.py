@@ -69,6 +69,7 @@ def test_tensors_reach_the_child_bit_for_bit():
     assert dict((n, (d, s)) for n, d, s in problems) == {
         n: (str(t.dtype), str(tuple(t.shape))) for n, t in tensors.items()}
     assert row["extra"][0] == 0.02
+    worker.shutdown()
     assert proc.proc.returncode == 0 and _leftovers() == []
 
 
@@ -111,4 +112,46 @@ def test_functions_of_main_cannot_be_handed_over():
     with pytest.raises(ValueError, match="CPU tensors only"):
         proc.submit("job", 0, torch.ones(2, device="meta"))
     proc.close()
+    worker.shutdown()
     assert proc.proc.returncode == 0
+
+
+def test_recorders_share_one_child_which_stops_when_idle(monkeypatch):
+    monkeypatch.setattr(worker, "IDLE_SECONDS", 0.5)
+    a, b = _Answers(), _Answers()
+    first = worker.WorkerProcess({"job": _fail_on_negative}, a.result, a.lose)
+    second = worker.WorkerProcess({"job": _describe}, b.result, b.lose)
+    assert first.proc is second.proc  # one interpreter's start-up, not one per recorder
+    assert first.submit("job", 0, 4) and second.submit("job", 0, {"tensors": {"w": torch.ones(2)}, "extra": {"lr": 1}})
+    first.close()
+    assert not first.alive and first.proc.poll() is None  # the other recorder still uses it
+    assert second.submit("job", 1, {"tensors": {}, "extra": {"lr": 2}})
+    second.close()
+    assert [int(r["x"][0]) for _, _, r, _ in a.results] == [4]
+    assert [int(r["extra"][0]) for _, _, r, _ in b.results] == [1, 2]
+    assert second.proc.wait(timeout=30) == 0  # stopped after IDLE_SECONDS with no recorder left
+    third = worker.WorkerProcess({"job": _fail_on_negative}, a.result, a.lose)
+    assert third.proc is not first.proc and third.submit("job", 1, 5)  # a fresh one
+    third.close()
+    worker.shutdown()
+    assert [int(r["x"][0]) for _, _, r, _ in a.results] == [4, 5] and third.proc.returncode == 0
+
+
+def test_a_setup_the_child_cannot_import_is_reported_and_the_recorder_told(tmp_path, monkeypatch):
+    a = _Answers()
+    first = worker.WorkerProcess({"job": _fail_on_negative}, a.result, a.lose)  # the child starts now
+    (tmp_path / "late_module.py").write_text("def job(payload):\n    return {}, []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # importable here, not in the child started before
+    from late_module import job
+
+    b = _Answers()
+    late = worker.WorkerProcess({"job": job}, b.result, b.lose)
+    assert late.submit("job", 0, 1)
+    late.join()
+    assert b.results == [] and len(b.lost) == 1 and "could not load the recorder's setup" in b.lost[0][2]
+    assert not late.alive and not late.submit("job", 1, 1)  # the recorder measures elsewhere from now on
+    assert first.submit("job", 0, 3)  # the child itself is fine
+    late.close()
+    first.close()
+    worker.shutdown()
+    assert [int(r["x"][0]) for _, _, r, _ in a.results] == [3]
