@@ -3,20 +3,21 @@
 A worker *thread* shares the interpreter lock with training. Each time a training step's small torch
 operation returns, the training thread must take the lock back, and while the worker runs Python or a
 LAPACK wrapper that keeps the lock (SciPy's ``dsytrd``/``dsyrk`` do), it waits up to the interpreter's
-switch interval (5 ms) per operation: measured here, a thread measuring records without pause made the
-demo model's training steps 1.74× slower, a process doing the same 1.05×. So on the CPU the records are
-measured by a child process (`serve`, in a fresh interpreter) with its own interpreter, one BLAS
-thread, and the same `Measurer` and `ActivationFinisher` state the recorder would have used inline —
-the rows are bit for bit the inline ones.
+switch interval (5 ms) per operation: a thread measuring records without pause made the demo model's
+training steps 1.8–2.1× slower, a process doing the same 0.97–1.03× (`benchmarks/contention.py`). So on
+the CPU the records are measured by a child process (`serve`, in a fresh interpreter with one BLAS
+thread), shared by every recorder of the training process, with the same `Measurer` and
+`ActivationFinisher` state each recorder would have used inline — the rows are bit for bit the inline ones.
 
 The training thread's part of a job is a copy: every CPU tensor in the job (M, W_after, W_before, the
 activation rows) is copied into one shared-memory file (``/dev/shm``, else the temp folder; its space is
 reserved up front, so a full tmpfs fails the job instead of killing training with SIGBUS), and a small
 message naming the file and where each tensor lies goes down a socket. The child maps the file, removes
 its name, measures, and sends back the row and the metrics that came out NaN. At most ``MAX_PENDING``
-jobs are in flight: a child that falls behind makes the training thread wait rather than hold ever more
-copies. If the child dies, the jobs in flight are reported lost and the recorder goes on with a thread.
-"""
+jobs per recorder are in flight: a child that falls behind makes the training thread wait rather than
+hold ever more copies. If the child dies, the jobs in flight are reported lost and the recorders go on
+with threads. The child stops ``IDLE_SECONDS`` after its last recorder closed, or when the training
+process goes away."""
 
 from __future__ import annotations
 
@@ -277,6 +278,8 @@ class WorkerProcess:
             self.child.send(("job", self.cid, job, kind, path if packer.size else None, out.getvalue()))
         except OSError as exc:
             self.child._died(f"could not be sent a job ({exc})")
+        if not self.child.alive:  # it died before this job was registered: nobody else will answer it
+            self._died(self.child.why_dead)
         return True
 
     def join(self) -> None:
