@@ -235,6 +235,7 @@ class Recorder:
         # on the CPU in a worker process (a thread would contend with training for the interpreter lock: see
         # `spectralscope.worker`); on an accelerator, or where the process cannot be had, on a worker thread
         self._process: WorkerProcess | None = None
+        self._pack_failed = False
         if self.background and on_cpu and background in (True, "process"):
             self._process = self._start_process(background == "process")
         self._jobs: queue.Queue[tuple[Callable[[], None], dict[torch.device, Any]] | None] = queue.Queue(maxsize=1)
@@ -394,10 +395,18 @@ class Recorder:
         proc = self._process
         if proc is None:
             return False
-        if proc.submit(kind, self._step, payload):
-            return True
+        try:
+            if proc.submit(kind, self._step, payload):
+                return True
+        except Exception as exc:  # no room for the copies, a tensor moved off the CPU: this record on the thread
+            if not self._pack_failed:
+                log.warning("spectralscope: could not hand the record of step %d to the worker process (%s: %s); "
+                            "measured on a worker thread (warned once)", self._step, type(exc).__name__, exc)
+            self._pack_failed = True
+            return False
         log.warning("spectralscope: %s; records are measured on a worker thread from now on", proc.why_dead)
         self._process = None
+        proc.close()  # lets the process stop once no recorder uses it
         return False
 
     def _answered(self, kind: str, step: int, row: dict[str, np.ndarray], problems: list) -> None:

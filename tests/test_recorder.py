@@ -379,6 +379,26 @@ def test_a_killed_worker_process_loses_the_records_in_flight_and_training_goes_o
     assert rec._process is None and rec._worker is not None
 
 
+def test_a_record_the_worker_process_cannot_take_is_measured_on_a_thread(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02)
+    with caplog.at_level(logging.WARNING, logger="spectralscope"):
+        rec = ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=True, activations=None)
+        for step in range(4):
+            if step == 2:  # no room for the copies from now on: the shared-memory folder is gone
+                rec._process._dir = str(tmp_path / "gone")
+            model(torch.randn(8, 12)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        rec.close()
+    ds = ss.open_run(tmp_path / "r.zarr")["optimizer"].dataset
+    assert list(ds.step.values) == [0, 1, 2, 3] and np.isfinite(ds["momentum_sv"].values).all()
+    assert rec.errors == {} and rec._worker is not None  # steps 2 and 3 on the thread, nothing lost
+    warned = [r.getMessage() for r in caplog.records if "could not hand the record" in r.getMessage()]
+    assert len(warned) == 1 and "FileNotFoundError" in warned[0]
+
+
 def test_a_worker_process_needs_functions_it_can_import(tmp_path, caplog):
     def ns(group):  # a local function: a fresh interpreter cannot import it
         return None
