@@ -608,26 +608,34 @@ def test_existing_store_needs_resume_or_overwrite(tmp_path):
     assert ss.open_run(path)["optimizer"].sizes["step"] == 1
 
 
-def test_a_run_left_open_is_committed_when_the_interpreter_exits(tmp_path):
-    # No close(): the exit hook must commit the tail before the thread pools Zarr writes through shut down.
+@pytest.mark.parametrize("background", [False, True])
+def test_a_run_left_open_is_committed_when_the_interpreter_exits(tmp_path, background):
+    # No close(): the exit hook must commit the tail before the thread pools Zarr writes through shut down
+    # (and, with background=True, collect the worker process's answers first). The script is a file with
+    # no `if __name__ == "__main__"` guard, as training scripts often are: the worker process must not
+    # run it again (multiprocessing's spawn would).
     import subprocess
     import sys
 
     path = tmp_path / "open.zarr"
-    script = f"""
+    script = tmp_path / "train.py"
+    script.write_text(f"""
 import torch, spectralscope as ss
+print("script started", flush=True)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 3, bias=False))
 opt = torch.optim.Muon(model.parameters(), lr=0.02)
-rec = ss.watch(opt, model, {str(path)!r}, every=1, flush_seconds=3600, activations=None)
+rec = ss.watch(opt, model, {str(path)!r}, every=1, flush_seconds=3600, activations=None, background={background})
 for _ in range(7):
     model(torch.randn(4, 6)).square().mean().backward()
     opt.step(); opt.zero_grad()
     rec.log(loss=1.0)
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+assert (rec._process is not None) == {background}
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "failed" not in proc.stderr, proc.stderr
+    assert proc.stdout.count("script started") == 1, proc.stdout
     tree = ss.open_run(path)
     assert tree.attrs["status"] == "finished"
     assert tree["optimizer"].sizes["step"] == 7 and tree["scalars"].sizes["step"] == 7
