@@ -73,7 +73,7 @@ class _Packer(pickle.Pickler):
 
 
 def _view(buf: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+    n = torch.Size(shape).numel() * dtype.itemsize
     return buf[offset:offset + n].view(dtype).view(shape)
 
 
