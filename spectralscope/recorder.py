@@ -395,6 +395,8 @@ class Recorder:
         proc = self._process
         if proc is None:
             return False
+        if self._worker is not None:
+            self._jobs.join()  # records stay in step order: the thread's earlier ones are written first
         try:
             if proc.submit(kind, self._step, payload):
                 return True
@@ -403,6 +405,7 @@ class Recorder:
                 log.warning("spectralscope: could not hand the record of step %d to the worker process (%s: %s); "
                             "measured on a worker thread (warned once)", self._step, type(exc).__name__, exc)
             self._pack_failed = True
+            proc.join()  # after the process's earlier records
             return False
         log.warning("spectralscope: %s; records are measured on a worker thread from now on", proc.why_dead)
         self._process = None

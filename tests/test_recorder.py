@@ -386,6 +386,11 @@ def test_a_record_the_worker_process_cannot_take_is_measured_on_a_thread(tmp_pat
     with caplog.at_level(logging.WARNING, logger="spectralscope"):
         rec = ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=True, activations=None)
         for step in range(4):
+            if step == 1:  # step 1 stays in flight in a held child while steps 2 and 3 go to the thread
+                rec.flush()
+                pid = rec._process.proc.pid
+                os.kill(pid, signal.SIGSTOP)
+                threading.Timer(1.0, os.kill, args=(pid, signal.SIGCONT)).start()
             if step == 2:  # no room for the copies from now on: the shared-memory folder is gone
                 rec._process._dir = str(tmp_path / "gone")
             model(torch.randn(8, 12)).square().mean().backward()
@@ -393,6 +398,7 @@ def test_a_record_the_worker_process_cannot_take_is_measured_on_a_thread(tmp_pat
             opt.zero_grad()
         rec.close()
     ds = ss.open_run(tmp_path / "r.zarr")["optimizer"].dataset
+    # in step order although step 1's answer came last: the thread's records wait for the process's
     assert list(ds.step.values) == [0, 1, 2, 3] and np.isfinite(ds["momentum_sv"].values).all()
     assert rec.errors == {} and rec._worker is not None  # steps 2 and 3 on the thread, nothing lost
     warned = [r.getMessage() for r in caplog.records if "could not hand the record" in r.getMessage()]
