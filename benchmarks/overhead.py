@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py [--pairs 12] [--block 10] [--group 5] [--width 128] [--depth 4] [--batch 32] [--every 10]
     python benchmarks/overhead.py --demo [--all-instruments]     # the demo's largest model (its cadence)
-    python benchmarks/overhead.py --background                   # records measured in a worker process
+    python benchmarks/overhead.py --inline                       # records measured on the training thread
 
 Two identical models train side by side in one process, one plain and one under `ss.watch` at defaults
 (optimizer spectra every 10 steps, activation spectra every 50). Short blocks of `--block` steps (default
@@ -15,14 +15,13 @@ line gives the direct account (`Account`): the recorder's own CPU time on the tr
 writer's threads over the same steps, as a share of the plain run's time — a measurement of the work
 itself, free of the run-to-run noise of a difference of totals.
 
-At defaults (``background=False``) everything runs on the training thread and the blocks are timed by
-time.process_time(), which also counts the writer's threads. `--background` watches with
-``background=True``: on the CPU the records are measured in a worker process (`spectralscope.worker`)
-from copies taken after the step, so the blocks are timed by the wall clock — the training loop's
-slowdown when a core is free for the worker (torch runs on one thread here, the machine has two);
-process_time would not see the worker process at all. The account then adds the worker process's CPU
-(from /proc), which the training loop does not wait for. `--thread` measures on a worker thread (what a
-GPU gets), by the wall clock.
+At defaults (``background="auto"``: on the CPU a worker process, `spectralscope.worker`) the records are
+measured and written by a child process from copies taken after the step, so the blocks are timed by the
+wall clock — the training loop's slowdown when a core is free for the worker (torch runs on one thread
+here, the machine has two); process_time would not see the worker process at all. The account then adds
+the worker process's CPU (from /proc), which the training loop does not wait for. `--inline` watches with
+``background=False`` (everything on the training thread, timed by time.process_time(), which also counts
+the writer's threads); `--thread` measures on a worker thread (what a GPU gets), by the wall clock.
 """
 
 from __future__ import annotations
@@ -242,21 +241,21 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=5, help="pairs summed per ratio (default: 50 steps, one activation record)")
     ap.add_argument("--no-activations", action="store_true", help="watch with activations=None")
     ap.add_argument("--control", action="store_true", help="A/A control: B is not watched (the harness's own bias)")
-    ap.add_argument("--background", action="store_true",
-                    help="watch with background=True (on the CPU: records measured in a worker process)")
+    ap.add_argument("--inline", action="store_true",
+                    help="watch with background=False (records measured and written on the training thread)")
     ap.add_argument("--thread", action="store_true", help="watch with background='thread' (records on a worker thread)")
     ap.add_argument("--clock", choices=("process", "wall"), default=None,
-                    help="time blocks by process CPU time (default at defaults) or by the wall clock (default "
-                         "with --background or --thread)")
+                    help="time blocks by process CPU time (default with --inline) or by the wall clock (default "
+                         "otherwise)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     if args.all_instruments and not args.demo:
         ap.error("--all-instruments needs --demo")
-    if args.background and args.thread:
-        ap.error("--background and --thread exclude each other")
-    args.clock = args.clock or ("wall" if args.background or args.thread else "process")
-    mode = "in a worker process" if args.background else "on a worker thread" if args.thread else "inline"
+    if args.inline and args.thread:
+        ap.error("--inline and --thread exclude each other")
+    args.clock = args.clock or ("process" if args.inline else "wall")
+    mode = "inline" if args.inline else "on a worker thread" if args.thread else "in a worker process"
     if args.demo:
         base, make_opts, batches, instruments, desc = demo_setup(args)
         stream_a, stream_b = batches(1), batches(1)
@@ -278,9 +277,11 @@ def main() -> None:
         extra = {"activations": None} if args.no_activations else {}
         if args.all_instruments:
             extra = instruments
-        if args.background or args.thread:
-            extra["background"] = True if args.background else "thread"
+        if args.inline or args.thread:
+            extra["background"] = False if args.inline else "thread"
         rec = None if args.control else ss.watch(opts_b[0], watched, f"{tmp}/bench.zarr", every=args.every, **extra)
+        if rec is not None and rec._process is not None:
+            rec._process.wait_ready(120)  # records wait for no one while it starts: they are measured inline
         account = Account(rec) if rec is not None else None
         run_a(steps), run_b(steps)  # warm-up, and the watched run starts its next group at a record
         if account is not None:
@@ -309,7 +310,7 @@ def main() -> None:
           f"{overhead * steps:17.2f} steps")
     if not args.control:
         plain = sum(ta)
-        child = f" + worker process {100 * child_s / plain:.2f}%" if args.background else ""
+        child = "" if args.inline or args.thread else f" + worker process {100 * child_s / plain:.2f}%"
         print(f"direct account over the same {args.pairs * steps} watched steps: recorder work on the training thread "
               f"{100 * main_s / plain:.2f}% + writer and zarr threads {100 * others_s / plain:.2f}%{child} "
               f"= {100 * (main_s + others_s + child_s) / plain:.2f}% of the plain run's time (CPU)")

@@ -37,7 +37,7 @@ from .layers import Layer, layer_coords, select_layers
 from .measure import LayerInputs, Measurer, fill, to_host
 from .spectra import DEFAULT_QUANTILES
 from .store import DiscardWriter, GroupSpec, RunWriter
-from .worker import WorkerProcess, can_pickle, portable
+from .worker import RecorderJobs, WorkerProcess, can_pickle, portable
 
 log = logging.getLogger("spectralscope")
 
@@ -86,7 +86,7 @@ class Recorder:
         gradients: GradientSpectra | bool | None = None,
         sharpness: Sharpness | None = None,
         tensorboard: str | Path | None = None,
-        background: bool | str = False,
+        background: bool | str = "auto",
     ):
         _check(isinstance(optimizer, torch.optim.Optimizer), "optimizer", "a torch.optim.Optimizer", optimizer)
         _check(model is None or isinstance(model, nn.Module), "model", "an nn.Module or None", model)
@@ -127,8 +127,11 @@ class Recorder:
                 + (f" whose name matches layers={layers!r}" if layers is not None else "")
             )
         on_cpu = all(lay.param.device.type == "cpu" for lay in self.layers)
-        if background == "auto":  # a worker process where that is measured to pay (the CPU), else inline
-            background = on_cpu
+        # "auto": a worker process where that is measured to pay (the CPU, one training process), else inline;
+        # where the process cannot be had, or dies, its records are measured inline, not on a thread
+        self._auto = background == "auto"
+        if self._auto:
+            background = "process" if on_cpu and not distributed.active() else False
         if background == "process" and not on_cpu:
             raise ValueError("watch(): background='process' measures parameters on the CPU only; these live on "
                              f"{sorted({str(lay.param.device) for lay in self.layers})} (use True or 'thread')")
@@ -193,6 +196,7 @@ class Recorder:
             specs = self._group_specs() + [inst.spec() for inst in self.instruments]
             # what TensorBoard tags are named after: each group's layers or modules, and its quantile levels
             self._tb_axes = {sp.name: sp.axes() for sp in specs}
+            self._specs = {sp.name: sp for sp in specs}
             if self.writes:
                 try:
                     self.writer: RunWriter | DiscardWriter = RunWriter(
@@ -229,15 +233,28 @@ class Recorder:
         # background: optimizer records are measured off the training thread from copies taken after the step
         # (under FSDP2 the gathers are collectives of the training thread, so records stay there)
         self.background = bool(background) and not self.sharded and self.writes
-        for inst in self.instruments:  # the activation statistics too, where no all-reduce needs their sums
-            if isinstance(inst, ActivationSpectra):
-                inst.defer = self.background and not distributed.active()
         # on the CPU in a worker process (a thread would contend with training for the interpreter lock: see
         # `spectralscope.worker`); on an accelerator, or where the process cannot be had, on a worker thread
         self._process: WorkerProcess | None = None
         self._pack_failed = False
+        self._storage_options = dict(storage_options) if storage_options else None
+        # groups whose rows the worker process appends to the store itself (from its first record on), with
+        # their committed rows when handed over and the rows it has confirmed since (to count what a dying
+        # process takes with it)
+        self._handed: dict[str, int] = {}
+        self._confirmed: dict[str, int] = {}
+        self._child_closed = False
+        self._store_lock = threading.RLock()
+        for inst in self.instruments:  # the activation statistics too, where no all-reduce needs their sums
+            if isinstance(inst, ActivationSpectra):
+                inst.defer = self.background and not distributed.active()
         if self.background and on_cpu and background in (True, "process"):
-            self._process = self._start_process(background == "process")
+            self._process = self._start_process(background == "process" and not self._auto)
+            if self._process is None and self._auto:
+                self.background = False
+                for inst in self.instruments:
+                    if isinstance(inst, ActivationSpectra):
+                        inst.defer = False
         self._jobs: queue.Queue[tuple[Callable[[], None], dict[torch.device, Any]] | None] = queue.Queue(maxsize=1)
         self._worker: threading.Thread | None = None
         self._streams: dict[torch.device, Any] = {}
@@ -289,10 +306,10 @@ class Recorder:
 
     def flush(self) -> None:
         """Commit everything recorded so far (blocks until measured and written)."""
-        if self._process is not None:
-            self._process.join()
         if self._worker is not None:
-            self._jobs.join()
+            self._jobs.join()  # first: its rows may go through the worker process
+        if self._process is not None:
+            self._child_job("flush")
         self._push_scalars()
         self.writer.flush()
 
@@ -307,8 +324,13 @@ class Recorder:
         for inst in self.instruments:
             inst.remove()
         atexit.unregister(self._atexit)
+        if self._worker is not None:
+            self._jobs.join()  # first: its rows may go through the worker process
         if self._process is not None:
+            self._child_job("close")
             self._process.close()
+        if self._handed and not self._child_closed:
+            self._take_back()  # the process died: its groups are trimmed and counted here
         if self._worker is not None:
             self._jobs.put(None)
             self._worker.join()
@@ -360,8 +382,15 @@ class Recorder:
             for inst in self.instruments:
                 if isinstance(inst, ActivationSpectra) and inst.defer:
                     taken = inst.take(self._step)
-                    if taken is not None and not self._to_process(inst.group, taken):
-                        self._submit(self._finisher(inst, taken, self._step))
+                    if taken is None:
+                        continue
+                    ready = self._process is not None and self._process.ready
+                    if not (ready and self._to_process(inst.group, taken)):
+                        finish = self._finisher(inst, taken, self._step)
+                        if self._inline():
+                            finish()
+                        else:
+                            self._submit(finish)
                     continue
                 inst_row = inst.row(self._step)
                 if inst_row is not None:
@@ -376,10 +405,17 @@ class Recorder:
 
     # ---- measuring in a worker process (background on the CPU) ------------------------------------
     def _start_process(self, required: bool) -> WorkerProcess | None:
-        setup: dict[str, Callable[[Any], Any]] = {"optimizer": self.measurer.measure}
+        measure: dict[str, Callable[[Any], Any]] = {"optimizer": self.measurer.measure}
         for inst in self.instruments:
             if isinstance(inst, ActivationSpectra) and inst.defer:
-                setup[inst.group] = inst.finisher.run
+                measure[inst.group] = inst.finisher.run
+        writer = self.writer
+        store = None
+        if isinstance(writer, RunWriter):  # the process appends these groups' rows itself: no Zarr here for them
+            store = {"path": writer.path, "groups": [self._specs[g] for g in measure],
+                     "flush_seconds": writer.flush_seconds, "chunk_steps": writer.chunk,
+                     "storage_options": self._storage_options}
+        setup = RecorderJobs(measure, store)
         why = can_pickle(setup)
         if why is None:
             try:
@@ -387,7 +423,8 @@ class Recorder:
             except OSError as exc:
                 why = f"{type(exc).__name__}: {exc}"
         (log.warning if required else log.info)(
-            "spectralscope: records are measured on a worker thread, not a process (%s)", why)
+            "spectralscope: records are measured %s, not in a worker process (%s)",
+            "inline" if self._auto else "on a worker thread", why)
         return None
 
     def _to_process(self, kind: str, payload: Any) -> bool:
@@ -398,38 +435,109 @@ class Recorder:
         if self._worker is not None:
             self._jobs.join()  # records stay in step order: the thread's earlier ones are written first
         try:
+            self._hand_groups()
             if proc.submit(kind, self._step, payload):
                 return True
         except Exception as exc:  # no room for the copies, a tensor moved off the CPU: this record on the thread
             if not self._pack_failed:
                 log.warning("spectralscope: could not hand the record of step %d to the worker process (%s: %s); "
-                            "measured on a worker thread (warned once)", self._step, type(exc).__name__, exc)
+                            "measured %s (warned once)", self._step, type(exc).__name__, exc,
+                            "inline" if self._auto else "on a worker thread")
             self._pack_failed = True
             proc.join()  # after the process's earlier records
             return False
-        log.warning("spectralscope: %s; records are measured on a worker thread from now on", proc.why_dead)
+        log.warning("spectralscope: %s; records are measured %s from now on", proc.why_dead,
+                    "inline" if self._auto else "on a worker thread")
         self._process = None
         proc.close()  # lets the process stop once no recorder uses it
+        self._take_back()
         return False
 
-    def _answered(self, kind: str, step: int, row: dict[str, np.ndarray], problems: list) -> None:
-        self._emit(kind, row, step)
+    # ---- the groups the worker process writes -------------------------------------------------------
+    def _hand_groups(self) -> None:
+        """Before the first record goes to the worker process: commit the groups it measures and let it append
+        to them from now on."""
+        if self._handed or self._process is None or not isinstance(self.writer, RunWriter):
+            return
+        names = list(self._process_groups())
+        with self._store_lock:
+            self._handed = self.writer.release(names)
+            self._confirmed = dict.fromkeys(names, 0)
+
+    def _process_groups(self) -> list[str]:
+        return ["optimizer"] + [i.group for i in self.instruments if isinstance(i, ActivationSpectra) and i.defer]
+
+    def _take_back(self) -> None:
+        """The worker process is gone: write its groups here again, from their committed rows, and count the
+        rows it had confirmed but not committed as lost."""
+        with self._store_lock:
+            handed, self._handed = self._handed, {}
+            if not handed:
+                return
+            try:
+                committed = self.writer.adopt([self._specs[g] for g in handed])
+            except Exception as exc:  # the store is unreachable: those groups get no more rows
+                self._warn("optimizer", "*", exc)
+                return
+            for group, n0 in handed.items():
+                for _ in range(max(0, n0 + self._confirmed.get(group, 0) - committed[group])):
+                    self._count("optimizer" if group == "optimizer" else "act_eig", "*",
+                                "lost: measured, not yet committed when the measuring process died")
+
+    def _child_job(self, kind: str) -> None:
+        """Wait for the worker process's records; with ``kind`` "flush" or "close", have it commit (and trim)
+        the groups it writes, and wait for that too."""
+        proc = self._process
+        if self._handed and proc.alive:
+            try:
+                proc.submit(kind, self._step, None)
+            except Exception as exc:
+                self._warn("optimizer", "*", exc)
+        proc.join()
+
+    def _inline(self) -> bool:
+        """Whether a record the worker process does not take is measured on the training thread: while the
+        process is starting (so a run killed in its first seconds loses no more than inline), and for ever
+        with background="auto" once the process is gone or cannot take a record."""
+        return self._auto or (self._process is not None and not self._process.ready)
+
+    def _answered(self, kind: str, step: int, row: dict[str, np.ndarray] | None, problems: list) -> None:
+        if kind == "close":
+            self._child_closed = True
+        if kind in ("flush", "close"):
+            return
+        appended = isinstance(kind, tuple)  # ("append", group): a row measured here, appended there
+        group = kind[1] if appended else kind
+        with self._store_lock:
+            if group in self._confirmed:
+                self._confirmed[group] += 1
+        if not appended:
+            self._emit(kind, row, step, stored=group in self._handed)
         for var, layer, reason in problems:
             self._count(var, layer, reason, step)
 
     def _lost(self, kind: str, step: int, why: str) -> None:
-        self._count("optimizer" if kind == "optimizer" else "act_eig", "*", why, step)
+        if kind in ("flush", "close"):
+            return
+        group = kind[1] if isinstance(kind, tuple) else kind
+        self._count("optimizer" if group == "optimizer" else "act_eig", "*", why, step)
 
     # ---- measuring on a worker thread (background=True) --------------------------------------------
     def _hand_over(self) -> None:
         """Copy this step's inputs (on their devices, in the training stream) and queue their record for the
         worker process or thread."""
-        if self._process is not None:
+        if self._process is not None and self._process.ready:
             with torch.no_grad():
                 inputs = [self._local_inputs(lay) for lay in self.layers]
                 inputs = [x._replace(why=portable(x.why)) for x in inputs]
             if self._to_process("optimizer", inputs):
                 return
+        if self._inline():
+            with torch.no_grad():
+                row = self._measure([self._local_inputs(lay) for lay in self.layers])
+            if row is not None:
+                self._emit("optimizer", row)
+            return
         with torch.no_grad():
             inputs = [self._local_inputs(lay, copy=True) for lay in self.layers]
         step = self._step
@@ -555,15 +663,34 @@ class Recorder:
                 self._count(var, layer, reason)
         return row
 
-    def _emit(self, group: str, row: dict[str, np.ndarray], step: int | None = None) -> None:
+    def _emit(self, group: str, row: dict[str, np.ndarray], step: int | None = None, stored: bool = False) -> None:
+        """Append ``row`` to the store (unless the worker process already has: ``stored``) and TensorBoard."""
         step = self._step if step is None else step
-        self.writer.append(group, step, row)
+        if not stored:
+            self._store(group, step, row)
         if self._tb is not None:
             try:
                 with self._lock:
                     self._tb.write(group, step, row, *self._tb_axes[group])
             except Exception as exc:  # a full disk must not stop training
                 self._warn("tensorboard", "*", exc)
+
+    def _store(self, group: str, step: int, row: dict[str, np.ndarray]) -> None:
+        """Append a row: to the writer here, or, for a group the worker process writes, through it (a record
+        it could not take, measured here)."""
+        with self._store_lock:
+            handed = group in self._handed
+        proc = self._process
+        if handed and proc is not None:
+            try:
+                if proc.submit(("append", group), step, row):
+                    return
+            except Exception as exc:  # while it lives, the group is its alone to write: this row is lost
+                self._warn("optimizer", "*", exc)
+                return
+        if handed:
+            self._take_back()  # it died
+        self.writer.append(group, step, row)
 
     def _count(self, metric: str, layer: str, reason: str, step: int | None = None) -> None:
         with self._lock:
@@ -636,16 +763,16 @@ def watch(
     `ss.GradientSpectra`, or True for every=100, max_samples=64; off by default), ``sharpness`` (an
     `ss.Sharpness(loss_fn, batch, every=100, per_layer=False)`; off by default), ``tensorboard`` (a log
     directory: per-layer scalars of the main metrics with a custom-scalars layout), ``background``
-    (False, the default: records are measured inline, on the training thread, right after the step, so a
-    killed run loses at most the last flush interval (SPEC §5). True: off the training thread, from
-    copies of M, W_before and W_after taken right after the step, and the activation hooks only copy their
-    inputs, summed and decomposed there too (not under torch.distributed, whose all-reduce needs the sums):
-    for parameters on the CPU in a worker process shared by the recorders of this process
-    (`spectralscope.worker`: a thread would contend with training for the interpreter lock), else on a
-    worker thread with its own CUDA stream, so the training thread never waits for them; "thread" or
-    "process" chooses; "auto": the process on the CPU, inline elsewhere. At most two records are in
-    flight, beyond that the training thread waits, and a killed run loses those too; ``flush`` and
-    ``close`` wait for them; not under FSDP2; the rows are bit for bit the inline ones).
+    ("auto", the default: on the CPU, outside torch.distributed, the records are measured off the training
+    thread in a worker process shared by the recorders of this process, from copies of M, W_before and
+    W_after taken right after the step, and the activation hooks only copy their inputs, summed and
+    decomposed there too; the process appends those rows to the store itself. While it starts, and if it
+    dies or cannot be had, records are measured inline. Elsewhere "auto" is inline. False: inline, on the
+    training thread, right after the step. True: the worker process on the CPU, else a worker thread with
+    its own CUDA stream, so the training thread never waits for them; "thread" or "process" chooses. At
+    most two records are in flight, beyond that the training thread waits; ``flush`` and ``close`` wait for
+    them; a killed training process loses at most the last flush interval, and the worker process commits
+    what it measured when its parent is gone; not under FSDP2; the rows are bit for bit the inline ones).
     Under torch.distributed call it on every rank with the same arguments: only rank 0 writes (the path is
     not touched elsewhere); with FSDP2 (DTensor parameters) every rank measures its round-robin share of
     the layers on gathered full matrices.

@@ -213,6 +213,35 @@ class RunWriter:
         self._attrs["status"] = "running"
         # Last: a root with these attributes is a complete run layout.
         self.root.attrs.put(self._attrs)
+        self.owns_root = True
+        self._start()
+
+    @classmethod
+    def attach(
+        cls,
+        path: str | Path,
+        groups: Sequence[GroupSpec],
+        *,
+        flush_seconds: float = 5.0,
+        chunk_steps: int = 256,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> RunWriter:
+        """A writer for ``groups`` of an existing run that another writer laid out and handed over (`release`):
+        it appends after each group's committed ``n_rows`` under the same commit protocol, and never writes
+        the run's root attributes (its owner does)."""
+        self = cls.__new__(cls)
+        self.path = str(path)
+        self.chunk = int(chunk_steps)
+        self.initial_chunks = INITIAL_CHUNKS
+        self.flush_seconds = float(flush_seconds)
+        self.root = zarr.open_group(open_store(path, storage_options), mode="r+")
+        self._groups = {spec.name: self._reopen_group(spec) for spec in groups}
+        self._attrs = {}
+        self.owns_root = False
+        self._start()
+        return self
+
+    def _start(self) -> None:
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._error_logged = False
         self._attrs_dirty = False
@@ -273,6 +302,35 @@ class RunWriter:
                     spec.variables[name] = ("step",)
         return _GroupState(spec, g, n, capacity)
 
+    def _reopen_group(self, spec: GroupSpec) -> _GroupState:
+        """A group another writer has committed to (and may have died resizing): its committed rows and the
+        room every array has for sure, so the next growth brings all of them to one length."""
+        g = self.root[spec.name]
+        n = int(g.attrs.get("n_rows", 0))
+        if spec.dynamic:
+            for name in g.array_keys():
+                if name != "step" and name not in spec.coords and name not in spec.variables:
+                    spec.variables[name] = ("step",)
+        capacity = min(g[name].shape[0] for name in ["step", *spec.variables])
+        return _GroupState(spec, g, n, capacity)
+
+    def release(self, names: Sequence[str]) -> dict[str, int]:
+        """Commit ``names`` and stop writing them (another writer attaches to them); their committed row
+        counts. Waits for the writer thread."""
+        done: queue.Queue[dict[str, int]] = queue.Queue()
+        self._queue.put(("release", (list(names), done)))
+        return done.get()
+
+    def adopt(self, specs: Sequence[GroupSpec]) -> dict[str, int]:
+        """Take groups back from a writer that stopped (or died): reopened at their committed ``n_rows``, which
+        are returned. Waits for the writer thread."""
+        done: queue.Queue[dict[str, int]] = queue.Queue()
+        self._queue.put(("adopt", (list(specs), done)))
+        counts = done.get()
+        if isinstance(counts, Exception):
+            raise counts
+        return counts
+
     # ---- public, called from the training thread -----------------------------------------------
     def append(self, group: str, step: int, values: Mapping[str, Any]) -> None:
         """Queue one row of ``group`` at ``step``; values are numpy arrays or floats shaped as the spec says."""
@@ -322,7 +380,9 @@ class RunWriter:
                 continue
             if kind == "row":
                 name, step, values = item
-                st = self._groups[name]
+                st = self._groups.get(name)
+                if st is None:  # a group handed over to another writer (or never taken back): not ours to write
+                    continue
                 st.pending.append((step, values))
                 if (st.n + len(st.pending)) % self.chunk == 0:
                     self._guard(self._commit, st)
@@ -333,6 +393,23 @@ class RunWriter:
             elif kind == "flush":
                 self._commit_all()
                 item.set()
+            elif kind == "release":
+                names, done = item
+                counts = {}
+                for name in names:
+                    st = self._groups.pop(name)
+                    if st.pending:
+                        self._guard(self._commit, st)
+                    counts[name] = st.n  # rows that could not be committed are the caller's to count
+                done.put(counts)
+            elif kind == "adopt":
+                specs, done = item
+                try:
+                    for spec in specs:
+                        self._groups[spec.name] = self._reopen_group(spec)
+                    done.put({spec.name: self._groups[spec.name].n for spec in specs})
+                except Exception as exc:  # raised to the caller; this thread goes on with the other groups
+                    done.put(exc)
             elif kind == "close":
                 self._commit_all()
                 self._attrs["status"] = item
@@ -356,7 +433,7 @@ class RunWriter:
         for st in self._groups.values():
             if st.pending:
                 self._guard(self._commit, st)
-        if self._attrs_dirty and self._guard(self.root.attrs.put, self._attrs):
+        if self.owns_root and self._attrs_dirty and self._guard(self.root.attrs.put, self._attrs):
             self._attrs_dirty = False  # an idle run (or a remote store) is not rewritten every flush
 
     def _commit(self, st: _GroupState) -> None:
@@ -394,7 +471,8 @@ class RunWriter:
                 if arr.shape[0] != st.n:
                     arr.resize((st.n, *arr.shape[1:]))
             st.capacity = st.n
-        self.root.attrs.put(self._attrs)
+        if self.owns_root:
+            self.root.attrs.put(self._attrs)
 
 
 # ---- reading ----------------------------------------------------------------------------------------

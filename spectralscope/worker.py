@@ -13,11 +13,13 @@ The training thread's part of a job is a copy: every CPU tensor in the job (M, W
 activation rows) is copied into one shared-memory file (``/dev/shm``, else the temp folder; its space is
 reserved up front, so a full tmpfs fails the job instead of killing training with SIGBUS), and a small
 message naming the file and where each tensor lies goes down a socket. The child maps the file, removes
-its name, measures, and sends back the row and the metrics that came out NaN. At most ``MAX_PENDING``
-jobs per recorder are in flight: a child that falls behind makes the training thread wait rather than
-hold ever more copies. If the child dies, the jobs in flight are reported lost and the recorders go on
-with threads. The child stops ``IDLE_SECONDS`` after its last recorder closed, or when the training
-process goes away."""
+its name, measures, appends the row to the run store itself (`RecorderJobs`: the recorder hands it the
+groups it measures, so the training process's interpreter spends no time in Zarr for them), and sends back
+the row and the metrics that came out NaN. At most ``MAX_PENDING`` jobs per recorder are in flight: a
+child that falls behind makes the training thread wait rather than hold ever more copies. If the child
+dies, the jobs in flight are reported lost and the recorders go on without it. The child stops
+``IDLE_SECONDS`` after its last recorder closed; when the training process goes away it measures the jobs
+already sent, commits every row and exits."""
 
 from __future__ import annotations
 
@@ -117,6 +119,7 @@ class _Child:
         self.clients: set[WorkerProcess] = set()
         self.alive = True
         self.why_dead = ""
+        self.ready = threading.Event()  # set when the child has imported what it measures with
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._idle: threading.Timer | None = None
@@ -142,6 +145,9 @@ class _Child:
                 return
             if msg is None:  # the answer to `stop`
                 return
+            if msg == "ready":
+                self.ready.set()
+                continue
             job, row, problems, error, fatal = msg
             with self._lock:
                 client = self.routes.pop(job, None)
@@ -156,6 +162,7 @@ class _Child:
             self.why_dead = f"the measuring process {why}"
             clients = list(self.clients)
             self.routes.clear()
+        self.ready.set()  # nothing to wait for any more: the clients find out it is gone
         for client in clients:
             client._died(self.why_dead)
 
@@ -238,7 +245,7 @@ class WorkerProcess:
     a job the child could not answer (it failed, or the child died)."""
 
     def __init__(self, setup: dict[Any, Any], on_result: Callable[..., None], on_lost: Callable[..., None]) -> None:
-        blob = pickle.dumps(setup, protocol=pickle.HIGHEST_PROTOCOL)
+        self._setup: dict[Any, Any] | None = setup
         self._on_result, self._on_lost = on_result, on_lost
         self._dir = _shm_dir()
         self._pending: dict[int, tuple[Any, int, str]] = {}  # job id → (kind, step, file)
@@ -248,10 +255,16 @@ class WorkerProcess:
         self.child = _attach(self)
         self.proc = self.child.proc
         self.cid = next(self.child.ids)
-        try:
-            self.child.send(("setup", self.cid, blob))
-        except OSError as exc:
-            self._died(f"the measuring process could not be reached ({exc})")
+
+    @property
+    def ready(self) -> bool:
+        """Whether a job sent now would be measured without waiting for the child to start (≈ 1–2 s after the
+        first recorder; True also once the child is gone, which `submit` then reports)."""
+        return self.child.ready.is_set() or not self.alive
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until `ready`; False on timeout."""
+        return self.child.ready.wait(timeout) or not self.alive
 
     # -- jobs --
     def submit(self, kind: Any, step: int, payload: Any) -> bool:
@@ -262,6 +275,17 @@ class WorkerProcess:
             while self.alive and len(self._pending) >= MAX_PENDING:
                 self._cond.wait()
             if not self.alive:
+                return False
+        if self._setup is not None:
+            # pickled with the first job, so the per-layer state it carries (refine hints, power-iteration
+            # vectors) is that of the records measured inline while the child was starting
+            blob = pickle.dumps(self._setup, protocol=pickle.HIGHEST_PROTOCOL)
+            self._setup = None
+            try:
+                self.child.send(("setup", self.cid, blob))
+            except OSError as exc:
+                self.child._died(f"could not be reached ({exc})")
+                self._died(self.child.why_dead)
                 return False
         out = io.BytesIO()
         packer = _Packer(out)
@@ -275,7 +299,7 @@ class WorkerProcess:
         with self.child._lock:
             self.child.routes[job] = self
         try:
-            self.child.send(("job", self.cid, job, kind, path if packer.size else None, out.getvalue()))
+            self.child.send(("job", self.cid, job, kind, step, path if packer.size else None, out.getvalue()))
         except OSError as exc:
             self.child._died(f"could not be sent a job ({exc})")
         if not self.child.alive:  # it died before this job was registered: nobody else will answer it
@@ -370,6 +394,58 @@ def portable(exc: BaseException | None) -> BaseException | None:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
+class SetupFailed(RuntimeError):
+    """A recorder's setup cannot work in the child (its store cannot be opened there): every later job of that
+    recorder would fail too, so the recorder is told to measure elsewhere."""
+
+
+class RecorderJobs:
+    """What the worker process does for one recorder (its pickled setup): measure each kind of record with
+    ``measure[kind]`` (a bound `Measurer.measure`, `ActivationFinisher.run`), and append the rows of the groups
+    the recorder handed over (`RunWriter.release`) to the run store itself, so the training process's
+    interpreter spends no time in Zarr for them. Besides the records' kinds it takes ``("append", group)``
+    (payload: a row measured elsewhere), ``"flush"`` (commit now) and ``"close"`` (commit, trim, stop
+    writing), each answered once done."""
+
+    def __init__(self, measure: dict[str, Callable[[Any], Any]], store: dict[str, Any] | None = None) -> None:
+        self.measure = measure
+        self.store = store  # RunWriter.attach's arguments: path, groups, flush_seconds, storage_options
+        self.writer: Any = None
+
+    def _writer(self) -> Any:
+        if self.writer is None and self.store is not None:
+            from .store import RunWriter
+
+            try:  # at the first job: after the recorder released the groups
+                self.writer = RunWriter.attach(**self.store)
+            except Exception as exc:
+                raise SetupFailed(f"could not open {self.store['path']} ({type(exc).__name__}: {exc})") from exc
+        return self.writer
+
+    def __call__(self, kind: str, step: int, payload: Any) -> tuple[Any, list]:
+        writer = self._writer()
+        if isinstance(kind, tuple):  # ("append", group): a row the recorder measured itself
+            writer.append(kind[1], step, payload)
+            return None, []
+        if kind == "flush":
+            if writer is not None:
+                writer.flush()
+            return None, []
+        if kind == "close":
+            if writer is not None:
+                writer.close()
+            return None, []
+        row, problems = self.measure[kind](payload)
+        if writer is not None and row is not None:
+            writer.append(kind, step, row)
+        return row, problems
+
+    def abandon(self) -> None:
+        """The training process is gone: commit what was measured (the run stays "running", as it was left)."""
+        if self.writer is not None:
+            self.writer.flush(timeout=60)
+
+
 # ---- the child's side ----------------------------------------------------------------------------
 class _Unpacker(pickle.Unpickler):
     def __init__(self, file: io.BytesIO, buf: torch.Tensor | None) -> None:
@@ -396,15 +472,22 @@ def _map(path: str | None) -> torch.Tensor | None:
 
 def serve(fd: int) -> None:
     """The child's loop: keep each recorder's setup, answer jobs until told to stop or the parent goes away."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the parent decides, and when it is gone
+    # this loop sees its socket close and commits what it measured
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
     conn = Connection(fd)
+    conn.send("ready")  # the imports are done: jobs sent from now on are measured at once
     setups: dict[int, Any] = {}
     while True:
         try:
             msg = conn.recv()
-        except (EOFError, OSError):
-            return  # the training process is gone
+        except (EOFError, OSError):  # the training process is gone: keep what its recorders had measured
+            for setup in setups.values():
+                if hasattr(setup, "abandon"):
+                    setup.abandon()
+            return
         if msg is None:
             conn.send(None)
             return
@@ -417,7 +500,7 @@ def serve(fd: int) -> None:
         if msg[0] == "forget":
             setups.pop(msg[1], None)
             continue
-        _, cid, job, kind, path, blob = msg
+        _, cid, job, kind, step, path, blob = msg
         row = problems = error = None
         setup = setups.get(cid, "has no setup for this recorder")
         fatal = isinstance(setup, str)
@@ -427,8 +510,12 @@ def serve(fd: int) -> None:
                 raise RuntimeError(setup)
             payload = _Unpacker(io.BytesIO(blob), buf).load()
             with torch.no_grad():
-                row, problems = setup[kind](payload)
+                row, problems = setup(kind, step, payload) if callable(setup) else setup[kind](payload)
         except Exception as exc:
             error = f"failed ({type(exc).__name__}: {exc})"
+            fatal = fatal or isinstance(exc, SetupFailed)
         payload = buf = None  # unmap before answering: the parent counts this job's memory as freed
-        conn.send((job, row, problems, error, fatal))
+        try:
+            conn.send((job, row, problems, error, fatal))
+        except OSError:  # the parent died with this job in flight: its row is kept, and so are the queued jobs'
+            pass

@@ -7,11 +7,13 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from conftest import np_quantile, prescribed
 from torch import nn
 from torch.optim._muon import _zeropower_via_newtonschulz
@@ -237,6 +239,7 @@ def test_a_lagging_worker_measures_the_step_as_it_was(tmp_path, where):
 
             rec._measure = held
         elif background == "process":
+            assert rec._process.wait_ready(120)  # else the records wait for no one: measured inline while it starts
             pid = rec._process.proc.pid
             os.kill(pid, signal.SIGSTOP)
             gate.set = lambda: os.kill(pid, signal.SIGCONT)
@@ -354,6 +357,7 @@ def test_a_killed_worker_process_loses_the_records_in_flight_and_training_goes_o
     with caplog.at_level(logging.WARNING, logger="spectralscope"):
         rec = ss.watch(opts[0], model, tmp_path / "r.zarr", every=1, background=True,
                        activations=ss.ActivationSpectra(every=2, max_tokens=32))
+        assert rec._process.wait_ready(120)
         gen = torch.Generator().manual_seed(3)
         for step in range(6):
             x = torch.randn(8, 12, generator=gen)
@@ -379,12 +383,170 @@ def test_a_killed_worker_process_loses_the_records_in_flight_and_training_goes_o
     assert rec._process is None and rec._worker is not None
 
 
+def _auto_run(path, steps, on_step=None, **watch_kw):
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02)
+    rec = ss.watch(opt, model, path, every=1, activations=ss.ActivationSpectra(every=2, max_tokens=32), **watch_kw)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(steps):
+        if on_step is not None:
+            on_step(rec, step)
+        model(torch.randn(8, 12, generator=gen)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    rec.close()
+    return rec, ss.open_run(path)
+
+
+def test_the_default_measures_in_a_worker_process_and_inline_while_it_starts(tmp_path):
+    # a fresh child is held (SIGSTOP) before it has even imported torch: the first records are measured
+    # inline and committed by flush() without it, so a run killed while the child starts loses no more
+    # than an inline one (SPEC §5); once it runs, the records go to it. The rows are bit for bit the inline
+    # ones although the per-layer state (refine hints, power-iteration vectors) moved between the two.
+    worker_module.shutdown()
+    held = {}
+
+    def on_step(rec, step):
+        if step == 0:
+            assert rec._process is not None and rec._worker is None  # the default on the CPU: a process
+            held["pid"] = pid = rec._process.proc.pid
+            os.kill(pid, signal.SIGSTOP)
+            assert not rec._process.ready, "the child cannot have imported torch within these milliseconds"
+        if step == 3:
+            rec.flush()  # steps 0–2 measured inline, committed while the child is still stopped
+            held["committed"] = list(ss.open_run(rec.path)["optimizer"].step.values)
+            held["activations"] = list(ss.open_run(rec.path)["activations"].step.values)
+            assert rec._process._setup is not None  # nothing was sent to it
+            os.kill(held["pid"], signal.SIGCONT)
+            assert rec._process.wait_ready(120)
+        if step == 5:
+            assert rec._process._setup is None  # steps 3 and 4 went to the child
+
+    rec, tree = _auto_run(tmp_path / "auto.zarr", 8, on_step)
+    assert held["committed"] == [0, 1, 2] and held["activations"] == [0, 2]
+    _, inline = _auto_run(tmp_path / "inline.zarr", 8, background=False)
+    for group in ("optimizer", "activations"):
+        a, b = inline[group].dataset, tree[group].dataset
+        np.testing.assert_array_equal(a.step.values, b.step.values)
+        for var in a.data_vars:
+            np.testing.assert_array_equal(a[var].values, b[var].values, err_msg=f"{group} {var}")
+    assert rec.errors == {}
+
+
+def test_the_worker_process_writes_the_groups_it_measures(tmp_path):
+    # the training process's interpreter spends no time in Zarr for them: its writer lets go of the groups at
+    # the first record the process takes; flush() and close() still commit everything
+    def on_step(rec, step):
+        if step == 0:
+            assert rec._process.wait_ready(120)
+            assert {"optimizer", "activations"} <= set(rec.writer._groups)
+        if step == 2:
+            assert not {"optimizer", "activations"} & set(rec.writer._groups)  # written by the child only
+            assert set(rec._handed) == {"optimizer", "activations"}
+            rec.flush()
+            assert list(ss.open_run(rec.path)["optimizer"].step.values) == [0, 1]
+
+    rec, tree = _auto_run(tmp_path / "r.zarr", 6, on_step, flush_seconds=3600)
+    assert list(tree["optimizer"].step.values) == list(range(6)) and rec._child_closed
+    assert list(tree["activations"].step.values) == [0, 2, 4]
+    assert tree.attrs["status"] == "finished" and rec.errors == {}
+    arrays = zarr.open_group(str(tmp_path / "r.zarr"), mode="r")["optimizer"]
+    assert {arrays[name].shape[0] for name in arrays.array_keys() if name != "layer" and arrays[name].ndim > 0
+            and arrays[name].metadata.dimension_names[0] == "step"} == {6}  # trimmed by the child's close
+
+
+def test_a_killed_training_process_keeps_what_the_worker_process_measured(tmp_path):
+    # SIGKILL to the training process: the child sees its socket close and commits the rows it has, so even
+    # with a flush interval of an hour the measured steps survive (inline they would be lost with the process);
+    # the two records still in flight when it died (the child was held) are measured and kept too
+    import subprocess
+
+    path = tmp_path / "killed.zarr"
+    script = tmp_path / "train.py"
+    script.write_text(f"""
+import time, torch, spectralscope as ss
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 3, bias=False))
+opt = torch.optim.Muon(model.parameters(), lr=0.02)
+rec = ss.watch(opt, model, {str(path)!r}, every=1, flush_seconds=3600, activations=None)
+assert rec._process.wait_ready(120)
+import os, signal
+for step in range(7):
+    if step == 5:
+        rec._process.join()
+        os.kill(rec._process.proc.pid, signal.SIGSTOP)
+    model(torch.randn(4, 6)).square().mean().backward()
+    opt.step(); opt.zero_grad()
+print("measured", rec._process.proc.pid, flush=True)
+time.sleep(600)
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    line = proc.stdout.readline()
+    assert line.startswith("measured"), proc.stderr.read() if proc.poll() is not None else line
+    child = int(line.split()[1])
+    proc.kill()
+    proc.wait()
+    os.kill(child, signal.SIGCONT)
+    for _ in range(600):  # the child commits, then exits
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the worker process outlived its training process by a minute")
+    tree = ss.open_run(path)
+    assert tree.attrs["status"] == "running"
+    assert list(tree["optimizer"].step.values) == [0, 1, 2, 3, 4, 5, 6]
+    assert np.isfinite(tree["optimizer"]["momentum_sv"].values).all()
+
+
+def test_rows_a_dying_worker_process_had_not_committed_are_counted_lost(tmp_path, caplog):
+    def on_step(rec, step):
+        if step == 0:
+            assert rec._process.wait_ready(120)
+        if step == 3:
+            rec._process.join()  # steps 0–2 measured, confirmed, not committed (flush interval: an hour)
+            os.kill(rec._process.proc.pid, signal.SIGKILL)
+            rec._process.child.proc.wait()
+
+    with caplog.at_level(logging.WARNING, logger="spectralscope"):
+        rec, tree = _auto_run(tmp_path / "r.zarr", 6, on_step, flush_seconds=3600)
+    # steps 3–5 measured inline and written here again; the rows of steps 0–2 died with the process
+    assert list(tree["optimizer"].step.values) == [3, 4, 5]
+    assert list(tree["activations"].step.values) == [4]
+    assert rec.errors == {"optimizer": {"*": 3}, "act_eig": {"*": 2}} == tree.attrs["errors"]
+    assert "not yet committed when the measuring process died" in caplog.text
+
+
+def test_auto_goes_on_inline_when_the_worker_process_dies(tmp_path, caplog):
+    def on_step(rec, step):
+        if step == 0:
+            assert rec._process.wait_ready(120)
+        if step == 3:
+            rec.flush()
+            os.kill(rec._process.proc.pid, signal.SIGKILL)
+            rec._process.child.proc.wait()
+
+    with caplog.at_level(logging.WARNING, logger="spectralscope"):
+        rec, tree = _auto_run(tmp_path / "r.zarr", 7, on_step)
+    # the child died between records: nothing in flight, nothing lost, steps 3–6 measured inline
+    assert list(tree["optimizer"].step.values) == list(range(7))
+    assert list(tree["activations"].step.values) == [0, 2, 4, 6]
+    assert np.isfinite(tree["optimizer"]["momentum_sv"].values).all() and rec.errors == {}
+    assert rec._process is None and rec._worker is None  # inline, not a thread that would contend for the GIL
+    assert "exited with code -9; records are measured inline from now on" in caplog.text
+
+
 def test_a_record_the_worker_process_cannot_take_is_measured_on_a_thread(tmp_path, caplog):
     torch.manual_seed(0)
     model = Tiny()
     opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02)
     with caplog.at_level(logging.WARNING, logger="spectralscope"):
         rec = ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=True, activations=None)
+        assert rec._process.wait_ready(120)
         for step in range(4):
             if step == 1:  # step 1 stays in flight in a held child while steps 2 and 3 go to the thread
                 rec.flush()
@@ -422,8 +584,19 @@ def test_a_worker_process_needs_functions_it_can_import(tmp_path, caplog):
                 opt.step()
                 opt.zero_grad()
     assert rec._process is None and rec._worker is not None
-    assert "measured on a worker thread, not a process" in caplog.text
+    assert "measured on a worker thread, not in a worker process" in caplog.text
     assert np.isfinite(ss.open_run(tmp_path / "r.zarr")["optimizer"]["momentum_sv"].values).all()
+    # the default ("auto") measures such a recorder inline: a thread would contend with training for the GIL
+    with caplog.at_level(logging.INFO, logger="spectralscope"):
+        with ss.watch(opt, model, tmp_path / "auto.zarr", every=1) as rec:
+            assert not rec.background and not any(i.defer for i in rec.instruments)
+            for _ in range(3):
+                model(torch.randn(8, 12)).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+    assert rec._process is None and rec._worker is None
+    assert "measured inline, not in a worker process" in caplog.text
+    assert np.isfinite(ss.open_run(tmp_path / "auto.zarr")["optimizer"]["momentum_sv"].values).all()
 
 
 def test_close_removes_every_hook(tmp_path):
@@ -632,6 +805,7 @@ torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 3, bias=False))
 opt = torch.optim.Muon(model.parameters(), lr=0.02)
 rec = ss.watch(opt, model, {str(path)!r}, every=1, flush_seconds=3600, activations=None, background={background})
+assert rec._process is None or rec._process.wait_ready(120)  # the records go to it, and its writer
 for _ in range(7):
     model(torch.randn(4, 6)).square().mean().backward()
     opt.step(); opt.zero_grad()

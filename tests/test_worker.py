@@ -155,3 +155,21 @@ def test_a_setup_the_child_cannot_import_is_reported_and_the_recorder_told(tmp_p
     first.close()
     worker.shutdown()
     assert [int(r["x"][0]) for _, _, r, _ in a.results] == [3]
+
+
+def test_a_store_the_child_cannot_open_sends_the_recorder_elsewhere(tmp_path):
+    # the groups were handed over, but the child cannot open the run (here: it was removed): the job is
+    # reported lost and the recorder told at once, instead of every later record failing the same way
+    from spectralscope.store import GroupSpec
+
+    spec = GroupSpec("optimizer", {}, {"x": ("step",)})
+    store = {"path": str(tmp_path / "gone.zarr"), "groups": [spec], "flush_seconds": 5.0, "chunk_steps": 256,
+             "storage_options": None}
+    a = _Answers()
+    proc = worker.WorkerProcess(worker.RecorderJobs({"optimizer": _fail_on_negative}, store), a.result, a.lose)
+    assert proc.submit("optimizer", 0, 1)
+    proc.join()
+    assert a.results == [] and len(a.lost) == 1
+    assert "SetupFailed" in a.lost[0][2] and "gone.zarr" in a.lost[0][2]
+    assert not proc.alive and not proc.submit("optimizer", 1, 1)
+    proc.close()
