@@ -5,11 +5,15 @@ At a recorded step the first forward pass through each hooked ``nn.Linear`` keep
 with respect to that output (δ), the N×N Gram matrix of the per-sample gradients is formed from token inner
 products (`spectralscope.per_sample`), never the per-sample gradients themselves. After the optimizer step
 the spectrum is taken. Gradient accumulation: only the first micro-batch of the step is used.
+
+With ``defer`` (set by `watch` when records are measured off the training thread) the backward hook only
+copies a and δ, up to ``DEFER_BYTES`` per record, and `GradientFinisher` forms the Gram matrices where the
+record is finished (a worker process or thread); layers beyond the budget are formed in the hook as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +23,47 @@ from spectralscope.per_sample import gradient_metrics, per_sample_gram
 from spectralscope.store import GroupSpec
 
 from .modules import Context, check_every, check_modules, find_modules, module_coords
+
+#: Copies of a and δ a deferred record may hold at once; beyond it the Gram matrix is formed in the hook.
+DEFER_BYTES = 256 << 20
+
+
+class GradientFinisher:
+    """Turns a record's per-layer Gram matrices, or the (a, δ) copies to form them from, into its row. No
+    hooks: it runs where the record is finished — the training thread, a worker thread or a worker process."""
+
+    def __init__(self, names: Sequence[str], max_samples: int) -> None:
+        self.names, self.max_samples = list(names), int(max_samples)
+
+    def run(self, taken: list) -> tuple[dict[str, np.ndarray], list[tuple[str, str, str]]]:
+        """`finish`, with the reports returned as (metric, layer, why) beside the row (a worker process's job)."""
+        problems: list[tuple[str, str, str]] = []
+        return self.finish(taken, lambda *p: problems.append(p)), problems
+
+    def finish(self, taken: list, report: Callable[[str, str, str], None]) -> dict[str, np.ndarray]:
+        """The row from what `GradientSpectra.take` returned; ``report(metric, layer, why)`` is told of every
+        spectrum that is not finite or failed."""
+        nm = len(self.names)
+        out = {"grad_sv": np.full((nm, self.max_samples), np.nan), "grad_soft_rank": np.full(nm, np.nan),
+               "grad_samples": np.full(nm, np.nan)}
+        for i, k in enumerate(taken):
+            if k is None:
+                continue
+            try:
+                with torch.no_grad():
+                    if isinstance(k, tuple):
+                        k = per_sample_gram(*k)
+                    metrics = gradient_metrics(k)
+            except Exception as exc:
+                report("grad_sv", self.names[i], f"failed ({type(exc).__name__}: {exc})")
+                continue
+            sv = metrics["grad_sv"].cpu().numpy()
+            out["grad_sv"][i, : len(sv)] = sv
+            out["grad_soft_rank"][i] = float(metrics["grad_soft_rank"])
+            out["grad_samples"][i] = len(sv)
+            if not np.isfinite(sv).all():
+                report("grad_sv", self.names[i], "is not finite")
+        return out
 
 
 class GradientSpectra:
@@ -35,10 +80,13 @@ class GradientSpectra:
         self.max_samples = max_samples
         self.modules = check_modules("GradientSpectra", modules)
         self._names: list[str] = []
-        self._grams: list[torch.Tensor | None] = []
+        self._grams: list[torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None] = []
         self._taken: list[bool] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._deferred_bytes = 0
         self.paused = False
+        self.defer = False
+        self.finisher = GradientFinisher([], max_samples)
 
     def bind(self, ctx: Context) -> None:
         """Find the modules and register a forward hook on each."""
@@ -51,6 +99,7 @@ class GradientSpectra:
             self._grams.append(None)
             self._taken.append(False)
             self._handles.append(module.register_forward_hook(self._hook(i)))
+        self.finisher = GradientFinisher(self._names, self.max_samples)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -75,7 +124,13 @@ class GradientSpectra:
             def on_grad(delta: torch.Tensor) -> None:
                 try:
                     with torch.no_grad():
-                        self._grams[i] = per_sample_gram(a, delta.detach()[: self.max_samples])
+                        d = delta.detach()[: self.max_samples]
+                        size = a.numel() * a.element_size() + d.numel() * d.element_size()
+                        if self.defer and self._deferred_bytes + size <= DEFER_BYTES:
+                            self._deferred_bytes += size  # copies: autograd may reuse δ's buffer
+                            self._grams[i] = (a.clone(), d.clone())
+                        else:
+                            self._grams[i] = per_sample_gram(a, d)
                 except Exception as exc:  # never into the backward pass
                     self._report("grad_sv", self._names[i], f"failed ({type(exc).__name__}: {exc})")
 
@@ -85,24 +140,19 @@ class GradientSpectra:
 
     def row(self, step: int) -> dict[str, np.ndarray] | None:
         """The record for ``step`` (after its optimizer step), or None when ``step`` is not recorded."""
+        taken = self.take(step)
+        return None if taken is None else self.finish(taken)
+
+    def take(self, step: int) -> list | None:
+        """After the step: this record's Gram matrices (or, deferred, the copies to form them from), leaving
+        the instrument ready for the next one; None when ``step`` is not recorded. `finish` makes the row."""
         if step % self.every != 0:
             return None
-        nm = len(self._names)
-        out = {"grad_sv": np.full((nm, self.max_samples), np.nan), "grad_soft_rank": np.full(nm, np.nan),
-               "grad_samples": np.full(nm, np.nan)}
-        for i, k in enumerate(self._grams):
-            self._grams[i], self._taken[i] = None, False
-            if k is None:
-                continue
-            try:
-                metrics = gradient_metrics(k)
-            except Exception as exc:
-                self._report("grad_sv", self._names[i], f"failed ({type(exc).__name__}: {exc})")
-                continue
-            sv = metrics["grad_sv"].cpu().numpy()
-            out["grad_sv"][i, : len(sv)] = sv
-            out["grad_soft_rank"][i] = float(metrics["grad_soft_rank"])
-            out["grad_samples"][i] = len(sv)
-            if not np.isfinite(sv).all():
-                self._report("grad_sv", self._names[i], "is not finite")
-        return out
+        taken, self._grams = self._grams, [None] * len(self._grams)
+        self._taken = [False] * len(self._taken)
+        self._deferred_bytes = 0
+        return taken
+
+    def finish(self, taken: list) -> dict[str, np.ndarray]:
+        """The row from what `take` returned: the per-sample gradient spectra."""
+        return self.finisher.finish(taken, self._report)

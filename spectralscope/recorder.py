@@ -41,6 +41,11 @@ from .worker import RecorderJobs, WorkerProcess, can_pickle, portable
 
 log = logging.getLogger("spectralscope")
 
+#: Instruments whose hooks can only copy, their records finished off the training thread (``defer``).
+DEFERRABLE = (ActivationSpectra, GradientSpectra)
+#: Under which metric a lost record of a group is counted in ``errors`` (layer ``*``).
+LOST_AS = {"optimizer": "optimizer", "activations": "act_eig", "gradients": "grad_sv"}
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, Tensor):
         return x.item() if x.numel() == 1 else x.tolist()
@@ -245,15 +250,15 @@ class Recorder:
         self._confirmed: dict[str, int] = {}
         self._child_closed = False
         self._store_lock = threading.RLock()
-        for inst in self.instruments:  # the activation statistics too, where no all-reduce needs their sums
-            if isinstance(inst, ActivationSpectra):
+        for inst in self.instruments:  # activation statistics (where no all-reduce needs their sums) and per-
+            if isinstance(inst, DEFERRABLE):  # sample Gram matrices too: the hooks only copy
                 inst.defer = self.background and not distributed.active()
         if self.background and on_cpu and background in (True, "process"):
             self._process = self._start_process(background == "process" and not self._auto)
             if self._process is None and self._auto:
                 self.background = False
                 for inst in self.instruments:
-                    if isinstance(inst, ActivationSpectra):
+                    if isinstance(inst, DEFERRABLE):
                         inst.defer = False
         self._jobs: queue.Queue[tuple[Callable[[], None], dict[torch.device, Any]] | None] = queue.Queue(maxsize=1)
         self._worker: threading.Thread | None = None
@@ -380,7 +385,7 @@ class Recorder:
                 if row is not None:
                     self._emit("optimizer", row)
             for inst in self.instruments:
-                if isinstance(inst, ActivationSpectra) and inst.defer:
+                if isinstance(inst, DEFERRABLE) and inst.defer:
                     taken = inst.take(self._step)
                     if taken is None:
                         continue
@@ -407,7 +412,7 @@ class Recorder:
     def _start_process(self, required: bool) -> WorkerProcess | None:
         measure: dict[str, Callable[[Any], Any]] = {"optimizer": self.measurer.measure}
         for inst in self.instruments:
-            if isinstance(inst, ActivationSpectra) and inst.defer:
+            if isinstance(inst, DEFERRABLE) and inst.defer:
                 measure[inst.group] = inst.finisher.run
         writer = self.writer
         store = None
@@ -465,7 +470,7 @@ class Recorder:
             self._confirmed = dict.fromkeys(names, 0)
 
     def _process_groups(self) -> list[str]:
-        return ["optimizer"] + [i.group for i in self.instruments if isinstance(i, ActivationSpectra) and i.defer]
+        return ["optimizer"] + [i.group for i in self.instruments if isinstance(i, DEFERRABLE) and i.defer]
 
     def _take_back(self) -> None:
         """The worker process is gone: write its groups here again, from their committed rows, and count the
@@ -481,7 +486,7 @@ class Recorder:
                 return
             for group, n0 in handed.items():
                 for _ in range(max(0, n0 + self._confirmed.get(group, 0) - committed[group])):
-                    self._count("optimizer" if group == "optimizer" else "act_eig", "*",
+                    self._count(LOST_AS.get(group, group), "*",
                                 "lost: measured, not yet committed when the measuring process died")
 
     def _child_job(self, kind: str) -> None:
@@ -520,7 +525,7 @@ class Recorder:
         if kind in ("flush", "close"):
             return
         group = kind[1] if isinstance(kind, tuple) else kind
-        self._count("optimizer" if group == "optimizer" else "act_eig", "*", why, step)
+        self._count(LOST_AS.get(group, group), "*", why, step)
 
     # ---- measuring on a worker thread (background=True) --------------------------------------------
     def _hand_over(self) -> None:
@@ -549,12 +554,12 @@ class Recorder:
 
         self._submit(record)
 
-    def _finisher(self, inst: ActivationSpectra, taken: list, step: int) -> Callable[[], None]:
+    def _finisher(self, inst: ActivationSpectra | GradientSpectra, taken: list, step: int) -> Callable[[], None]:
         def finish() -> None:
             try:
                 self._emit(inst.group, inst.finish(taken), step)
             except Exception as exc:  # that record is lost, the optimizer's are not
-                self._warn("act_eig", "*", exc)
+                self._warn(LOST_AS[inst.group], "*", exc)
 
         return finish
 

@@ -7,6 +7,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import spectralscope as ss
+from spectralscope.hooks import gradients as gradients_module
 from spectralscope.per_sample import gradient_metrics, per_sample_gram
 
 
@@ -31,16 +32,31 @@ def _per_sample_grads(model: nn.Module, x: torch.Tensor, batch: int) -> dict[str
 
 
 @pytest.mark.parametrize("shape", [(12, 6), (7, 5, 6)])  # (batch, features) and (batch, tokens, features)
-def test_grad_sv_matches_explicit_per_sample_gradients(tmp_path, shape):
+@pytest.mark.parametrize("where", ["inline", "process", "budget"])
+def test_grad_sv_matches_explicit_per_sample_gradients(tmp_path, shape, where, monkeypatch):
+    # inline: the Gram matrices are formed in the backward hooks; process (the default on the CPU): the hooks
+    # copy a and δ and the worker process forms them; budget: copies only up to DEFER_BYTES (here fc2's, the
+    # first layer autograd reaches), the rest formed in the hook
+    n_tokens = int(np.prod(shape[:-1]))
+    if where == "budget":
+        monkeypatch.setattr(gradients_module, "DEFER_BYTES", n_tokens * (9 + 4) * 8)
     torch.manual_seed(0)
     model = Net().double()
     x = torch.randn(*shape, dtype=torch.float64)
     ref = _per_sample_grads(model, x, shape[0])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with ss.watch(opt, model, tmp_path / "r.zarr", activations=None, gradients=ss.GradientSpectra(every=1)):
+    inst = ss.GradientSpectra(every=1)
+    with ss.watch(opt, model, tmp_path / "r.zarr", activations=None, gradients=inst,
+                  background=False if where == "inline" else "auto") as rec:
+        assert inst.defer == (where != "inline")
+        if rec._process is not None:
+            assert rec._process.wait_ready(120)
         model(x).square().sum().div(shape[0]).backward()
+        kept = [type(k).__name__ for k in inst._grams]  # fc1, fc2
+        assert kept == {"inline": ["Tensor", "Tensor"], "process": ["tuple", "tuple"], "budget": ["Tensor", "tuple"]}[where]
         w_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         opt.step()
+    assert rec.errors == {}
     ds = ss.open_run(tmp_path / "r.zarr")["gradients"].dataset
     assert list(ds["layer"].values) == ["fc1.weight", "fc2.weight"] and ds.sizes["rank"] == 64  # SPEC §5: layer
     for j, name in enumerate(["fc1", "fc2"]):

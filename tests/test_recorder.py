@@ -529,6 +529,9 @@ def test_auto_goes_on_inline_when_the_worker_process_dies(tmp_path, caplog):
             rec.flush()
             os.kill(rec._process.proc.pid, signal.SIGKILL)
             rec._process.child.proc.wait()
+            deadline = time.monotonic() + 60
+            while rec._process.alive and time.monotonic() < deadline:  # until its answering thread has seen it
+                time.sleep(0.01)
 
     with caplog.at_level(logging.WARNING, logger="spectralscope"):
         rec, tree = _auto_run(tmp_path / "r.zarr", 7, on_step)
