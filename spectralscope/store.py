@@ -397,7 +397,9 @@ class RunWriter:
                 names, done = item
                 counts = {}
                 for name in names:
-                    st = self._groups.pop(name)
+                    st = self._groups.pop(name, None)
+                    if st is None:
+                        continue
                     if st.pending:
                         self._guard(self._commit, st)
                     counts[name] = st.n  # rows that could not be committed are the caller's to count

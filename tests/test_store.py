@@ -15,7 +15,7 @@ import zarr
 
 import spectralscope as ss
 from spectralscope import store
-from spectralscope.store import RunWriter
+from spectralscope.store import GroupSpec, RunWriter
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -84,6 +84,39 @@ def test_small_commits_and_a_resume_mid_chunk_keep_every_row(tmp_path, monkeypat
     assert _check_rows(_raw_rows(path)) == 530
     w.close()
     assert _check_rows(xr.open_zarr(path, group="optimizer", consolidated=False)) == 530
+
+
+def test_a_group_handed_to_another_writer_and_taken_back_keeps_every_row(tmp_path):
+    # the worker process's protocol: the owner releases a group, a second writer appends to it (and, here,
+    # dies half-way through growing its arrays), the owner adopts it again at its committed n_rows
+    path = tmp_path / "r.zarr"
+    owner = RunWriter(path, [group_spec()], {"name": "t", "model_size": 1}, flush_seconds=60, initial_chunks=1)
+    for s in range(100):
+        owner.append("optimizer", s, expected(s))
+    assert owner.release(["optimizer"]) == {"optimizer": 100}  # committed on release
+    owner.append("optimizer", 999, expected(999))  # no longer the owner's to write: dropped
+    other = RunWriter.attach(path, [group_spec()], flush_seconds=60)
+    for s in range(100, 300):  # across the chunk boundary and one resize (capacity 256 → 512)
+        other.append("optimizer", s, expected(s))
+    other.flush()
+    assert _check_rows(_raw_rows(path)) == 300
+    for s in range(300, 310):  # measured, never committed: lost with the writer
+        other.append("optimizer", s, expected(s))
+    g = zarr.open_group(str(path), mode="r+")["optimizer"]
+    g["step"].resize((1024,))  # a growth the dead writer left half done: one array longer than the others
+    assert owner.adopt([group_spec()]) == {"optimizer": 300}
+    for s in range(300, 600):  # past the shorter arrays' 512 rows: all grow to one length again
+        owner.append("optimizer", s, expected(s))
+    owner.close()
+    ds = xr.open_zarr(path, group="optimizer", consolidated=False)
+    assert ds.sizes["step"] == 600 and _check_rows(ds) == 600
+    assert ss.open_run(path).attrs["status"] == "finished"
+    w = RunWriter(tmp_path / "s.zarr", [group_spec()], {"name": "s", "model_size": 1})
+    with pytest.raises(KeyError):  # a group that is not there cannot be adopted; the writer goes on
+        w.adopt([GroupSpec("missing", {}, {"x": ("step",)})])
+    w.append("optimizer", 0, expected(0))
+    w.close()
+    assert ss.open_run(tmp_path / "s.zarr")["optimizer"].sizes["step"] == 1
 
 
 def test_tail_is_flushed_every_flush_seconds(tmp_path):
