@@ -239,10 +239,11 @@ def shutdown() -> None:
 
 class WorkerProcess:
     """One recorder's use of the worker process (started by the first, shared by all recorders of this
-    process). ``setup`` (pickled) is what the child measures this recorder's jobs with: {kind: function
-    ``payload -> (row, problems)``}, e.g. a bound `Measurer.measure`. ``on_result(kind, step, row,
-    problems)`` is called on the answering thread for every answered job; ``on_lost(kind, step, why)`` for
-    a job the child could not answer (it failed, or the child died)."""
+    process). ``setup`` (pickled with the first job) is what the child measures this recorder's jobs with:
+    a callable ``(kind, step, payload) -> (row, problems)`` such as `RecorderJobs`, or a dict {kind: function
+    ``payload -> (row, problems)``}. ``on_result(kind, step, row, problems)`` is called on the answering
+    thread for every answered job; ``on_lost(kind, step, why)`` for a job the child could not answer (it
+    failed, or the child died)."""
 
     def __init__(self, setup: dict[Any, Any], on_result: Callable[..., None], on_lost: Callable[..., None]) -> None:
         self._setup: dict[Any, Any] | None = setup
@@ -276,6 +277,11 @@ class WorkerProcess:
                 self._cond.wait()
             if not self.alive:
                 return False
+        code = self.child.proc.poll()
+        if code is not None:  # gone before its answering thread noticed: this job goes elsewhere, not lost
+            self.child._died(f"exited with code {code}")
+            self._died(self.child.why_dead)
+            return False
         if self._setup is not None:
             # pickled with the first job, so the per-layer state it carries (refine hints, power-iteration
             # vectors) is that of the records measured inline while the child was starting
@@ -300,8 +306,16 @@ class WorkerProcess:
             self.child.routes[job] = self
         try:
             self.child.send(("job", self.cid, job, kind, step, path if packer.size else None, out.getvalue()))
-        except OSError as exc:
+        except OSError as exc:  # it never got this job: the caller measures it another way
+            with self.child._lock:
+                self.child.routes.pop(job, None)
+            with self._cond:
+                self._pending.pop(job, None)
+                self._cond.notify_all()
+            _unlink(path)
             self.child._died(f"could not be sent a job ({exc})")
+            self._died(self.child.why_dead)
+            return False
         if not self.child.alive:  # it died before this job was registered: nobody else will answer it
             self._died(self.child.why_dead)
         return True
@@ -445,6 +459,12 @@ class RecorderJobs:
         if self.writer is not None:
             self.writer.flush(timeout=60)
 
+    def forget(self) -> None:
+        """The recorder let go of the child: a store it did not close (a recorder that fell back elsewhere)
+        is committed and closed, so no writer thread outlives it here."""
+        if self.writer is not None:
+            self.writer.close()
+
 
 # ---- the child's side ----------------------------------------------------------------------------
 class _Unpacker(pickle.Unpickler):
@@ -498,7 +518,12 @@ def serve(fd: int) -> None:
                 setups[msg[1]] = f"could not load the recorder's setup ({type(exc).__name__}: {exc})"
             continue
         if msg[0] == "forget":
-            setups.pop(msg[1], None)
+            setup = setups.pop(msg[1], None)
+            if hasattr(setup, "forget"):
+                try:
+                    setup.forget()
+                except Exception as exc:  # its store is gone: nothing more to keep
+                    log.warning("spectralscope: the measuring process could not close a store (%s)", exc)
             continue
         _, cid, job, kind, step, path, blob = msg
         row = problems = error = None
