@@ -380,10 +380,7 @@ class Recorder:
             if self._recording() and self.background:
                 self._hand_over()
             elif self._recording() and (self.writes or self.sharded):
-                with torch.no_grad():
-                    row = self._measure([self._local_inputs(lay) for lay in self.layers])
-                if row is not None:
-                    self._emit("optimizer", row)
+                self._record_here()
             for inst in self.instruments:
                 if isinstance(inst, DEFERRABLE) and inst.defer:
                     taken = inst.take(self._step)
@@ -408,6 +405,13 @@ class Recorder:
             self._before = None
             self._step += 1
 
+    def _record_here(self) -> None:
+        """Measure this step's optimizer record on the training thread and emit it (inline)."""
+        with torch.no_grad():
+            row = self._measure([self._local_inputs(lay) for lay in self.layers])
+        if row is not None:
+            self._emit("optimizer", row)
+
     # ---- measuring in a worker process (background on the CPU) ------------------------------------
     def _start_process(self, required: bool) -> WorkerProcess | None:
         measure: dict[str, Callable[[Any], Any]] = {"optimizer": self.measurer.measure}
@@ -420,6 +424,7 @@ class Recorder:
             store = {"path": writer.path, "groups": [self._specs[g] for g in measure],
                      "flush_seconds": writer.flush_seconds, "chunk_steps": writer.chunk,
                      "storage_options": self._storage_options}
+        self._process_measures = list(measure)  # the groups the process will write
         setup = RecorderJobs(measure, store)
         why = can_pickle(setup)
         if why is None:
@@ -464,13 +469,10 @@ class Recorder:
         to them from now on."""
         if self._handed or self._process is None or not isinstance(self.writer, RunWriter):
             return
-        names = list(self._process_groups())
+        names = list(self._process_measures)
         with self._store_lock:
             self._handed = self.writer.release(names)
             self._confirmed = dict.fromkeys(names, 0)
-
-    def _process_groups(self) -> list[str]:
-        return ["optimizer"] + [i.group for i in self.instruments if isinstance(i, DEFERRABLE) and i.defer]
 
     def _take_back(self) -> None:
         """The worker process is gone: write its groups here again, from their committed rows, and count the
@@ -538,10 +540,7 @@ class Recorder:
             if self._to_process("optimizer", inputs):
                 return
         if self._inline():
-            with torch.no_grad():
-                row = self._measure([self._local_inputs(lay) for lay in self.layers])
-            if row is not None:
-                self._emit("optimizer", row)
+            self._record_here()
             return
         with torch.no_grad():
             inputs = [self._local_inputs(lay, copy=True) for lay in self.layers]
