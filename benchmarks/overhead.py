@@ -223,7 +223,7 @@ def demo_setup(args: argparse.Namespace):
     instruments = {
         "activations": ss.ActivationSpectra(every=max(1, cfg.steps // 12), max_tokens=2048),
         "gradients": ss.GradientSpectra(every=cadence, max_samples=cfg.batch),
-        "sharpness": ss.Sharpness(lambda m, b: m.loss(b), probe, every=cadence),
+        "sharpness": ss.Sharpness(DemoGPT.loss, probe, every=cadence),  # as the demo: picklable
     }
     desc = (f"demo GPT width {width}, depth {cfg.depth}, batch {cfg.batch}x{cfg.ctx} tokens")
     return base, opts, batches, instruments, desc

@@ -6,12 +6,22 @@ by double backward (under the MATH attention backend: fused attention kernels ha
 and L(θ_after) on the same batch. Dropout is off during the probe; the parameters, their gradients, the
 module buffers and modes, and the random state are restored exactly afterwards, so training continues
 bit for bit. The other instruments are paused while it runs.
+
+Where the records are measured in a worker process (`watch`'s default on the CPU) the probe runs there
+too, on the process's own copy of the model (`SharpnessProbe`, pickled once without spectralscope's hooks):
+after a probed step the training thread only hands over θ_before, the parameters and buffers after the step,
+the modules' modes and the random state, and the probe — three to four training steps of work — is done
+beside training. That needs ``loss_fn``, the model's classes and the batch to be importable or picklable
+(not defined in ``__main__``); otherwise, and whenever the process cannot take the probe, it runs on the
+training thread on the live model as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -20,6 +30,7 @@ from torch import nn
 
 from spectralscope.layers import layer_coords
 from spectralscope.store import GroupSpec
+from spectralscope.worker import portable_dumps, portable_loads
 
 from .modules import Context, check_every
 
@@ -39,12 +50,165 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     return sum((x.to(torch.float64) * y.to(torch.float64)).sum() for x, y in zip(a, b, strict=True))
 
 
+def probe(model: nn.Module, params: Sequence[torch.Tensor], before: Sequence[torch.Tensor],
+          loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any, layer_index: Sequence[int] | None
+          ) -> dict[str, Any]:
+    """The probe's values for the step that took ``params`` from ``before`` to their present values, on
+    ``model`` whose other parameters and buffers are as after the step: with u = θ_after − θ_before,
+    L0 = loss_fn(model, batch) at θ_before, g = ∇L0 and Hu by double backward, ``grad_dot_update`` = gᵀu,
+    ``curvature`` = uᵀHu, ``update_norm_sq`` = ‖u‖², ``nds`` = uᵀHu/‖u‖², ``predicted_delta`` = gᵀu + ½uᵀHu,
+    ``actual_delta`` = L(θ_after) − L0, and with ``layer_index`` (positions in ``params`` of the watched
+    layers) ``nds_within[l]`` = u_lᵀHu_l/‖u‖² and ``nds_cross`` = nds − Σ_l nds_within[l]. Dropout is off
+    during the probe; parameters, gradients, buffers, modes and the random state are restored exactly."""
+    with torch.no_grad():
+        after = [p.detach().clone() for p in params]
+    grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
+        u = [a - b for a, b in zip(after, before, strict=True)]
+        moved = [i for i, d in enumerate(u) if bool(d.any())]
+        with torch.no_grad():
+            for p, b in zip(params, before, strict=True):
+                p.copy_(b)
+        with torch.enable_grad(), _math_attention():
+            loss0 = loss_fn(model, batch)
+            live = [params[i] for i in moved]
+            us = [u[i] for i in moved]
+            g = torch.autograd.grad(loss0, live, create_graph=True, allow_unused=True)
+            g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(live, g, strict=True)]
+            gu = _dot(g, us)
+            per_layer = layer_index is not None
+            hu = torch.autograd.grad(gu, live, retain_graph=per_layer, allow_unused=True)
+            hu = [torch.zeros_like(p) if h is None else h for p, h in zip(live, hu, strict=True)]
+            curvature = _dot([h.detach() for h in hu], us)
+            within = np.full(len(layer_index or ()), np.nan)
+            if per_layer:
+                pos = {i: j for j, i in enumerate(moved)}
+                for k, i in enumerate(layer_index):
+                    if i not in pos:
+                        within[k] = 0.0
+                        continue
+                    j = pos[i]
+                    gl = (g[j].to(torch.float64) * us[j].to(torch.float64)).sum()
+                    (hl,) = torch.autograd.grad(gl, [live[j]], retain_graph=True, allow_unused=True)
+                    within[k] = 0.0 if hl is None else float(_dot([hl.detach()], [us[j]]))
+        norm_sq = float(_dot(us, us)) if us else 0.0
+        with torch.no_grad():
+            for p, a in zip(params, after, strict=True):
+                p.copy_(a)
+            loss1 = loss_fn(model, batch)
+        l0, l1, gu_f, c = float(loss0.detach()), float(loss1), float(gu.detach()), float(curvature)
+        nds = c / norm_sq if norm_sq > 0 else float("nan")
+        out = {"loss_before": l0, "loss_after": l1, "grad_dot_update": gu_f, "curvature": c,
+               "update_norm_sq": norm_sq, "nds": nds, "predicted_delta": gu_f + 0.5 * c, "actual_delta": l1 - l0}
+        if per_layer and norm_sq > 0:
+            within = within / norm_sq
+            out["nds_within"] = within
+            out["nds_cross"] = nds - float(np.sum(within))
+        return out
+    finally:
+        with torch.no_grad():
+            for p, a in zip(params, after, strict=True):
+                p.copy_(a)
+            for b, saved in buffers:
+                b.copy_(saved)
+        for p, gr in zip(params, grads, strict=True):
+            p.grad = gr
+        for m, flag in modes:
+            m.training = flag
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _ours(hook: Any) -> bool:
+    return (getattr(hook, "__module__", None) or "").startswith("spectralscope.")
+
+
+@contextmanager
+def _without_our_hooks(model: nn.Module) -> Iterator[None]:
+    """Hide spectralscope's own module hooks (closures of the recorder's instruments, which neither can nor
+    should go to the worker process) while ``model`` is pickled; the user's hooks stay."""
+    hidden = []
+    for m in model.modules():
+        for name, hooks in list(vars(m).items()):
+            if name.endswith("hooks") and isinstance(hooks, dict) and any(_ours(h) for h in hooks.values()):
+                hidden.append((m, name, hooks))
+                m.__dict__[name] = OrderedDict((k, h) for k, h in hooks.items() if not _ours(h))
+    try:
+        yield
+    finally:
+        for m, name, hooks in hidden:  # the very dicts back: the instruments' handles refer to them
+            m.__dict__[name] = hooks
+
+
+class SharpnessProbe:
+    """The probe on a model it is given: `measure` on the training thread (the live model), or `run` in the
+    worker process, on the copy of the model it was pickled with, loaded first with the state the training
+    process had after the probed step. ``positions`` are the optimizer's parameters' places in
+    ``model.parameters()`` (None where one is not the model's: then it runs on the training thread only)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any,
+                 layer_index: Sequence[int] | None, n_layers: int, positions: Sequence[int] | None) -> None:
+        self.model, self.loss_fn, self.batch = model, loss_fn, batch
+        self.layer_index = None if layer_index is None else list(layer_index)
+        self.n_layers = n_layers
+        self.positions = None if positions is None else list(positions)
+
+    def measure(self, params: Sequence[torch.Tensor], before: Sequence[torch.Tensor],
+                report: Callable[[str, str, str], None]) -> dict[str, np.ndarray]:
+        """The sharpness row of the step that took ``params`` from ``before`` to now (NaN where the probe
+        failed or is not finite, each told to ``report(metric, layer, why)``)."""
+        out = {v: np.full((), np.nan) for v in SCALARS} | {"nds_within": np.full(self.n_layers, np.nan)}
+        try:
+            values = probe(self.model, params, before, self.loss_fn, self.batch, self.layer_index)
+        except Exception as exc:  # never into the training loop
+            report("nds", "*", f"failed ({type(exc).__name__}: {exc})")
+            return out
+        for k, v in values.items():
+            out[k] = np.asarray(v, dtype=np.float64)
+        if not np.isfinite(out["nds"]):
+            report("nds", "*", "is not finite")
+        return out
+
+    def run(self, taken: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[tuple[str, str, str]]]:
+        """In the worker process: put the state of ``taken`` (`Sharpness.take`) into this copy of the model
+        and measure; the row with the reports as (metric, layer, why)."""
+        model = self.model
+        with torch.no_grad():
+            for t, s in zip(chain(model.parameters(), model.buffers()), taken["state"], strict=True):
+                t.copy_(s)
+        for m, flag in zip(model.modules(), taken["modes"], strict=True):
+            m.training = flag
+        torch.set_rng_state(taken["rng"].clone())  # a view into the job's memory: set_state reads from its storage's start
+        every = list(model.parameters())
+        problems: list[tuple[str, str, str]] = []
+        row = self.measure([every[i] for i in self.positions], taken["before"], lambda *p: problems.append(p))
+        return row, problems
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        with _without_our_hooks(self.model):
+            state["model"] = portable_dumps(self.model)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["model"] = portable_loads(state["model"])
+        self.__dict__.update(state)
+
+
 class Sharpness:
     """Probe the curvature along each ``every``-th step on the fixed ``batch``:
     ``loss_before``, ``loss_after``, ``grad_dot_update`` = gᵀu, ``curvature`` = uᵀHu, ``update_norm_sq`` = ‖u‖²,
     ``nds`` = uᵀHu/‖u‖², ``predicted_delta`` = gᵀu + ½uᵀHu, ``actual_delta`` = L(θ_after) − L0, and with
     ``per_layer=True`` ``nds_within[l]`` = u_lᵀHu_l/‖u‖² for each watched layer and ``nds_cross`` = nds − Σ_l
-    nds_within[l]. ``loss_fn(model, batch)`` returns the scalar loss."""
+    nds_within[l] (`probe`). ``loss_fn(model, batch)`` returns the scalar loss."""
 
     group = "sharpness"
 
@@ -56,6 +220,7 @@ class Sharpness:
         self.loss_fn, self.batch, self.every, self.per_layer = loss_fn, batch, every, bool(per_layer)
         self._before: list[torch.Tensor] | None = None
         self.paused = False
+        self.defer = False  # set by watch: the probe runs in the worker process (`take` carries the state there)
 
     def bind(self, ctx: Context) -> None:
         if ctx.model is None:
@@ -65,7 +230,12 @@ class Sharpness:
         self._params = [p for g in ctx.optimizer.param_groups for p in g["params"]
                         if not (id(p) in seen or seen.add(id(p)))]
         index = {id(p): i for i, p in enumerate(self._params)}
-        self._layer_index = [index[id(lay.param)] for lay in ctx.layers]
+        layer_index = [index[id(lay.param)] for lay in ctx.layers]
+        place = {id(p): i for i, p in enumerate(ctx.model.parameters())}
+        positions = [place[id(p)] for p in self._params] if all(id(p) in place for p in self._params) else None
+        self.finisher = SharpnessProbe(ctx.model, self.loss_fn, self.batch, layer_index if self.per_layer else None,
+                                       len(layer_index), positions)
+        self.defer = False
 
     def remove(self) -> None:
         self._before = None
@@ -81,87 +251,31 @@ class Sharpness:
             with torch.no_grad():
                 self._before = [p.detach().clone() for p in self._params]
 
-    def row(self, step: int) -> dict[str, np.ndarray] | None:
+    def take(self, step: int) -> dict[str, Any] | None:
+        """After a probed step: θ_before, and with ``defer`` the model's parameters and buffers (the tensors
+        themselves: the worker process's job copies them at once), the modules' modes and the random state;
+        None when ``step`` is not probed. `finish` (here) or `SharpnessProbe.run` (there) makes the row."""
         if step % self.every != 0 or self._before is None:
             return None
-        before, self._before = self._before, None
-        out = {v: np.full((), np.nan) for v in SCALARS} | {"nds_within": np.full(len(self._layer_index), np.nan)}
-        try:
-            values = self._probe(before)
-        except Exception as exc:  # never into the training loop
-            self._ctx.report("nds", "*", f"failed ({type(exc).__name__}: {exc})")
-            return out
-        for k, v in values.items():
-            out[k] = np.asarray(v, dtype=np.float64)
-        if not np.isfinite(out["nds"]):
-            self._ctx.report("nds", "*", "is not finite")
-        return out
+        taken: dict[str, Any] = {"before": self._before}
+        self._before = None
+        if self.defer:
+            model = self._ctx.model
+            taken["state"] = [t.detach() for t in chain(model.parameters(), model.buffers())]
+            taken["modes"] = [m.training for m in model.modules()]
+            taken["rng"] = torch.get_rng_state()
+        return taken
 
-    def _probe(self, before: list[torch.Tensor]) -> dict[str, Any]:
-        model, params = self._ctx.model, self._params
-        with torch.no_grad():
-            after = [p.detach().clone() for p in params]
-        grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
-        buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        modes = [(m, m.training) for m in model.modules()]
-        rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    def finish(self, taken: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The row from what `take` returned, probed now on the live model with the other instruments paused
+        (the probe's own passes are not recorded)."""
         self._ctx.pause(True)
         try:
-            for m in model.modules():
-                if isinstance(m, nn.modules.dropout._DropoutNd):
-                    m.eval()
-            u = [a - b for a, b in zip(after, before, strict=True)]
-            moved = [i for i, d in enumerate(u) if bool(d.any())]
-            with torch.no_grad():
-                for p, b in zip(params, before, strict=True):
-                    p.copy_(b)
-            with torch.enable_grad(), _math_attention():
-                loss0 = self.loss_fn(model, self.batch)
-                live = [params[i] for i in moved]
-                us = [u[i] for i in moved]
-                g = torch.autograd.grad(loss0, live, create_graph=True, allow_unused=True)
-                g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(live, g, strict=True)]
-                gu = _dot(g, us)
-                hu = torch.autograd.grad(gu, live, retain_graph=self.per_layer, allow_unused=True)
-                hu = [torch.zeros_like(p) if h is None else h for p, h in zip(live, hu, strict=True)]
-                curvature = _dot([h.detach() for h in hu], us)
-                within = np.full(len(self._layer_index), np.nan)
-                if self.per_layer:
-                    pos = {i: j for j, i in enumerate(moved)}
-                    for k, i in enumerate(self._layer_index):
-                        if i not in pos:
-                            within[k] = 0.0
-                            continue
-                        j = pos[i]
-                        gl = (g[j].to(torch.float64) * us[j].to(torch.float64)).sum()
-                        (hl,) = torch.autograd.grad(gl, [live[j]], retain_graph=True, allow_unused=True)
-                        within[k] = 0.0 if hl is None else float(_dot([hl.detach()], [us[j]]))
-            norm_sq = float(_dot(us, us)) if us else 0.0
-            with torch.no_grad():
-                for p, a in zip(params, after, strict=True):
-                    p.copy_(a)
-                loss1 = self.loss_fn(model, self.batch)
-            l0, l1, gu_f, c = float(loss0.detach()), float(loss1), float(gu.detach()), float(curvature)
-            nds = c / norm_sq if norm_sq > 0 else float("nan")
-            out = {"loss_before": l0, "loss_after": l1, "grad_dot_update": gu_f, "curvature": c,
-                   "update_norm_sq": norm_sq, "nds": nds, "predicted_delta": gu_f + 0.5 * c, "actual_delta": l1 - l0}
-            if self.per_layer and norm_sq > 0:
-                within = within / norm_sq
-                out["nds_within"] = within
-                out["nds_cross"] = nds - float(np.sum(within))
-            return out
+            return self.finisher.measure(self._params, taken["before"], self._ctx.report)
         finally:
-            with torch.no_grad():
-                for p, a in zip(params, after, strict=True):
-                    p.copy_(a)
-                for b, saved in buffers:
-                    b.copy_(saved)
-            for p, gr in zip(params, grads, strict=True):
-                p.grad = gr
-            for m, flag in modes:
-                m.training = flag
-            torch.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
             self._ctx.pause(False)
+
+    def row(self, step: int) -> dict[str, np.ndarray] | None:
+        """The record for ``step``, probed on the training thread, or None when ``step`` is not probed."""
+        taken = self.take(step)
+        return None if taken is None else self.finish(taken)

@@ -52,7 +52,7 @@ def train_one(cfg: DemoConfig, width: int, corpus, progress: tqdm) -> Path:
         meta={"width": width, "depth": cfg.depth, "data": cfg.data, "imbalance": cfg.imbalance},
         activations=ActivationSpectra(every=max(1, cfg.steps // 12), max_tokens=2048),
         gradients=GradientSpectra(every=cadence, max_samples=cfg.batch),
-        sharpness=Sharpness(lambda m, b: m.loss(b), probe, every=cadence),
+        sharpness=Sharpness(GPT.loss, probe, every=cadence),  # a named function: the probe can run in the worker
     ) as rec:
         for _ in range(cfg.steps):
             loss = model.loss(corpus.batch(cfg.batch, cfg.ctx, gen))

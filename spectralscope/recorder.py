@@ -43,8 +43,11 @@ log = logging.getLogger("spectralscope")
 
 #: Instruments whose hooks can only copy, their records finished off the training thread (``defer``).
 DEFERRABLE = (ActivationSpectra, GradientSpectra)
+#: ... and those whose records can be finished in the worker process only (the probe needs a model of its own:
+#: on a worker thread it would run on the live one while training goes on).
+PROCESS_ONLY = (Sharpness,)
 #: Under which metric a lost record of a group is counted in ``errors`` (layer ``*``).
-LOST_AS = {"optimizer": "optimizer", "activations": "act_eig", "gradients": "grad_sv"}
+LOST_AS = {"optimizer": "optimizer", "activations": "act_eig", "gradients": "grad_sv", "sharpness": "nds"}
 
 def _jsonable(x: Any) -> Any:
     if isinstance(x, Tensor):
@@ -253,12 +256,17 @@ class Recorder:
         for inst in self.instruments:  # activation statistics (where no all-reduce needs their sums) and per-
             if isinstance(inst, DEFERRABLE):  # sample Gram matrices too: the hooks only copy
                 inst.defer = self.background and not distributed.active()
-        if self.background and on_cpu and background in (True, "process"):
+        wants_process = self.background and on_cpu and background in (True, "process")
+        for inst in self.instruments:  # and the sharpness probe, where its model can go there
+            if isinstance(inst, PROCESS_ONLY):
+                inst.defer = wants_process and inst.finisher.positions is not None
+        if wants_process:
             self._process = self._start_process(background == "process" and not self._auto)
             if self._process is None and self._auto:
                 self.background = False
-                for inst in self.instruments:
-                    if isinstance(inst, DEFERRABLE):
+            for inst in self.instruments:
+                if self._process is None and (self._auto or isinstance(inst, PROCESS_ONLY)):
+                    if isinstance(inst, (*DEFERRABLE, *PROCESS_ONLY)):
                         inst.defer = False
         self._jobs: queue.Queue[tuple[Callable[[], None], dict[torch.device, Any]] | None] = queue.Queue(maxsize=1)
         self._worker: threading.Thread | None = None
@@ -382,14 +390,14 @@ class Recorder:
             elif self._recording() and (self.writes or self.sharded):
                 self._record_here()
             for inst in self.instruments:
-                if isinstance(inst, DEFERRABLE) and inst.defer:
+                if isinstance(inst, (*DEFERRABLE, *PROCESS_ONLY)) and inst.defer:
                     taken = inst.take(self._step)
                     if taken is None:
                         continue
                     ready = self._process is not None and self._process.ready
                     if not (ready and self._to_process(inst.group, taken)):
                         finish = self._finisher(inst, taken, self._step)
-                        if self._inline():
+                        if self._inline() or isinstance(inst, PROCESS_ONLY):
                             finish()
                         else:
                             self._submit(finish)
@@ -416,7 +424,12 @@ class Recorder:
     def _start_process(self, required: bool) -> WorkerProcess | None:
         measure: dict[str, Callable[[Any], Any]] = {"optimizer": self.measurer.measure}
         for inst in self.instruments:
-            if isinstance(inst, DEFERRABLE) and inst.defer:
+            if isinstance(inst, PROCESS_ONLY) and inst.defer:
+                why = can_pickle(inst.finisher)
+                if why is not None:  # a lambda or a class of __main__: the probe stays on the training thread
+                    log.info("spectralscope: the sharpness probe runs on the training thread (%s)", why)
+                    inst.defer = False
+            if isinstance(inst, (*DEFERRABLE, *PROCESS_ONLY)) and inst.defer:
                 measure[inst.group] = inst.finisher.run
         writer = self.writer
         store = None
@@ -553,7 +566,8 @@ class Recorder:
 
         self._submit(record)
 
-    def _finisher(self, inst: ActivationSpectra | GradientSpectra, taken: list, step: int) -> Callable[[], None]:
+    def _finisher(self, inst: ActivationSpectra | GradientSpectra | Sharpness, taken: Any,
+                  step: int) -> Callable[[], None]:
         def finish() -> None:
             try:
                 self._emit(inst.group, inst.finish(taken), step)

@@ -380,17 +380,33 @@ def _unlink(path: str) -> None:
         pass
 
 
+class _Portable(pickle.Pickler):
+    """Refuses what exists only in the training process: a function or class defined in ``__main__``."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if callable(obj) and getattr(obj, "__module__", None) == "__main__" and not isinstance(obj, type(len)):
+            raise pickle.PicklingError(f"{getattr(obj, '__qualname__', obj)} is defined in __main__")
+        return NotImplemented
+
+
+def portable_dumps(obj: Any) -> bytes:
+    """``obj`` pickled, or `pickle.PicklingError` where the worker process could not load it (see `can_pickle`)."""
+    out = io.BytesIO()
+    _Portable(out, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return out.getvalue()
+
+
+def portable_loads(blob: bytes) -> Any:
+    """In the worker process: the object `portable_dumps` made, nested in a job of the training process that
+    started it (the only source of pickles here; nothing read from a store or file is ever unpickled)."""
+    return pickle.loads(blob)
+
+
 def can_pickle(setup: Any) -> str | None:
     """None if a worker process could be given ``setup``, else why not: functions defined in ``__main__``
     (or not importable by name) exist only in the training process."""
-    class Probe(pickle.Pickler):
-        def reducer_override(self, obj: Any) -> Any:
-            if callable(obj) and getattr(obj, "__module__", None) == "__main__" and not isinstance(obj, type(len)):
-                raise pickle.PicklingError(f"{getattr(obj, '__qualname__', obj)} is defined in __main__")
-            return NotImplemented
-
     try:
-        Probe(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL).dump(setup)
+        portable_dumps(setup)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return None

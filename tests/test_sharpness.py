@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 import spectralscope as ss
+from spectralscope.hooks.sharpness import SCALARS
 
 
 class Quadratic(nn.Module):
@@ -185,3 +187,61 @@ def test_other_instruments_do_not_record_the_probe(tmp_path):
     assert (tree["activations"]["act_tokens"].values == 6).all()
     assert (tree["gradients"]["grad_samples"].values == 6).all()
     assert np.isfinite(tree["sharpness"]["nds"].values).all()
+
+
+def pid_loss(model, batch):
+    """block_loss, noting which process evaluated it (batch: the input and a file to append the pid to)."""
+    x, where = batch
+    with open(where, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return block_loss(model, x)
+
+
+def _probed_run(tmp_path, name, background, loss=pid_loss, hooks=False):
+    torch.manual_seed(5)
+    model = Block()
+    where = tmp_path / f"{name}.pids"
+    batch = (torch.randn(4, 8, 16), str(where))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rec = ss.watch(opt, model, tmp_path / f"{name}.zarr", background=background,
+                   activations=ss.ActivationSpectra(every=2) if hooks else None,
+                   gradients=ss.GradientSpectra(every=2) if hooks else None,
+                   sharpness=ss.Sharpness(loss, batch, every=2, per_layer=True))
+    if rec._process is not None:
+        assert rec._process.wait_ready(120)  # every probe goes to the child, none is made while it starts
+    torch.manual_seed(3)
+    for _ in range(6):
+        block_loss(model, torch.randn(4, 8, 16)).backward()
+        opt.step()
+        opt.zero_grad()
+    pid = rec._process.proc.pid if rec._process is not None else None
+    rec.close()
+    pids = [int(p) for p in where.read_text().split()] if where.exists() else []
+    return ss.open_run(tmp_path / f"{name}.zarr"), model, pids, pid
+
+
+def test_the_probe_runs_in_the_worker_process_and_equals_the_inline_probe(tmp_path):
+    here, model_here, pids_here, _ = _probed_run(tmp_path, "inline", False)
+    there, model_there, pids_there, child = _probed_run(tmp_path, "process", "auto", hooks=True)
+    assert set(pids_here) == {os.getpid()}
+    # the training process only copied the state: every loss of the probes was evaluated by the child
+    assert child is not None and set(pids_there) == {child}
+    assert len(pids_there) == len(pids_here) == 3 * 2  # L0 and L(θ_after) at steps 0, 2, 4
+    for (n, a), b in zip(model_here.state_dict().items(), model_there.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n  # training went on the same (BatchNorm's running statistics too)
+    a, b = here["sharpness"].dataset, there["sharpness"].dataset
+    assert list(b["step"].values) == [0, 2, 4]
+    for var in (*SCALARS, "nds_within"):
+        assert np.isfinite(b[var].values).all(), var
+        # the child measures with one thread; float32 sums may be ordered otherwise than here
+        np.testing.assert_allclose(b[var].values, a[var].values, rtol=1e-5, atol=1e-9, err_msg=var)
+    assert (there["activations"]["act_tokens"].values == 32).all()  # its passes were not recorded here
+
+
+def test_a_probe_the_worker_process_cannot_load_runs_on_the_training_thread(tmp_path):
+    def local_loss(model, batch):  # no name to import it by
+        return pid_loss(model, batch)
+
+    _, _, pids, child = _probed_run(tmp_path, "local", "auto", loss=local_loss)
+    assert child is not None  # the other records still go to the child
+    assert set(pids) == {os.getpid()} and len(pids) == 6
