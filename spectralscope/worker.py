@@ -10,16 +10,16 @@ thread), shared by every recorder of the training process, with the same `Measur
 `ActivationFinisher` state each recorder would have used inline — the rows are bit for bit the inline ones.
 
 The training thread's part of a job is a copy: every CPU tensor in the job (M, W_after, W_before, the
-activation rows) is copied into one shared-memory file (``/dev/shm``, else the temp folder; its space is
-reserved up front, so a full tmpfs fails the job instead of killing training with SIGBUS), and a small
-message naming the file and where each tensor lies goes down a socket. The child maps the file, removes
-its name, measures, appends the row to the run store itself (`RecorderJobs`: the recorder hands it the
-groups it measures, so the training process's interpreter spends no time in Zarr for them), and sends back
-the row and the metrics that came out NaN. At most ``MAX_PENDING`` jobs per recorder are in flight: a
-child that falls behind makes the training thread wait rather than hold ever more copies. If the child
-dies, the jobs in flight are reported lost and the recorders go on without it. The child stops
-``IDLE_SECONDS`` after its last recorder closed; when the training process goes away it measures the jobs
-already sent, commits every row and exits."""
+activation rows, a sharpness probe's parameters and buffers) is copied into one shared-memory file
+(``/dev/shm``, else the temp folder; its space is reserved up front, so a full tmpfs fails the job
+instead of killing training with SIGBUS), and a small message naming the file and where each tensor lies
+goes down a socket. The child maps the file, removes its name, measures, appends the row to the run store
+itself (`RecorderJobs`: the recorder hands it the groups it measures, so the training process's
+interpreter spends no time in Zarr for them), and sends back the row and the metrics that came out NaN.
+At most ``MAX_PENDING`` jobs per recorder are in flight: a child that falls behind makes the training
+thread wait rather than hold ever more copies. If the child dies, the jobs in flight are reported lost
+and the recorders go on without it. The child stops ``IDLE_SECONDS`` after its last recorder closed; when
+the training process goes away it measures the jobs already sent, commits every row and exits."""
 
 from __future__ import annotations
 
@@ -431,7 +431,8 @@ class SetupFailed(RuntimeError):
 
 class RecorderJobs:
     """What the worker process does for one recorder (its pickled setup): measure each kind of record with
-    ``measure[kind]`` (a bound `Measurer.measure`, `ActivationFinisher.run`), and append the rows of the groups
+    ``measure[kind]`` (a bound `Measurer.measure`, `ActivationFinisher.run`,
+    `GradientFinisher.run`, `SharpnessProbe.run`), and append the rows of the groups
     the recorder handed over (`RunWriter.release`) to the run store itself, so the training process's
     interpreter spends no time in Zarr for them. Besides the records' kinds it takes ``("append", group)``
     (payload: a row measured elsewhere), ``"flush"`` (commit now) and ``"close"`` (commit, trim, stop

@@ -190,18 +190,25 @@ def test_other_instruments_do_not_record_the_probe(tmp_path):
 
 
 def pid_loss(model, batch):
-    """block_loss, noting which process evaluated it (batch: the input and a file to append the pid to)."""
-    x, where = batch
+    """A regression loss, noting which process evaluated it (batch: input, target, a file for the pid).
+    (Not block_loss: after BatchNorm its mean square is ≈ 1 whatever the model does.)"""
+    x, target, where = batch
     with open(where, "a") as f:
         f.write(f"{os.getpid()}\n")
-    return block_loss(model, x)
+    return (model(x) - target).square().mean()
+
+
+def halve(module, args, output):
+    """A user's hook: it must go with the model to the worker process (spectralscope's own hooks do not)."""
+    return output * 0.5
 
 
 def _probed_run(tmp_path, name, background, loss=pid_loss, hooks=False):
     torch.manual_seed(5)
     model = Block()
+    model.proj.register_forward_hook(halve)
     where = tmp_path / f"{name}.pids"
-    batch = (torch.randn(4, 8, 16), str(where))
+    batch = (torch.randn(4, 8, 16), torch.randn(4, 8, 16), str(where))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     rec = ss.watch(opt, model, tmp_path / f"{name}.zarr", background=background,
                    activations=ss.ActivationSpectra(every=2) if hooks else None,
