@@ -157,6 +157,14 @@ class _GroupState:
             arr[c0:end] = buf[: end - c0]
 
 
+def _known_variables(spec: GroupSpec, g: Any) -> None:
+    """A dynamic group (``scalars``) reopened: register the arrays already in the store as its variables."""
+    if spec.dynamic:
+        for name in g.array_keys():
+            if name != "step" and name not in spec.coords and name not in spec.variables:
+                spec.variables[name] = ("step",)
+
+
 class RunWriter:
     """Owns a run's Zarr group and the thread that commits rows to it.
 
@@ -296,10 +304,7 @@ class RunWriter:
         for var in spec.variables:
             if var not in g:
                 self._add_variable(g, spec, var, capacity)
-        if spec.dynamic:
-            for name in g.array_keys():
-                if name != "step" and name not in spec.coords and name not in spec.variables:
-                    spec.variables[name] = ("step",)
+        _known_variables(spec, g)
         return _GroupState(spec, g, n, capacity)
 
     def _reopen_group(self, spec: GroupSpec) -> _GroupState:
@@ -307,10 +312,7 @@ class RunWriter:
         room every array has for sure, so the next growth brings all of them to one length."""
         g = self.root[spec.name]
         n = int(g.attrs.get("n_rows", 0))
-        if spec.dynamic:
-            for name in g.array_keys():
-                if name != "step" and name not in spec.coords and name not in spec.variables:
-                    spec.variables[name] = ("step",)
+        _known_variables(spec, g)
         capacity = min(g[name].shape[0] for name in ["step", *spec.variables])
         return _GroupState(spec, g, n, capacity)
 
