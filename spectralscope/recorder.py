@@ -264,9 +264,9 @@ class Recorder:
             self._process = self._start_process(background == "process" and not self._auto)
             if self._process is None and self._auto:
                 self.background = False
-            for inst in self.instruments:
-                if self._process is None and (self._auto or isinstance(inst, PROCESS_ONLY)):
-                    if isinstance(inst, (*DEFERRABLE, *PROCESS_ONLY)):
+            if self._process is None:  # inline ("auto"), or a thread: the probe cannot go there
+                for inst in self.instruments:
+                    if isinstance(inst, PROCESS_ONLY) or (self._auto and isinstance(inst, DEFERRABLE)):
                         inst.defer = False
         self._jobs: queue.Queue[tuple[Callable[[], None], dict[torch.device, Any]] | None] = queue.Queue(maxsize=1)
         self._worker: threading.Thread | None = None
