@@ -390,7 +390,7 @@ class Recorder:
             elif self._recording() and (self.writes or self.sharded):
                 self._record_here()
             for inst in self.instruments:
-                if isinstance(inst, (*DEFERRABLE, *PROCESS_ONLY)) and inst.defer:
+                if inst.defer:  # every instrument has the flag: set above for those that can defer
                     taken = inst.take(self._step)
                     if taken is None:
                         continue
@@ -429,7 +429,7 @@ class Recorder:
                 if why is not None:  # a lambda or a class of __main__: the probe stays on the training thread
                     log.info("spectralscope: the sharpness probe runs on the training thread (%s)", why)
                     inst.defer = False
-            if isinstance(inst, (*DEFERRABLE, *PROCESS_ONLY)) and inst.defer:
+            if inst.defer:
                 measure[inst.group] = inst.finisher.run
         writer = self.writer
         store = None
