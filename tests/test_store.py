@@ -181,6 +181,20 @@ def test_reader_beside_writer_never_sees_a_torn_row(tmp_path):
     assert final >= seen and final > 1024, "the reads spanned several array resizes"
 
 
+def _wait_gone(pid: int, timeout: float = 60.0) -> None:
+    """Wait until process ``pid`` (not our child: we cannot wait() for it) has exited (gone, or a zombie)."""
+    deadline = time.monotonic() + timeout
+    while pid and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        time.sleep(0.02)
+    assert not pid or time.monotonic() < deadline, f"the worker process {pid} did not exit after its parent's death"
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_leaves_an_intact_store(tmp_path):
     """20 kills at random moments: the store always opens, every committed row is intact, and what is lost is
@@ -191,11 +205,13 @@ def test_sigkill_at_random_moments_leaves_an_intact_store(tmp_path):
     for trial in range(20):
         path = tmp_path / f"kill{trial}.zarr"
         proc = _worker("train", path, flush)
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        word, child = proc.stdout.readline().split()
+        assert word == "ready", proc.stderr.read()
         time.sleep(rnd.uniform(0.05, 1.5))
         os.kill(proc.pid, signal.SIGKILL)
         killed = time.monotonic()
         proc.wait()
+        _wait_gone(int(child))  # the orphaned worker process commits the rows it measured, then exits
         reported = [line.split() for line in proc.stdout.read().splitlines() if line.startswith("step ")]
         done = {int(s): float(t) for _, s, t in reported}
         tree = ss.open_run(path)

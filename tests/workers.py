@@ -53,7 +53,9 @@ def train(path: str, flush_seconds: str = "0.02") -> None:
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
     opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02)
     rec = ss.watch(opt, model, path, every=1, flush_seconds=float(flush_seconds))
-    print("ready", flush=True)
+    # the worker process (the default on the CPU) commits what it measured when this process dies: its pid
+    # lets the killer wait for that before reading
+    print("ready", rec._process.proc.pid if rec._process is not None else 0, flush=True)
     step = 0
     while True:
         loss = model(torch.randn(32, 16)).square().mean()
