@@ -13,9 +13,11 @@ data along ``step`` and trimmed to ``n_rows`` on close, so a finished run opens 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import math
 import queue
+import re
 import threading
 import time
 import warnings
@@ -105,15 +107,88 @@ def expand_runs(pattern: str | Path, storage_options: Mapping[str, Any] | None =
     return sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
 
 
-def _exists(path: str | Path, storage_options: Mapping[str, Any] | None) -> bool:
+def _keys(path: str | Path, storage_options: Mapping[str, Any] | None) -> list[str] | None:
+    """What lies under ``path``, as '/'-separated keys relative to it: every file, and every empty folder
+    with a trailing '/'; [] when there is nothing (or no ``path``), None when ``path`` is itself a file."""
     if not is_url(path):
         p = Path(path)
-        return p.exists() and (p.is_file() or any(p.iterdir()))
+        if not p.exists():
+            return None if p.is_symlink() else []
+        if not p.is_dir():
+            return None
+        return sorted(f.relative_to(p).as_posix() + ("/" if f.is_dir() else "") for f in p.rglob("*")
+                      if not f.is_dir() or not any(f.iterdir()))
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(path), **dict(storage_options or {}))
+    root = root.rstrip("/")
+    if fs.isfile(root):
+        return None
     try:
-        zarr.open_group(open_store(path, storage_options, read_only=True), mode="r")
-        return True
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return False
+        found = fs.find(root)
+    except FileNotFoundError:
+        return []
+    return sorted(f[len(root):].lstrip("/") for f in found if f.rstrip("/") != root)
+
+
+def _read_key(path: str | Path, key: str, storage_options: Mapping[str, Any] | None) -> bytes:
+    if not is_url(path):
+        return (Path(path) / key).read_bytes()
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(path), **dict(storage_options or {}))
+    return fs.cat_file(f"{root.rstrip('/')}/{key}")
+
+
+_CHUNK = re.compile(r"^(?P<array>.+)/c(/\d+)*$")
+
+
+def foreign_entry(keys: Sequence[str], root_meta: Mapping[str, Any] | None) -> str | None:
+    """The first of ``keys`` that shows a store is not entirely a spectralscope run, or None.
+
+    ``root_meta`` is the decoded root ``zarr.json`` (None when missing or undecodable). A run is a root
+    group whose attributes carry ``spectralscope``; its keys are Zarr metadata documents (``zarr.json``) of
+    nodes inside that hierarchy, chunks of its arrays (``<array>/c/0/0…``), and Zarr's temporary files of
+    either (``….partial``). Anything else is the user's."""
+    attrs = root_meta.get("attributes") if isinstance(root_meta, dict) else None
+    if not (isinstance(attrs, dict) and root_meta.get("node_type") == "group" and "spectralscope" in attrs):
+        return "zarr.json, which is not a spectralscope run's" if "zarr.json" in keys else keys[0]
+    nodes = {k.removesuffix("zarr.json").rstrip("/") for k in keys if k == "zarr.json" or k.endswith("/zarr.json")}
+    for key in keys:
+        name = key.removesuffix(".partial")
+        parent, _, base = name.rpartition("/")
+        if base == "zarr.json" and (parent == "" or parent.rpartition("/")[0] in nodes):
+            continue
+        chunk = _CHUNK.match(name)
+        if chunk and chunk["array"] in nodes:
+            continue
+        return key
+    return None
+
+
+def _exists(path: str | Path, storage_options: Mapping[str, Any] | None) -> bool:
+    keys = _keys(path, storage_options)
+    return keys is None or len(keys) > 0
+
+
+def check_overwritable(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> None:
+    """``FileExistsError`` naming ``path`` and what is there, unless it is empty, missing, or a spectralscope
+    run and nothing else (`foreign_entry`): ``overwrite=True`` never removes anything of the user's."""
+    keys = _keys(path, storage_options)
+    if keys is None:
+        raise FileExistsError(f"{path} is a file, not a spectralscope run: overwrite=True replaces runs only")
+    if not keys:
+        return
+    meta = None
+    if "zarr.json" in keys:
+        try:
+            meta = json.loads(_read_key(path, "zarr.json", storage_options))
+        except (OSError, ValueError):  # unreadable or not JSON: not provably a run
+            meta = None
+    foreign = foreign_entry(keys, meta)
+    if foreign is not None:
+        raise FileExistsError(f"{path} holds what is not a spectralscope run ({foreign}): overwrite=True replaces "
+                              "runs only, and nothing was removed")
 
 
 class _GroupState:
@@ -200,6 +275,8 @@ class RunWriter:
         exists = _exists(path, storage_options)
         if exists and not (resume or overwrite):
             raise FileExistsError(f"{self.path} already exists; pass resume=True to append or overwrite=True")
+        if exists and overwrite:
+            check_overwritable(path, storage_options)
         self._groups: dict[str, _GroupState] = {}
         if exists and resume:
             self.root = zarr.open_group(store, mode="r+")

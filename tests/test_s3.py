@@ -90,6 +90,21 @@ def test_existing_s3_store_needs_resume_or_overwrite(s3):
     assert ss.open_run("s3://runs/b.zarr", storage_options=s3).attrs["steps"] == 1
 
 
+def test_overwrite_on_s3_removes_runs_only(s3):
+    fs = s3fs.S3FileSystem(**s3)
+    fs.pipe("runs/ckpts/model.ckpt", b"weights")
+    fs.pipe("runs/ckpts/notes.txt", b"epoch 3")
+    with pytest.raises(FileExistsError, match=r"s3://runs/ckpts holds what is not a spectralscope run"):
+        _train("s3://runs/ckpts", steps=1, storage_options=s3, overwrite=True)
+    assert fs.cat("runs/ckpts/model.ckpt") == b"weights" and sorted(fs.ls("runs/ckpts")) == [
+        "runs/ckpts/model.ckpt", "runs/ckpts/notes.txt"]
+    _train("s3://runs/c.zarr", steps=2, storage_options=s3)
+    fs.pipe("runs/c.zarr/optimizer/mine.txt", b"keep me")
+    with pytest.raises(FileExistsError, match=r"optimizer/mine\.txt"):
+        _train("s3://runs/c.zarr", steps=1, storage_options=s3, overwrite=True)
+    assert fs.cat("runs/c.zarr/optimizer/mine.txt") == b"keep me"
+
+
 def test_fit_scaling_reads_a_glob_of_s3_runs(s3, tmp_path):
     for w in (8, 16, 32):
         _train(f"s3://runs/sweep/w{w}.zarr", width=w, storage_options=s3)

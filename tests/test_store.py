@@ -274,3 +274,81 @@ def test_nothing_is_ever_unpickled_or_evaluated(tmp_path):
     g = zarr.open_group(str(tmp_path / "r.zarr"), mode="r")
     kinds = {arr.dtype.kind for _, arr in g["optimizer"].arrays()}
     assert kinds <= {"f", "i", "U", "T"}, kinds
+
+
+# ---- overwrite=True removes runs only ------------------------------------------------------------------
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {f.relative_to(root).as_posix(): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def _writer(path, **kw) -> RunWriter:
+    return RunWriter(path, [group_spec()], {"name": "t", "model_size": 1}, flush_seconds=60, **kw)
+
+
+def test_overwrite_never_removes_a_directory_that_is_not_a_run(tmp_path):
+    user = tmp_path / "checkpoints"
+    (user / "sub").mkdir(parents=True)
+    (user / "model.ckpt").write_bytes(os.urandom(4096))
+    (user / "notes.txt").write_text("epoch 3: loss 2.1\n")
+    (user / "sub" / "zarr.json").write_text("{}")
+    before = _snapshot(user)
+    with pytest.raises(FileExistsError, match=r"checkpoints holds what is not a spectralscope run \(model\.ckpt\)"):
+        _writer(user, overwrite=True)
+    assert _snapshot(user) == before  # byte for byte
+
+
+def test_overwrite_refuses_a_file_a_foreign_zarr_group_and_a_run_with_a_file_of_the_users(tmp_path):
+    file = tmp_path / "run.zarr"
+    file.write_text("not a directory")
+    with pytest.raises(FileExistsError, match="is a file"):
+        _writer(file, overwrite=True)
+    assert file.read_text() == "not a directory"
+
+    other = tmp_path / "other.zarr"
+    zarr.open_group(str(other), mode="w", zarr_format=3).create_array("x", shape=(3,), dtype="f8")[:] = 1.0
+    before = _snapshot(other)
+    with pytest.raises(FileExistsError, match="not a spectralscope run's"):
+        _writer(other, overwrite=True)
+    assert _snapshot(other) == before
+
+    run = tmp_path / "mine.zarr"
+    w = _writer(run)
+    w.append("optimizer", 0, expected(0))
+    w.close()
+    (run / "optimizer" / "README.md").write_text("my notes about this run")
+    (run / "empty").mkdir()
+    before = _snapshot(run)
+    with pytest.raises(FileExistsError, match=r"\(empty/\)"):
+        _writer(run, overwrite=True)
+    (run / "empty").rmdir()
+    with pytest.raises(FileExistsError, match=r"\(optimizer/README\.md\)"):
+        _writer(run, overwrite=True)
+    assert _snapshot(run) == before
+
+
+def test_overwrite_replaces_a_run_and_takes_an_empty_directory(tmp_path):
+    run = tmp_path / "r.zarr"
+    w = _writer(run)
+    for s in range(300):  # a resized array, a chunk boundary: every kind of key a run holds
+        w.append("optimizer", s, expected(s))
+    w.close()
+    w = _writer(run, overwrite=True)
+    w.append("optimizer", 0, expected(0))
+    w.close()
+    assert ss.open_run(run)["optimizer"].sizes["step"] == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _writer(empty, overwrite=True).close()
+    assert ss.open_run(empty).attrs["status"] == "finished"
+
+
+def test_foreign_entry_reads_the_keys_of_a_run():
+    meta = {"node_type": "group", "zarr_format": 3, "attributes": {"spectralscope": {"schema": 1}}}
+    ours = ["zarr.json", "optimizer/zarr.json", "optimizer/a/zarr.json", "optimizer/a/c/0/0/0",
+            "optimizer/a/c/1/0/0.partial", "optimizer/size/zarr.json", "optimizer/size/c",
+            "optimizer/zarr.json.partial"]
+    assert store.foreign_entry(ours, meta) is None
+    assert store.foreign_entry([*ours, "optimizer/a/c/0/x.ckpt"], meta) == "optimizer/a/c/0/x.ckpt"
+    assert store.foreign_entry([*ours, "stray/a/zarr.json"], meta) == "stray/a/zarr.json"  # no node above it
+    assert store.foreign_entry(ours, {**meta, "attributes": {}}) is not None
+    assert store.foreign_entry(ours, None) is not None
