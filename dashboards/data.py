@@ -22,6 +22,7 @@ import xarray as xr
 import zarr
 
 from spectralscope.fit import combine_runs, window_rows
+from spectralscope.integrity import run_status
 from spectralscope.store import check_run, is_url, open_store, unit_dim
 
 #: A run's location: a local folder, or an fsspec URL (``s3://bucket/runs/w64.zarr``).
@@ -193,7 +194,8 @@ def last_update(path: Where, storage_options: Options = None) -> _dt.datetime | 
 
 def overview(entries: Sequence[RunEntry], storage_options: Options = None) -> pd.DataFrame:
     """One row per readable run: name, folder, model size, optimizer, NS steps, training steps seen, optimizer
-    records committed, status, last update, and the number of metric values that came out NaN (the run's ``errors``)."""
+    records committed, status, last update, the number of metric values that came out NaN (the run's ``errors``),
+    and what the run does not record by construction, with why (its ``notes``)."""
     rows = []
     for e in entries:
         if not e.ok:
@@ -211,12 +213,13 @@ def overview(entries: Sequence[RunEntry], storage_options: Options = None) -> pd
             "ns_steps": opt.get("ns_steps"),
             "steps": int(a.get("steps", 0)),
             "records": rows_by_group.get("optimizer", 0),
-            "status": a.get("status"),
+            "status": run_status(a),
             "last_update": updated.strftime("%Y-%m-%d %H:%M:%S UTC") if updated else None,
             "nan_values": int(sum(sum(v.values()) for v in errors.values() if isinstance(v, dict))),
+            "notes": "; ".join(f"{k}: {v}" for k, v in (a.get("notes") or {}).items()),
         })
     return pd.DataFrame(rows, columns=["run", "name", "model_size", "optimizer", "ns_steps", "steps", "records",
-                                       "status", "last_update", "nan_values"])
+                                       "status", "last_update", "nan_values", "notes"])
 
 
 def _group(path: Where, group: str, storage_options: Options = None) -> zarr.Group | None:

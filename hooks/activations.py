@@ -17,9 +17,10 @@ from torch import nn
 
 from spectralscope import distributed
 from spectralscope.covariance import CovarianceStats, activation_metrics, covariance_eigenvalues, token_matrix
+from spectralscope.layers import in_features
 from spectralscope.store import GroupSpec
 
-from .modules import Context, check_every, check_modules, find_modules, module_coords
+from .modules import Context, check_every, check_modules, find_modules, module_coords, module_kinds
 
 SCALARS = ("act_soft_rank", "act_hard_rank", "act_tail_alpha", "act_top10_share", "act_tokens")
 
@@ -108,8 +109,8 @@ class ActivationFinisher:
 
 class ActivationSpectra:
     """Record ``act_eig``, ``act_soft_rank``, ``act_hard_rank``, ``act_tail_alpha``, ``act_top10_share`` and
-    ``act_tokens`` every ``every`` optimizer steps, for the inputs of the watched ``nn.Linear`` layers or of
-    the modules named in ``modules``."""
+    ``act_tokens`` every ``every`` optimizer steps, for the inputs of the watched linear layers (``nn.Linear``,
+    transformers' ``Conv1D``) or of the modules named in ``modules``."""
 
     group = "activations"
 
@@ -144,11 +145,12 @@ class ActivationSpectra:
         chosen = find_modules(ctx.model, ctx.layers, self.modules, "ActivationSpectra")
         self.remove()  # an instance handed to a second watch() starts afresh
         self._names, self._dims, self._stats, self._seen, self._tokens = [], [], [], {}, {}
+        self._kinds = module_kinds(chosen, ctx.layers)
         self.defer = False
         self._step, self._report, self._writes = ctx.step, ctx.report, ctx.writes
         for i, (name, module) in enumerate(chosen):
             self._names.append(name)
-            self._dims.append(module.in_features)
+            self._dims.append(in_features(module))
             self._stats.append(None)
             self._handles.append(module.register_forward_pre_hook(self._hook(i)))
         self.finisher = ActivationFinisher(self._names, self._dims)
@@ -160,7 +162,7 @@ class ActivationSpectra:
 
     def spec(self) -> GroupSpec:
         coords = {
-            **module_coords(self._names),
+            **module_coords(self._names, kinds=self._kinds),
             "width": ("module", np.array(self._dims, dtype=np.int64)),
             "rank": ("rank", np.arange(1, max(self._dims) + 1, dtype=np.int64)),
         }

@@ -1,6 +1,7 @@
 """`GradientSpectra`: singular values of the per-sample weight gradients of linear layers.
 
-At a recorded step the first forward pass through each hooked ``nn.Linear`` keeps the inputs of its first
+At a recorded step the first forward pass through each hooked linear module (``nn.Linear``, transformers'
+``Conv1D``) keeps the inputs of its first
 ``max_samples`` samples and hooks the output tensor; when autograd delivers the gradient of the batch loss
 with respect to that output (δ), the N×N Gram matrix of the per-sample gradients is formed from token inner
 products (`spectralscope.per_sample`), never the per-sample gradients themselves. After the optimizer step
@@ -22,7 +23,7 @@ from torch import nn
 from spectralscope.per_sample import gradient_metrics, per_sample_gram
 from spectralscope.store import GroupSpec
 
-from .modules import Context, check_every, check_modules, find_modules, module_coords
+from .modules import Context, check_every, check_modules, find_modules, module_coords, module_kinds
 
 #: Copies of a and δ a deferred record may hold at once; beyond it the Gram matrix is formed in the hook.
 DEFER_BYTES = 256 << 20
@@ -68,7 +69,8 @@ class GradientFinisher:
 
 class GradientSpectra:
     """Record ``grad_sv`` (rank ≤ ``max_samples``), ``grad_soft_rank`` and ``grad_samples`` every ``every``
-    optimizer steps for the watched ``nn.Linear`` layers (or the modules named in ``modules``)."""
+    optimizer steps for the watched linear layers (``nn.Linear``, transformers' ``Conv1D``) or the modules named
+    in ``modules``."""
 
     group = "gradients"
 
@@ -93,6 +95,7 @@ class GradientSpectra:
         chosen = find_modules(ctx.model, ctx.layers, self.modules, "GradientSpectra")
         self.remove()  # an instance handed to a second watch() starts afresh
         self._names, self._grams, self._taken = [], [], []
+        self._kinds = module_kinds(chosen, ctx.layers)
         self._step, self._report = ctx.step, ctx.report
         for i, (name, module) in enumerate(chosen):
             self._names.append(name)
@@ -107,7 +110,7 @@ class GradientSpectra:
         self._handles = []
 
     def spec(self) -> GroupSpec:
-        coords = {**module_coords(self._names, dim="layer", suffix=".weight"),
+        coords = {**module_coords(self._names, dim="layer", suffix=".weight", kinds=self._kinds),
                   "rank": ("rank", np.arange(1, self.max_samples + 1, dtype=np.int64))}
         variables = {"grad_sv": ("step", "layer", "rank"), "grad_soft_rank": ("step", "layer"),
                      "grad_samples": ("step", "layer")}

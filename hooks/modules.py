@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectralscope.layers import Layer, block_index, layer_kind
+from spectralscope.layers import Layer, block_index, is_linear, layer_kind
 
 
 @dataclass
@@ -29,9 +29,9 @@ class Context:
 
 def find_modules(model: nn.Module | None, layers: Sequence[Layer], names: Sequence[str] | None,
                  owner: str) -> list[tuple[str, nn.Module]]:
-    """The modules named in ``names``, or else every ``nn.Linear`` whose weight is watched. ``ValueError``
-    (prefixed with ``owner``) when there is no model, a name is unknown or not an ``nn.Linear``, or nothing
-    is found."""
+    """The modules named in ``names``, or else every linear module (`layers.is_linear`: ``nn.Linear``,
+    transformers' ``Conv1D``) whose weight is watched. ``ValueError`` (prefixed with ``owner``) when there is
+    no model, a name is unknown or not a linear module, or nothing is found."""
     if model is None:
         raise ValueError(f"{owner} needs the model: watch(optimizer, model, ...)")
     named = dict(model.named_modules())
@@ -40,28 +40,39 @@ def find_modules(model: nn.Module | None, layers: Sequence[Layer], names: Sequen
         if missing:
             raise ValueError(f"{owner}: no module named {missing[0]!r} in the model")
         for m in names:
-            if not isinstance(named[m], nn.Linear):
-                raise ValueError(f"{owner}: {m!r} is a {type(named[m]).__name__}, not an nn.Linear")
+            if not is_linear(named[m]):
+                raise ValueError(f"{owner}: {m!r} is a {type(named[m]).__name__}; it takes linear modules "
+                                 "(nn.Linear or transformers' Conv1D)")
         return [(m, named[m]) for m in names]
     watched = {id(lay.param) for lay in layers}
-    chosen = [(n, m) for n, m in named.items() if isinstance(m, nn.Linear) and id(m.weight) in watched]
+    chosen = [(n, m) for n, m in named.items() if is_linear(m) and id(m.weight) in watched]
     if not chosen:
-        raise ValueError(f"{owner}: no nn.Linear among the watched layers; name modules= explicitly")
+        raise ValueError(f"{owner}: no linear module (nn.Linear or transformers' Conv1D) among the watched layers; "
+                         "name modules= explicitly")
     return chosen
 
 
-def module_coords(names: Sequence[str], dim: str = "module", suffix: str = "") -> dict[str, tuple[str, np.ndarray]]:
-    """The ``dim`` coordinate (module names + ``suffix``) with its ``kind`` (from ``name + ".weight"``) and
-    ``depth`` (block / (blocks − 1)). Activations are per module; per-sample gradients are per weight, so
-    they use ``dim="layer", suffix=".weight"`` (SPEC §5 names the gradients' axis ``layer``)."""
+def module_coords(names: Sequence[str], dim: str = "module", suffix: str = "",
+                  kinds: Sequence[str] | None = None) -> dict[str, tuple[str, np.ndarray]]:
+    """The ``dim`` coordinate (module names + ``suffix``) with its ``kind`` (``kinds``, else from
+    ``name + ".weight"``) and ``depth`` (block / (blocks − 1)). Activations are per module; per-sample
+    gradients are per weight, so they use ``dim="layer", suffix=".weight"`` (SPEC §5 names the gradients'
+    axis ``layer``)."""
     blocks = [b for b in (block_index(n) for n in names) if b is not None]
     top = max(blocks) if blocks else 0
     depth = [np.nan if (b := block_index(n)) is None else (1.0 if top == 0 else b / top) for n in names]
     return {
         dim: (dim, np.array([n + suffix for n in names])),
-        "kind": (dim, np.array([layer_kind(n + ".weight") for n in names])),
+        "kind": (dim, np.array(list(kinds) if kinds is not None else [layer_kind(n + ".weight") for n in names])),
         "depth": (dim, np.array(depth, dtype=np.float64)),
     }
+
+
+def module_kinds(modules: Sequence[tuple[str, nn.Module]], layers: Sequence[Layer]) -> list[str]:
+    """The kind of each module: that of the watched layer its weight is (so ``watch(kinds=...)`` holds here
+    too), else read off its name."""
+    kind_of = {id(lay.param): lay.kind for lay in layers if lay.view.identity or lay.view.transpose}
+    return [kind_of.get(id(getattr(m, "weight", None)), layer_kind(n + ".weight")) for n, m in modules]
 
 
 def check_every(owner: str, every: object) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectralscope.layers import layer_coords
+from spectralscope.layers import MatrixView, layer_coords
 from spectralscope.store import GroupSpec
 from spectralscope.worker import portable_dumps, portable_loads
 
@@ -51,14 +51,15 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
 
 
 def probe(model: nn.Module, params: Sequence[torch.Tensor], before: Sequence[torch.Tensor],
-          loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any, layer_index: Sequence[int] | None
-          ) -> dict[str, Any]:
+          loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any,
+          layer_index: Sequence[tuple[int, MatrixView]] | None) -> dict[str, Any]:
     """The probe's values for the step that took ``params`` from ``before`` to their present values, on
     ``model`` whose other parameters and buffers are as after the step: with u = θ_after − θ_before,
     L0 = loss_fn(model, batch) at θ_before, g = ∇L0 and Hu by double backward, ``grad_dot_update`` = gᵀu,
     ``curvature`` = uᵀHu, ``update_norm_sq`` = ‖u‖², ``nds`` = uᵀHu/‖u‖², ``predicted_delta`` = gᵀu + ½uᵀHu,
-    ``actual_delta`` = L(θ_after) − L0, and with ``layer_index`` (positions in ``params`` of the watched
-    layers) ``nds_within[l]`` = u_lᵀHu_l/‖u‖² and ``nds_cross`` = nds − Σ_l nds_within[l]. Dropout is off
+    ``actual_delta`` = L(θ_after) − L0, and with ``layer_index`` (for each watched layer, the position in
+    ``params`` of its parameter and the `MatrixView` of the part it is) ``nds_within[l]`` = u_lᵀHu_l/‖u‖², u_l
+    = u on layer l's entries and 0 elsewhere, and ``nds_cross`` = nds − Σ_l nds_within[l]. Dropout is off
     during the probe; parameters, gradients, buffers, modes and the random state are restored exactly."""
     with torch.no_grad():
         after = [p.detach().clone() for p in params]
@@ -90,14 +91,15 @@ def probe(model: nn.Module, params: Sequence[torch.Tensor], before: Sequence[tor
             within = np.full(len(layer_index or ()), np.nan)
             if per_layer:
                 pos = {i: j for j, i in enumerate(moved)}
-                for k, i in enumerate(layer_index):
+                for k, (i, view) in enumerate(layer_index):
                     if i not in pos:
                         within[k] = 0.0
                         continue
                     j = pos[i]
-                    gl = (g[j].to(torch.float64) * us[j].to(torch.float64)).sum()
+                    ul = view.select(us[j])
+                    gl = (view.select(g[j]).to(torch.float64) * ul.to(torch.float64)).sum()  # g·u_l: H u_l = ∇(g·u_l)
                     (hl,) = torch.autograd.grad(gl, [live[j]], retain_graph=True, allow_unused=True)
-                    within[k] = 0.0 if hl is None else float(_dot([hl.detach()], [us[j]]))
+                    within[k] = 0.0 if hl is None else float(_dot([view.select(hl.detach())], [ul]))
         norm_sq = float(_dot(us, us)) if us else 0.0
         with torch.no_grad():
             for p, a in zip(params, after, strict=True):
@@ -155,7 +157,8 @@ class SharpnessProbe:
     ``model.parameters()`` (None where one is not the model's: then it runs on the training thread only)."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any,
-                 layer_index: Sequence[int] | None, n_layers: int, positions: Sequence[int] | None) -> None:
+                 layer_index: Sequence[tuple[int, MatrixView]] | None, n_layers: int,
+                 positions: Sequence[int] | None) -> None:
         self.model, self.loss_fn, self.batch = model, loss_fn, batch
         self.layer_index = None if layer_index is None else list(layer_index)
         self.n_layers = n_layers
@@ -230,7 +233,7 @@ class Sharpness:
         self._params = [p for g in ctx.optimizer.param_groups for p in g["params"]
                         if not (id(p) in seen or seen.add(id(p)))]
         index = {id(p): i for i, p in enumerate(self._params)}
-        layer_index = [index[id(lay.param)] for lay in ctx.layers]
+        layer_index = [(index[id(lay.param)], lay.view) for lay in ctx.layers]
         place = {id(p): i for i, p in enumerate(ctx.model.parameters())}
         positions = [place[id(p)] for p in self._params] if all(id(p) in place for p in self._params) else None
         self.finisher = SharpnessProbe(ctx.model, self.loss_fn, self.batch, layer_index if self.per_layer else None,

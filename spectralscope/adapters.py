@@ -9,6 +9,7 @@ so subclasses of a supported optimizer are supported too.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,6 +30,24 @@ def no_ns(group: Mapping[str, Any]) -> None:
     return None
 
 
+def no_momentum(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    """The momentum of an optimizer spectralscope has no adapter for: unknown."""
+    return None
+
+
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of a class by the shortest module path it is importable from
+    (``torch.optim.Muon``, not ``torch.optim._muon.Muon``)."""
+    parts = cls.__module__.split(".")
+    for i in range(1, len(parts) + 1):
+        obj: Any = sys.modules.get(".".join(parts[:i]))
+        for attr in cls.__qualname__.split("."):
+            obj = getattr(obj, attr, None)
+        if obj is cls:
+            return f"{'.'.join(parts[:i])}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 @dataclass(frozen=True)
 class Adapter:
     """``momentum(param, group, state)`` → M or None; ``ns(group)`` → NSConfig or None.
@@ -36,12 +55,14 @@ class Adapter:
     ``describe`` lists the hyper-parameter names copied from ``param_groups[0]`` into the run's
     ``optimizer`` attribute. ``applied(w_after, group, w_before)``, where known, reads the NS output the
     step just applied back from the parameter's values (None when it cannot be recovered exactly enough);
-    the recorder then skips recomputing NS_k(M). It is only asked for parameters that had a gradient."""
+    the recorder then skips recomputing NS_k(M). It is only asked for parameters that had a gradient.
+    ``known`` is False for the stand-in `adapter_for` gives an optimizer nobody registered."""
 
     momentum: MomentumFn
     ns: NSFn = no_ns
     describe: tuple[str, ...] = ("lr", "momentum", "weight_decay")
     applied: AppliedFn | None = None
+    known: bool = True
 
 
 _REGISTRY: dict[type, Adapter] = {}
@@ -73,7 +94,8 @@ def register_adapter(
 
 
 def adapter_for(optimizer: torch.optim.Optimizer) -> Adapter:
-    """The adapter registered for the optimizer's class or its nearest base; a no-momentum adapter otherwise."""
+    """The adapter registered for the optimizer's class or its nearest base; otherwise a stand-in that knows no
+    momentum and no NS (``known=False``: the recorder says so)."""
     for cls in type(optimizer).__mro__:
         if cls in _REGISTRY:
             adapter = _REGISTRY[cls]
@@ -81,7 +103,7 @@ def adapter_for(optimizer: torch.optim.Optimizer) -> Adapter:
                 # a subclass with its own step() may apply something else: recompute NS instead
                 adapter = replace(adapter, applied=None)
             return adapter
-    return Adapter(lambda p, g, s: None)
+    return Adapter(no_momentum, known=False)
 
 
 def _muon_momentum(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor | None:

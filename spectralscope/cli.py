@@ -51,20 +51,31 @@ def storage_options_arg(text: str | None) -> dict | None:
 
 def info_text(path: str, storage_options: dict | None = None) -> str:
     """The report of ``spectralscope info``: attributes, layers, steps and last values, as text tables."""
+    from .integrity import run_status, stopped_note
+
     try:
-        tree = open_run(path, storage_options)
+        tree = open_run(path, storage_options, check="full")  # every chunk decoded once: damage is said, not met
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from exc
+    except Exception as exc:  # a store broken in a way of its own: one line, never a traceback
+        raise UserError(f"{path} cannot be read ({type(exc).__name__}: {exc})") from exc
     attrs = tree.attrs
     lines = [f"run        {path}"]
     for key in ("name", "status", "model_size", "created", "every", "steps"):
-        if key in attrs:
+        if key == "status" and key in attrs:
+            status = run_status(attrs)
+            lines.append(f"{key:<10} {stopped_note(attrs) if status == 'stopped' else status}")
+        elif key in attrs:
             lines.append(f"{key:<10} {attrs[key]}")
+    for text in attrs.get("damaged", []):
+        lines.append(f"{'damaged':<10} {text} (left out)")
     lines.append(f"{'optimizer':<10} {json.dumps(attrs.get('optimizer', {}))}")
     lines.append(f"{'meta':<10} {json.dumps(attrs.get('meta', {}))}")
     errors = attrs.get("errors", {})
     n_err = sum(sum(v.values()) for v in errors.values()) if isinstance(errors, dict) else 0
     lines.append(f"{'errors':<10} {n_err}" + (f"  {json.dumps(errors)}" if n_err else ""))
+    for family, note in (attrs.get("notes") or {}).items():  # what is NaN by construction, and why
+        lines.append(f"{'note':<10} {family}: {note}")
     lines.append("")
     for name, node in tree.children.items():
         ds = node.dataset
@@ -216,7 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "info":
-            print(info_text(args.run, storage_options_arg(args.storage_options)))
+            try:
+                print(info_text(args.run, storage_options_arg(args.storage_options)))
+            except UserError:
+                raise
+            except Exception as exc:  # info reports on a store: whatever is wrong with it is said in one line
+                raise UserError(f"{args.run} cannot be read ({type(exc).__name__}: {exc})") from exc
         elif args.command == "demo":
             from .demo import DemoConfig, run_demo
 

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from .estimate import SpectrumEstimate, quantile_bracket, representative_spectrum, slq
-from .newton_schulz import NSConfig, newton_schulz
+from .layers import MatrixView
+from .newton_schulz import NSConfig, newton_schulz, ns_threshold
 from .optimizer_metrics import momentum_metrics, newton_schulz_metrics, update_metrics, weight_metrics
 from .spectra import Spectrum, as_matrix, matrix_spectrum
 
@@ -48,14 +49,33 @@ _FAMILIES = {
     "weight": ("weight_spectral_norm",),
 }
 
+
+def family_of(metric: str) -> str:
+    """The family a counted metric belongs to, for saying it once: ``momentum``, ``newton_schulz``, ``update``,
+    ``weight`` (the optimizer group's), ``activations`` (``act_*``), ``gradients`` (``grad_*``), ``sharpness``;
+    any other name (``optimizer``: a lost record, ``tensorboard``) is its own family."""
+    for family, names in _FAMILIES.items():
+        if metric in names:
+            return family
+    if metric in ESTIMATE_BOUNDS:
+        return ESTIMATE_BOUNDS[metric]
+    if metric.startswith("act_"):
+        return "activations"
+    if metric.startswith("grad_"):
+        return "gradients"
+    if metric == "nds":  # a probe that failed or came out non-finite is counted under nds
+        return "sharpness"
+    return metric
+
 #: A metric that came out NaN/Inf or failed: (variable, layer name, why).
 Problem = tuple[str, str, str]
 
 
 class LayerInputs(NamedTuple):
-    """What a layer's optimizer metrics are computed from: M (None if the optimizer has none; ``why`` says
-    what failed), W_after, W_before (None when not snapshotted), the hyperparameters of its param group (a
-    copy, without the parameters) and whether the step had a gradient for it."""
+    """What a layer's optimizer metrics are computed from, each shaped as the parameter is stored (the layer's
+    `MatrixView` reads its (out, in) matrix from them): M (None if the optimizer has none; ``why`` says what
+    failed), W_after, W_before (None when not snapshotted), the hyperparameters of its param group (a copy,
+    without the parameters) and whether the step had a gradient for it."""
 
     m: Tensor | None
     w1: Tensor
@@ -68,12 +88,15 @@ class LayerInputs(NamedTuple):
 class Measurer:
     """Measures the optimizer row of a step. ``ns(group)`` gives the optimizer's NS configuration (None
     without NS); ``applied(w_after, group, w_before)``, where known, reads the NS output the step applied
-    back from the weights (see `adapters.Adapter`)."""
+    back from the weights (see `adapters.Adapter`). ``views`` says how each layer reads its parameter as an
+    (out, in) matrix (`layers.MatrixView`; as stored where not given)."""
 
     def __init__(self, names: Sequence[str], methods: Mapping[str, str], quantiles: Sequence[float],
                  ns_floor: float, ns: Callable[[Mapping[str, Any]], NSConfig | None],
-                 applied: Callable[[Tensor, Mapping[str, Any], Tensor], Tensor | None] | None):
+                 applied: Callable[[Tensor, Mapping[str, Any], Tensor], Tensor | None] | None,
+                 views: Mapping[str, MatrixView] | None = None):
         self.names = list(names)
+        self.views = {name: (views or {}).get(name) or MatrixView(name) for name in self.names}
         self.methods = dict(methods)
         self.quantiles = list(quantiles)
         self.ns_floor = float(ns_floor)
@@ -94,17 +117,21 @@ class Measurer:
     def measure(self, inputs: Sequence[LayerInputs]) -> tuple[dict[str, np.ndarray], list[Problem]]:
         """The optimizer row from each layer's inputs, and the metrics that came out NaN/Inf or failed."""
         row = self.empty_row()
-        measured = [self.measure_layer(name, x) for name, x in zip(self.names, inputs, strict=True)]
+        outputs: dict[tuple[str, int | None], Tensor] = {}  # NS_k(M) of a parameter that several layers view
+        measured = [self.measure_layer(name, x, outputs) for name, x in zip(self.names, inputs, strict=True)]
         problems: list[Problem] = []
         for i, host in enumerate(to_host(measured)):
             problems += fill(row, i, self.names[i], host)
         return row, problems
 
-    def measure_layer(self, name: str, x: LayerInputs) -> dict[str, tuple[Tensor, str]]:
+    def measure_layer(self, name: str, x: LayerInputs,
+                      outputs: dict[tuple[str, int | None], Tensor] | None = None) -> dict[str, tuple[Tensor, str]]:
         """Every optimizer metric of one layer from its full matrices: {variable: (value on the layer's device,
-        NaN reason)}; `to_host` brings a whole record to the host at once."""
-        m, w1, w0, why, group = x.m, x.w1, x.w0, x.why, x.group
-        ns = self.ns(group)
+        NaN reason)}; `to_host` brings a whole record to the host at once. Each metric is taken on the layer's
+        (out, in) matrix; O = NS_k(M) is computed on the matrix the optimizer orthogonalises (`MatrixView.whole`:
+        all of a fused q/k/v projection) and then cut to the layer, kept in ``outputs`` for its other layers."""
+        view = self.views[name]
+        m, w1, w0, why, group = x.m, view(x.w1), None if x.w0 is None else view(x.w0), x.why, x.group
         qs = self.quantiles
         out: dict[str, Tensor] = {}
         reasons: dict[str, str] = {}
@@ -121,14 +148,28 @@ class Measurer:
             except Exception as exc:
                 fail(family_name, exc)
 
+        # the NS configuration and its threshold feed ns_* and ns_fail_frac only: their failure blanks nothing else
+        ns, ns_error = None, None
+        try:
+            ns = self.ns(group)
+            if ns is not None:
+                ns_threshold(ns.steps, ns.coefficients, self.ns_floor)
+        except Exception as exc:
+            ns_error = exc
         if why is not None:
             fail("momentum", why)
         if m is not None:
-            mat = as_matrix(m)
-            family("momentum", lambda: momentum_metrics(mat, qs, ns, self.ns_floor, self._spectrum(name, "momentum")))
+            mat = view(m)
+            family("momentum", lambda: momentum_metrics(mat, qs, None if ns_error else ns, self.ns_floor,
+                                                        self._spectrum(name, "momentum")))
+        if ns_error is not None:
+            fail("newton_schulz", ns_error)
+            out["ns_fail_frac"] = torch.tensor(float("nan"))
+            reasons["ns_fail_frac"] = f"failed ({type(ns_error).__name__}: {ns_error})"
+        elif m is not None:
             if ns is not None:
                 family("newton_schulz", lambda: newton_schulz_metrics(
-                    self._ns_output(x, mat, ns), qs, self._spectrum(name, "newton_schulz")))
+                    view.part(self._ns_output(x, view, ns, outputs)), qs, self._spectrum(name, "newton_schulz")))
         if w0 is not None:
             # in float64: W_after − W_before of float32 weights is exact there, not always in float32
             family("update", lambda: update_metrics(w1.to(torch.float64) - w0.to(torch.float64), qs,
@@ -193,15 +234,23 @@ class Measurer:
             res[var] = hi - lo
         return res
 
-    def _ns_output(self, x: LayerInputs, m: Tensor, ns: NSConfig) -> Tensor:
-        """O = NS_k(M): read back from the step just applied where the adapter knows how (the optimizer's own
-        result, at no cost), else recomputed operation for operation. A parameter without a gradient was
-        not stepped: nothing to read back."""
+    def _ns_output(self, x: LayerInputs, view: MatrixView, ns: NSConfig,
+                   outputs: dict[tuple[str, int | None], Tensor] | None) -> Tensor:
+        """O = NS_k(M) of the matrix the optimizer orthogonalises, in its stored orientation: read back from
+        the step just applied where the adapter knows how (the optimizer's own result, at no cost), else
+        recomputed operation for operation. A parameter without a gradient was not stepped: nothing to read
+        back. Kept in ``outputs`` for the other layers viewing the same matrix."""
+        key = (view.param, view.index)
+        if outputs is not None and key in outputs:
+            return outputs[key]
+        o = None
         if x.w0 is not None and self.applied is not None and x.stepped:
-            o = self.applied(x.w1, x.group, x.w0)
-            if o is not None:
-                return o
-        return newton_schulz(m, ns)
+            o = self.applied(view.whole(x.w1), x.group, view.whole(x.w0))
+        if o is None:
+            o = newton_schulz(view.whole(x.m), ns)
+        if outputs is not None:
+            outputs[key] = o
+        return o
 
 
 def fill(row: dict[str, np.ndarray], i: int, name: str, host: Mapping[str, tuple[np.ndarray, str]]) -> list[Problem]:

@@ -4,17 +4,18 @@ The recorder only reads. It attaches ``register_step_pre_hook`` (snapshot W befo
 and ``register_step_post_hook`` (measure after it); it never touches the optimizer's state, the
 parameters, their gradients or the global random state, so training proceeds bit for bit as without it.
 After construction nothing it does raises into the training loop: a metric that cannot be computed is
-stored as NaN, counted in the run's ``errors`` attribute and warned about once per (metric, layer).
+stored as NaN, counted in the run's ``errors`` attribute and logged once per (metric family, reason), with a
+one-line summary at close; what is NaN by construction (no adapter, no momentum, no NS) is said in ``notes``.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import logging
 import math
 import queue
+import re
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -30,11 +31,11 @@ from spectralscope.hooks.gradients import GradientSpectra
 from spectralscope.hooks.modules import Context
 from spectralscope.hooks.sharpness import Sharpness
 
-from . import distributed
-from .adapters import adapter_for
+from . import arguments, distributed
+from .adapters import adapter_for, qualified_name
 from .estimate import EXACT_MAX, choose_method
-from .layers import Layer, layer_coords, select_layers
-from .measure import LayerInputs, Measurer, fill, to_host
+from .layers import Layer, check_kinds, layer_coords, select_layers
+from .measure import LayerInputs, Measurer, family_of, fill, to_host
 from .spectra import DEFAULT_QUANTILES
 from .store import DiscardWriter, GroupSpec, RunWriter
 from .worker import RecorderJobs, WorkerProcess, can_pickle, portable
@@ -63,11 +64,6 @@ def _jsonable(x: Any) -> Any:
     return repr(x)
 
 
-def _check(cond: bool, arg: str, accepted: str, got: Any) -> None:
-    if not cond:
-        raise ValueError(f"watch(): {arg} must be {accepted}, got {got!r}")
-
-
 class Recorder:
     """Records one optimizer's watched layers into a run store. Made by `watch`; see there."""
 
@@ -80,6 +76,7 @@ class Recorder:
         every: int = 10,
         meta: Mapping[str, Any] | None = None,
         layers: str | Callable[[str, Tensor], bool] | None = None,
+        kinds: Mapping[str, str] | None = None,
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
         name: str | None = None,
         model_size: int | None = None,
@@ -96,39 +93,29 @@ class Recorder:
         tensorboard: str | Path | None = None,
         background: bool | str = "auto",
     ):
-        _check(isinstance(optimizer, torch.optim.Optimizer), "optimizer", "a torch.optim.Optimizer", optimizer)
-        _check(model is None or isinstance(model, nn.Module), "model", "an nn.Module or None", model)
-        _check(isinstance(path, (str, Path)) and str(path) != "", "path", "a non-empty str or Path", path)
-        _check(isinstance(every, int) and not isinstance(every, bool) and every >= 1, "every", "an int >= 1", every)
-        _check(meta is None or isinstance(meta, Mapping), "meta", "a dict of JSON values or None", meta)
-        _check(
-            layers is None or isinstance(layers, str) or callable(layers),
-            "layers", "a regex string, a callable (name, param) -> bool, or None", layers,
-        )
-        qs = [float(q) for q in quantiles]
-        _check(len(qs) > 0 and all(0 <= q <= 1 for q in qs) and qs == sorted(set(qs)),
-               "quantiles", "increasing distinct levels in [0, 1]", quantiles)
-        _check(model_size is None or (isinstance(model_size, int) and model_size > 0),
-               "model_size", "a positive int or None", model_size)
-        _check(0 < ns_floor, "ns_floor", "a float > 0", ns_floor)
-        _check(flush_seconds > 0, "flush_seconds", "a number > 0", flush_seconds)
-        _check(exact_max is None or (isinstance(exact_max, int) and not isinstance(exact_max, bool) and exact_max >= 1),
-               "exact_max", "an int >= 1 (largest smaller side measured exactly) or None (always exact)", exact_max)
-        _check(sv_method in ("auto", "exact", "slq"), "sv_method", "'auto', 'exact' or 'slq'", sv_method)
-        _check(background is True or background is False or background in ("auto", "thread", "process"),
-               "background", "'auto', True, False, 'thread' or 'process'", background)
-        if meta is not None:
-            try:
-                json.dumps(dict(meta))
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"watch(): meta must hold JSON values only ({exc})") from exc
+        arguments.check_optimizer_and_model(optimizer, model)
+        arguments.check(isinstance(path, (str, Path)) and str(path) != "", "path", "a non-empty str or Path", path)
+        arguments.check_options(every=every, meta=meta, name=name, model_size=model_size, ns_floor=ns_floor,
+                                flush_seconds=flush_seconds, resume=resume, overwrite=overwrite,
+                                storage_options=storage_options, exact_max=exact_max, sv_method=sv_method,
+                                tensorboard=tensorboard, background=background)
+        arguments.check_layers(layers)
+        qs = arguments.check_quantiles(quantiles)
+        kind_rules = check_kinds(kinds)
+        arguments.check_model_holds(optimizer, model)
+        arguments.check(activations is None or isinstance(activations, (bool, ActivationSpectra)), "activations",
+                        "an ss.ActivationSpectra, True (defaults) or None/False (off)", activations)
+        arguments.check(gradients is None or isinstance(gradients, (bool, GradientSpectra)), "gradients",
+                        "an ss.GradientSpectra, True (defaults) or None/False (off)", gradients)
+        arguments.check(sharpness is None or isinstance(sharpness, Sharpness), "sharpness",
+                        "an ss.Sharpness(loss_fn, batch, every=..., per_layer=...) or None", sharpness)
 
         self.optimizer = optimizer
         self.every = every
         self.quantiles = qs
         self.ns_floor = float(ns_floor)
         self.adapter = adapter_for(optimizer)
-        self.layers: list[Layer] = select_layers(optimizer, model, layers)
+        self.layers: list[Layer] = select_layers(optimizer, model, layers, kind_rules)
         if not self.layers:
             raise ValueError(
                 "watch(): no parameter to watch — the optimizer updates no parameter with ndim >= 2"
@@ -146,15 +133,9 @@ class Recorder:
         # how each layer's spectra are measured: fixed by its shape, so recorded once as a coordinate
         self.methods = {lay.name: choose_method(lay.rows, lay.cols, exact_max, sv_method) for lay in self.layers}
         self.measurer = Measurer([lay.name for lay in self.layers], self.methods, qs, self.ns_floor,
-                                 self.adapter.ns, self.adapter.applied)
+                                 self.adapter.ns, self.adapter.applied, {lay.name: lay.view for lay in self.layers})
         self.estimated = self.measurer.estimated
         self.variables = self.measurer.variables  # the optimizer group's variables: name → has a quantile axis
-        _check(activations is None or isinstance(activations, (bool, ActivationSpectra)), "activations",
-               "an ss.ActivationSpectra, True (defaults) or None/False (off)", activations)
-        _check(gradients is None or isinstance(gradients, (bool, GradientSpectra)), "gradients",
-               "an ss.GradientSpectra, True (defaults) or None/False (off)", gradients)
-        _check(sharpness is None or isinstance(sharpness, Sharpness), "sharpness",
-               "an ss.Sharpness(loss_fn, batch, every=..., per_layer=...) or None", sharpness)
         default_activations = activations is True
         if default_activations:
             activations = ActivationSpectra()
@@ -168,8 +149,10 @@ class Recorder:
             params = model.parameters() if model is not None else (p for g in optimizer.param_groups for p in g["params"])
             model_size = sum(p.numel() for p in {id(p): p for p in params}.values())
         group0 = optimizer.param_groups[0]
-        ns0 = self.adapter.ns(group0)
-        opt_attrs = {"class": type(optimizer).__name__}
+        self.optimizer_name = qualified_name(type(optimizer))
+        self._notes = self._coverage_notes()
+        ns0 = self._ns_of(group0)
+        opt_attrs = {"class": self.optimizer_name}
         opt_attrs.update({k: _jsonable(group0[k]) for k in self.adapter.describe if k in group0})
         opt_attrs.setdefault("ns_steps", ns0.steps if ns0 else None)
         opt_attrs.setdefault("ns_coefficients", _jsonable(ns0.coefficients) if ns0 else None)
@@ -182,9 +165,12 @@ class Recorder:
             "meta": dict(meta or {}),
             "every": every,
             "ns_floor": self.ns_floor,  # the f_k floor behind ns_fail_frac, so readers can draw its threshold
+            "notes": dict(self._notes),  # what is not recorded, and why (readers show it beside the NaNs)
         }
         self._step = 0
         self._errors: dict[str, dict[str, int]] = {}
+        self._errors_before: dict[str, dict[str, int]] = {}
+        self._said: set[tuple[str, str]] = set()  # (metric family, reason) already logged
         # Under torch.distributed only rank 0 measures the optimizer and writes; every rank keeps the same
         # step count and runs the instruments' hooks, whose collectives must line up.
         self.writes = distributed.rank() == 0
@@ -207,8 +193,9 @@ class Recorder:
             self._specs = {sp.name: sp for sp in specs}
             if self.writes:
                 try:
+                    arguments.check_writable(path)
                     self.writer: RunWriter | DiscardWriter = RunWriter(
-                        path, specs, attrs, resume=resume, overwrite=overwrite,
+                        path, specs, attrs, resume=resume, overwrite=overwrite, must_match=("every",),
                         flush_seconds=flush_seconds, storage_options=storage_options,
                     )
                 except BaseException:
@@ -231,6 +218,7 @@ class Recorder:
             self._tb = TensorBoardSink(tensorboard)
         if resume:
             self._errors = {k: dict(v) for k, v in dict(self.writer._attrs.get("errors", {})).items()}
+        self._errors_before = {k: dict(v) for k, v in self._errors.items()}  # the close-time summary is this run's
         self._step = start
         self._before: dict[int, Tensor] | None = None
         self._scalars: dict[str, float] = {}
@@ -277,6 +265,41 @@ class Recorder:
         ]
         self._atexit = _close_at_exit(self)
         _register_exit(self._atexit)
+
+    # ---- what is not recorded, said ----------------------------------------------------------------
+    def _ns_of(self, group: Mapping[str, Any]) -> Any:
+        try:
+            return self.adapter.ns(group)
+        except Exception:  # measured per record, where the failure is counted with its reason
+            return None
+
+    def _coverage_notes(self) -> dict[str, str]:
+        """The metric families this optimizer leaves NaN by construction, each with why; the unknown optimizer
+        is warned about once here, at watch time."""
+        name, notes = self.optimizer_name, {}
+        if not self.adapter.known:
+            why = f"no adapter for {name}"
+            notes["momentum"] = notes["newton_schulz"] = f"not recorded ({why})"
+            log.warning(
+                "spectralscope: %s: momentum_sv, momentum_norm, ns_out_sv, ns_polar_err, ns_orth_err and ns_fail_frac "
+                "will be NaN, because spectralscope does not know where this optimizer keeps its momentum or whether "
+                "it orthogonalises it (update_*, neuron_* and weight_spectral_norm are recorded). Teach it with "
+                "ss.register_adapter(%s, momentum=lambda param, group, state: <the matrix it orthogonalises>, "
+                "ns=lambda group: ss.NSConfig(...) or None)", why, type(self.optimizer).__qualname__)
+        elif all(self._ns_of(g) is None for g in self.optimizer.param_groups):
+            notes["newton_schulz"] = f"not applicable ({name} applies no Newton–Schulz)"
+        return notes
+
+    def _no_momentum(self, layer: str) -> None:
+        """A known optimizer stepped ``layer`` but keeps no momentum for it (SGD with momentum=0): said once, in
+        the notes and the log."""
+        if "momentum" in self._notes:
+            return
+        self._notes["momentum"] = f"not recorded for {layer} and any layer like it ({self.optimizer_name} keeps no " \
+                                  "momentum for it, e.g. SGD with momentum=0)"
+        log.warning("spectralscope: momentum_sv and momentum_norm of %s are NaN: %s keeps no momentum for it "
+                    "(warned once)", layer, self.optimizer_name)
+        self.writer.update_attrs(notes=dict(self._notes))
 
     # ---- layout ----------------------------------------------------------------------------------
     def _group_specs(self) -> list[GroupSpec]:
@@ -350,6 +373,9 @@ class Recorder:
         self._push_scalars()
         self.writer.update_attrs(steps=self._step, errors=self.errors)
         self.writer.close()
+        summary = self._summary()
+        if summary is not None:
+            log.warning(summary)
         if self._tb is not None:
             self._tb.close()
 
@@ -633,6 +659,8 @@ class Recorder:
             m = self.adapter.momentum(p, group, self.optimizer.state.get(p, {}))
         except Exception as exc:
             why = exc
+        if m is None and why is None and self.adapter.known and p.grad is not None:
+            self._no_momentum(lay.name)
         w0 = self._before.get(id(p)) if self._before is not None else None
         m = None if m is None else m.detach()
         w1 = p.detach()
@@ -711,13 +739,35 @@ class Recorder:
         self.writer.append(group, step, row)
 
     def _count(self, metric: str, layer: str, reason: str, step: int | None = None) -> None:
+        """Count a value recorded as NaN (or a record lost) in ``errors``; the first of each (metric family,
+        reason) in this run is logged, the rest are summed up at `close`."""
+        family = family_of(metric)
+        key = (family, re.sub(r"^failed \((\w+): .*\)$", r"failed (\1)", reason, flags=re.S))
         with self._lock:
             per = self._errors.setdefault(metric, {})
-            first = layer not in per
             per[layer] = per.get(layer, 0) + 1
+            first = key not in self._said
+            self._said.add(key)
         if first:
-            log.warning("spectralscope: %s of %s %s at step %d; recorded as NaN (warned once per metric and layer)",
-                        metric, layer, reason, self._step if step is None else step)
+            log.warning("spectralscope: %s of %s %s at step %d; recorded as NaN. Later %s values for the same reason "
+                        "are only counted (the run's errors; a summary at close)", metric, layer, reason,
+                        self._step if step is None else step, family)
+
+    def _summary(self) -> str | None:
+        """One line: what this run recorded as NaN or lost since it was opened, by metric family."""
+        fams: dict[str, tuple[int, set[str]]] = {}
+        for metric, per in self.errors.items():
+            for layer, n in per.items():
+                n -= self._errors_before.get(metric, {}).get(layer, 0)
+                if n > 0:
+                    total, layers = fams.get(family_of(metric), (0, set()))
+                    fams[family_of(metric)] = (total + n, layers | {layer})
+        if not fams:
+            return None
+        parts = ", ".join(f"{fam} {n} ({len(layers)} {'layer' if len(layers) == 1 else 'layers'})"
+                          for fam, (n, layers) in sorted(fams.items(), key=lambda kv: -kv[1][0]))
+        return (f"spectralscope: {self.path}: {sum(n for n, _ in fams.values())} values recorded as NaN or lost: "
+                f"{parts} (by metric and layer in the run's errors attribute, rec.errors)")
 
     def _warn(self, metric: str, layer: str, exc: BaseException) -> None:
         self._count(metric, layer, f"failed ({type(exc).__name__}: {exc})")
@@ -769,7 +819,9 @@ def watch(
     """Hook ``optimizer`` (and name its parameters after ``model``) and stream metrics into ``path``.
 
     Options: ``every`` (record the optimizer group every N steps, default 10), ``meta`` (JSON dict),
-    ``layers`` (regex or callable narrowing the watched parameters), ``quantiles``, ``name``,
+    ``layers`` (regex or callable narrowing the watched parameters), ``kinds`` ({regex: kind}: the kind of
+    the layers whose name a pattern matches, the first that does, instead of the name rules), ``quantiles``,
+    ``name``,
     ``model_size`` (default: the model's parameter count), ``ns_floor`` (the f_k floor behind
     ``ns_fail_frac``, default 0.5), ``flush_seconds`` (default 5), ``resume`` / ``overwrite``,
     ``storage_options`` (fsspec), ``exact_max`` (default 2048) and ``sv_method`` ("auto", the default:

@@ -16,8 +16,10 @@ import datetime as _dt
 import json
 import logging
 import math
+import os
 import queue
 import re
+import socket
 import threading
 import time
 import warnings
@@ -36,6 +38,8 @@ from . import __version__
 log = logging.getLogger("spectralscope")
 
 SCHEMA = 1
+#: Zarr skips (and deletes) chunks that hold only the fill value by default; a run writes every chunk.
+WRITE_CONFIG = {"write_empty_chunks": True}
 #: Arrays start with room for this many chunks of steps (missing chunks cost nothing on disk) and
 #: double when full, so resizes — the one multi-file change — are rare.
 INITIAL_CHUNKS = 16
@@ -43,6 +47,18 @@ INITIAL_CHUNKS = 16
 #: commit writes whole chunks: Zarr writes part of a chunk by reading, decompressing and merging the old
 #: one first (≈ 0.5 of the ≈ 1.5 ms an array costs per commit).
 TAIL_BYTES = 4 << 20
+
+
+#: A live writer refreshes the run's heartbeat at least this often (s); more often with a shorter flush interval.
+HEARTBEAT_SECONDS = 10.0
+
+
+def heartbeat(interval: float) -> dict[str, Any]:
+    """The ``heartbeat`` root attribute (SPEC §9): when, where and by which process the run was last known alive,
+    and how often the writer refreshes it (readers call a ``running`` run whose beat is several intervals old
+    stopped: `integrity.run_status`)."""
+    return {"time": _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds"), "host": socket.gethostname(),
+            "pid": os.getpid(), "interval": float(interval)}
 
 
 def unit_dim(dims) -> str | None:
@@ -191,6 +207,43 @@ def check_overwritable(path: str | Path, storage_options: Mapping[str, Any] | No
                               "runs only, and nothing was removed")
 
 
+def _plain_list(values: Any) -> list:
+    return [v.item() if hasattr(v, "item") else v for v in np.asarray(values).tolist()]
+
+
+def layout_change(spec: GroupSpec, stored: Mapping[str, np.ndarray]) -> str | None:
+    """How a group laid out as ``spec`` differs from the one in the store (``stored``: its coordinate arrays),
+    in words, or None when a resumed run can append to it: the same layers or modules, each of the same shape,
+    measured the same way, and the same quantile levels."""
+    unit = unit_dim(spec.coords)
+    if unit is not None and unit in stored:
+        old, new = _plain_list(stored[unit]), _plain_list(spec.coords[unit][1])
+        if old != new:
+            gone, added = [n for n in old if n not in new], [n for n in new if n not in old]
+            what = "; ".join(filter(None, [f"{len(added)} not recorded before ({', '.join(map(str, added[:3]))}"
+                                           f"{', …' if len(added) > 3 else ''})" if added else "",
+                                           f"{len(gone)} no longer watched ({', '.join(map(str, gone[:3]))}"
+                                           f"{', …' if len(gone) > 3 else ''})" if gone else ""]))
+            return f"its {spec.name} {unit}s differ from the watched ones: {what or 'the same names in another order'}"
+        if "rows" in stored and "cols" in stored and "rows" in spec.coords and "cols" in spec.coords:
+            shapes = zip(new, _plain_list(stored["rows"]), _plain_list(stored["cols"]),
+                         _plain_list(spec.coords["rows"][1]), _plain_list(spec.coords["cols"][1]), strict=True)
+            for name, r0, c0, r1, c1 in shapes:
+                if (r0, c0) != (r1, c1):
+                    return f"its {spec.name} {unit} {name} was {r0}×{c0}, the watched one is {r1}×{c1}"
+        for name in ("width", "sv_method"):
+            if name in stored and name in spec.coords:
+                for n, a, b in zip(new, _plain_list(stored[name]), _plain_list(spec.coords[name][1]), strict=True):
+                    if a != b:
+                        return f"its {spec.name} {unit} {n} has {name} {a}, the watched one {b}"
+    for name in ("quantile", "rank"):
+        if name in stored and name in spec.coords:
+            old, new = _plain_list(stored[name]), _plain_list(spec.coords[name][1])
+            if old != new:
+                return f"its {spec.name} {name} levels are {old[:12]}, the watched ones {new[:12]}"
+    return None
+
+
 class _GroupState:
     def __init__(self, spec: GroupSpec, group: zarr.Group, n_rows: int, capacity: int):
         self.spec = spec
@@ -206,7 +259,7 @@ class _GroupState:
         (~30% of a commit's cost); a cached handle sees its own resizes."""
         arr = self._arrays.get(name)
         if arr is None:
-            arr = self._arrays[name] = self.group[name]
+            arr = self._arrays[name] = self.group[name].with_config(WRITE_CONFIG)
         return arr
 
     def write(self, name: str, start: int, block: np.ndarray, chunk: int) -> None:
@@ -260,7 +313,9 @@ class RunWriter:
         chunk_steps: int = 256,
         initial_chunks: int = INITIAL_CHUNKS,
         storage_options: Mapping[str, Any] | None = None,
+        must_match: Sequence[str] = (),
     ):
+        """``must_match``: root attributes that a resumed run must have kept (``every``), else ``ValueError``."""
         if chunk_steps < 256:
             raise ValueError(f"chunk_steps must be >= 256, got {chunk_steps}")
         if not flush_seconds > 0:
@@ -280,7 +335,11 @@ class RunWriter:
         self._groups: dict[str, _GroupState] = {}
         if exists and resume:
             self.root = zarr.open_group(store, mode="r+")
-            check_run(self.root, self.path)
+            stored = check_run(self.root, self.path)
+            for key in must_match:
+                if key in stored and key in attrs and stored[key] != attrs[key]:
+                    raise ValueError(f"cannot resume {self.path}: it was recorded with {key}={stored[key]!r}, "
+                                     f"not {key}={attrs[key]!r}")
             for spec in groups:
                 self._groups[spec.name] = self._resume_group(spec)
             self._attrs = dict(self.root.attrs)
@@ -288,7 +347,9 @@ class RunWriter:
         else:
             self.root = zarr.open_group(store, mode="w", zarr_format=3)
             self._attrs = {
-                "spectralscope": {"schema": SCHEMA, "version": __version__},
+                # "chunks": every chunk below n_rows is written, all-NaN ones too (`WRITE_CONFIG`), so a reader
+                # can tell a lost chunk file from rows that were NaN (`integrity.damaged_rows`)
+                "spectralscope": {"schema": SCHEMA, "version": __version__, "chunks": "all"},
                 "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 "errors": {},
                 **dict(attrs),
@@ -296,8 +357,11 @@ class RunWriter:
             for spec in groups:
                 self._groups[spec.name] = self._create_group(spec)
         self._attrs["status"] = "running"
+        self.beat_seconds = min(self.flush_seconds, HEARTBEAT_SECONDS)
+        self._attrs["heartbeat"] = heartbeat(self.beat_seconds)
         # Last: a root with these attributes is a complete run layout.
         self.root.attrs.put(self._attrs)
+        self._stored = dict(self._attrs)  # the root attributes as last written
         self.owns_root = True
         self._start()
 
@@ -337,7 +401,8 @@ class RunWriter:
     # ---- layout ---------------------------------------------------------------------------------
     def _create_array(self, group: zarr.Group, name: str, shape, dims, dtype, chunks, fill):
         return group.create_array(
-            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, dimension_names=dims, overwrite=True
+            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, dimension_names=dims, overwrite=True,
+            config=WRITE_CONFIG,
         )
 
     def _create_group(self, spec: GroupSpec) -> _GroupState:
@@ -367,15 +432,9 @@ class RunWriter:
         if spec.name not in self.root:
             return self._create_group(spec)
         g = self.root[spec.name]
-        for name, (dim, values) in spec.coords.items():
-            # the layer names, and how each layer's spectra are measured (a resumed run must not mix methods)
-            if (name == dim or name == "sv_method") and name in g and name not in ("quantile",):
-                old = [v.item() if hasattr(v, "item") else v for v in np.asarray(g[name][...])]
-                if list(np.asarray(old)) != list(np.asarray(values)):
-                    raise ValueError(
-                        f"cannot resume {self.path}: its {spec.name} {name}s differ from the watched ones "
-                        f"(store has {list(old)[:5]}…, watching {list(values)[:5]}…)"
-                    )
+        change = layout_change(spec, {name: np.asarray(g[name][...]) for name in spec.coords if name in g})
+        if change is not None:
+            raise ValueError(f"cannot resume {self.path}: {change}")
         n = int(g.attrs.get("n_rows", 0))
         capacity = g["step"].shape[0]
         for var in spec.variables:
@@ -450,13 +509,12 @@ class RunWriter:
     # ---- writer thread -------------------------------------------------------------------------
     def _run(self) -> None:
         deadline = time.monotonic() + self.flush_seconds
+        beat = time.monotonic() + self.beat_seconds if self.owns_root else math.inf
         while True:
             try:
-                kind, item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self._commit_all()
-                deadline = time.monotonic() + self.flush_seconds
-                continue
+                kind, item = self._queue.get(timeout=max(0.0, min(deadline, beat) - time.monotonic()))
+            except queue.Empty:  # time to commit, or to beat
+                kind, item = None, None
             if kind == "row":
                 name, step, values = item
                 st = self._groups.get(name)
@@ -499,6 +557,9 @@ class RunWriter:
             if time.monotonic() >= deadline:
                 self._commit_all()
                 deadline = time.monotonic() + self.flush_seconds
+            if time.monotonic() >= beat:  # alive, whether there is anything to commit or not
+                self._beat()
+                beat = time.monotonic() + self.beat_seconds
 
     def _guard(self, fn, *args) -> bool:
         try:
@@ -510,12 +571,20 @@ class RunWriter:
                 self._error_logged = True
             return False
 
+    def _beat(self) -> None:
+        """Refresh the heartbeat in the stored root attributes, and only it: the other attributes (steps,
+        errors) go with the rows they describe, at the next commit."""
+        self._attrs["heartbeat"] = heartbeat(self.beat_seconds)
+        if self._guard(self.root.attrs.put, {**self._stored, "heartbeat": self._attrs["heartbeat"]}):
+            self._stored["heartbeat"] = self._attrs["heartbeat"]
+
     def _commit_all(self) -> None:
         for st in self._groups.values():
             if st.pending:
                 self._guard(self._commit, st)
         if self.owns_root and self._attrs_dirty and self._guard(self.root.attrs.put, self._attrs):
             self._attrs_dirty = False  # an idle run (or a remote store) is not rewritten every flush
+            self._stored = dict(self._attrs)
 
     def _commit(self, st: _GroupState) -> None:
         rows = st.pending
@@ -620,28 +689,60 @@ def _open_group(store, group: zarr.Group, name: str, chunks: Any = None) -> xr.D
     return ds
 
 
-def open_run(path: str | Path, storage_options: Mapping[str, Any] | None = None, chunks: Any = None) -> xr.DataTree:
+def open_run(path: str | Path, storage_options: Mapping[str, Any] | None = None, chunks: Any = None,
+             check: str = "keys") -> xr.DataTree:
     """The committed prefix of a run as an ``xarray.DataTree``: the root holds the run's attributes,
     one child per sub-group, each cut to its ``n_rows`` committed steps. Data are read lazily: by xarray's
     lazy indexing (``chunks=None``), or as dask arrays (``chunks={}``: one task per Zarr chunk, or any
-    ``chunks`` that ``xarray.open_zarr`` takes); either way only the chunks a computation touches are read."""
+    ``chunks`` that ``xarray.open_zarr`` takes); either way only the chunks a computation touches are read.
+
+    ``check``: "keys" (default) lists the store's files and leaves out of each group the committed rows whose
+    chunk files are missing (Zarr would read them as NaN); "full" also decodes every chunk once and leaves out
+    rows that cannot be decoded; "none" trusts the store. Rows left out are described in the root attribute
+    ``damaged`` (a list of one-line texts) and logged. A metadata document that cannot be decoded raises
+    ``ValueError`` naming it."""
+    from .integrity import damaged_metadata, damaged_rows
+
+    if check not in ("keys", "full", "none"):
+        raise ValueError(f"open_run: check must be 'keys', 'full' or 'none', got {check!r}")
     store = open_store(path, storage_options, read_only=True)
     try:
         root = zarr.open_group(store, mode="r")
+        attrs = check_run(root, str(path))
+        names = sorted(root.group_keys())
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise FileNotFoundError(f"{path}: no spectralscope run there") from exc
-    attrs = check_run(root, str(path))
+    except ValueError as exc:
+        if "spectralscope" in str(exc):
+            raise
+        raise ValueError(f"{path}: {damaged_metadata(path, storage_options) or exc}") from None
+    try:
+        damage = [] if check == "none" else damaged_rows(path, storage_options, decode=check == "full")
+    except ValueError as exc:  # a metadata document that does not decode
+        raise ValueError(f"{path}: {damaged_metadata(path, storage_options) or exc}") from None
     tree: dict[str, xr.Dataset] = {"/": xr.Dataset(attrs=attrs)}
     with warnings.catch_warnings():
         # a live writer's temporary files (*.partial) are not part of the hierarchy
         warnings.filterwarnings("ignore", message=".*is not recognized as a component of a Zarr hierarchy")
-        for name in sorted(root.group_keys()):
+        for name in names:
             for attempt in range(100):
                 try:
-                    tree[f"/{name}"] = _open_group(store, root[name], name, chunks)
+                    ds = _open_group(store, root[name], name, chunks)
                     break
                 except ValueError as exc:  # a live writer resized arrays between our two metadata reads
-                    if "conflicting sizes" not in str(exc) or attempt == 99:
-                        raise
-                    time.sleep(0.01)
+                    if "conflicting sizes" in str(exc) and attempt < 99:
+                        time.sleep(0.01)
+                        continue
+                    raise ValueError(f"{path}: {damaged_metadata(path, storage_options) or exc}") from None
+            bad = [d for d in damage if d.group == name]
+            if bad and "step" in ds.dims:
+                keep = np.ones(ds.sizes["step"], dtype=bool)
+                for d in bad:
+                    keep[d.start:d.stop] = False
+                ds = ds.isel(step=np.flatnonzero(keep))
+            tree[f"/{name}"] = ds
+    if damage:
+        tree["/"].attrs["damaged"] = [d.describe() for d in damage]
+        log.warning("spectralscope: %s is damaged, %d row ranges left out: %s", path, len(damage),
+                    "; ".join(d.describe() for d in damage[:3]) + ("; …" if len(damage) > 3 else ""))
     return xr.DataTree.from_dict(tree)

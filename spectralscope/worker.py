@@ -250,6 +250,8 @@ class WorkerProcess:
         self._on_result, self._on_lost = on_result, on_lost
         self._dir = _shm_dir()
         self._pending: dict[int, tuple[Any, int, str]] = {}  # job id → (kind, step, file)
+        # jobs whose answer or loss is being handed to the recorder: `join` waits for those callbacks too
+        self._reporting: set[int] = set()
         self._cond = threading.Condition()
         self.alive = True
         self.why_dead = ""
@@ -321,9 +323,9 @@ class WorkerProcess:
         return True
 
     def join(self) -> None:
-        """Wait until every job sent has been answered (or lost)."""
+        """Wait until every job sent has been answered or lost, and the recorder told of it."""
         with self._cond:
-            while self._pending:
+            while self._pending or self._reporting:
                 self._cond.wait()
 
     def close(self) -> None:
@@ -340,9 +342,27 @@ class WorkerProcess:
         _detach(self)
 
     # -- answers (on the answering thread) --
+    def _take(self, job: int) -> tuple[Any, int, str] | None:
+        """Move ``job`` from pending to being reported (None if another thread already reports it)."""
+        entry = self._pending.pop(job, None)
+        if entry is not None:
+            self._reporting.add(job)
+        return entry
+
+    def _reported(self, job: int) -> None:
+        with self._cond:
+            self._reporting.discard(job)
+            self._cond.notify_all()
+
     def _answer(self, job: int, row: Any, problems: Any, error: str | None, fatal: bool) -> None:
         with self._cond:
-            kind, step, path = self._pending.get(job, (None, -1, None))
+            entry = self._take(job)
+            if fatal:  # the child cannot measure for this recorder: later jobs go elsewhere
+                self.alive = False
+                self.why_dead = error or ""
+        if entry is None:  # already reported lost by a thread that saw the child die
+            return
+        kind, step, path = entry
         _unlink(path)
         try:
             if error is not None:
@@ -352,12 +372,7 @@ class WorkerProcess:
         except Exception as exc:  # a failing callback must not stop the answers to later jobs
             log.warning("spectralscope: could not store a record of step %d (%s: %s)", step, type(exc).__name__, exc)
         finally:
-            with self._cond:
-                self._pending.pop(job, None)
-                if fatal:  # the child cannot measure for this recorder: later jobs go elsewhere
-                    self.alive = False
-                    self.why_dead = error or ""
-                self._cond.notify_all()
+            self._reported(job)
 
     def _died(self, why: str) -> None:
         with self._cond:
@@ -365,12 +380,17 @@ class WorkerProcess:
                 return
             self.alive = False
             self.why_dead = why
-            lost = sorted(self._pending.items())
-            self._pending.clear()
-            self._cond.notify_all()
-        for _, (kind, step, path) in lost:
+            lost = [(job, self._take(job)) for job in sorted(self._pending)]
+            self._cond.notify_all()  # a submit waiting for room learns that the child is gone
+        for job, (kind, step, path) in lost:
             _unlink(path)
-            self._on_lost(kind, step, f"lost: {why}")
+            try:
+                self._on_lost(kind, step, f"lost: {why}")
+            except Exception as exc:
+                log.warning("spectralscope: could not count a lost record of step %d (%s: %s)", step,
+                            type(exc).__name__, exc)
+            finally:
+                self._reported(job)
 
 
 def _unlink(path: str) -> None:
@@ -515,18 +535,27 @@ def serve(fd: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
     conn = Connection(fd)
-    conn.send("ready")  # the imports are done: jobs sent from now on are measured at once
     setups: dict[int, Any] = {}
+    try:
+        conn.send("ready")  # the imports are done: jobs sent from now on are measured at once
+    except OSError:  # the training process ended while this one was starting: nothing to do, nothing to say
+        return
     while True:
         try:
             msg = conn.recv()
         except (EOFError, OSError):  # the training process is gone: keep what its recorders had measured
             for setup in setups.values():
                 if hasattr(setup, "abandon"):
-                    setup.abandon()
+                    try:
+                        setup.abandon()
+                    except Exception as exc:  # its store is gone too: nobody is left to tell but the log
+                        log.warning("spectralscope: the measuring process could not commit a store (%s)", exc)
             return
         if msg is None:
-            conn.send(None)
+            try:
+                conn.send(None)
+            except OSError:
+                pass
             return
         if msg[0] == "setup":
             try:

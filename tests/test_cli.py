@@ -30,7 +30,7 @@ def test_info_prints_attributes_layers_steps_and_last_values(tmp_path, capsys):
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     ds = ss.open_run(path)["optimizer"].dataset
-    assert "status     finished" in out and '"width": 24' in out and '"class": "Muon"' in out
+    assert "status     finished" in out and '"width": 24' in out and '"class": "torch.optim.Muon"' in out
     assert "[optimizer] 3 rows, steps 0..10" in out and "[scalars] 12 rows, steps 0..11" in out
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().startswith(("0.weight", "2.weight"))}
     assert lines["0.weight"][1:4] == ["other", "NaN", "24x8"]

@@ -128,14 +128,22 @@ def test_sgd_and_adamw_record_their_momentum(tmp_path):
                                    rtol=1e-5, atol=1e-6)
         assert np.isnan(opt.ns_fail_frac.values).all() and np.isnan(opt.ns_polar_err.values).all()
         assert np.isfinite(opt.update_rms.values).all()
-        assert tree.attrs["optimizer"]["class"] == type(factory([nn.Parameter(torch.zeros(1))])).__name__
+        assert tree.attrs["optimizer"]["class"] == f"torch.optim.{type(factory([nn.Parameter(torch.zeros(1))])).__name__}"
+        assert tree.attrs["notes"] == {"newton_schulz": f"not applicable ({tree.attrs['optimizer']['class']} applies "
+                                                        "no Newton–Schulz)"}
 
 
-def test_optimizer_without_momentum_still_records_updates(tmp_path):
+def test_optimizer_without_momentum_still_records_updates(tmp_path, caplog):
     g = prescribed(20, 36, _grad_spectrum(20), seed=4)
-    tree, hist = _one_param_step(tmp_path, lambda p: torch.optim.SGD(p, lr=0.1), [g])
+    with caplog.at_level(logging.WARNING, logger="spectralscope"):
+        tree, hist = _one_param_step(tmp_path, lambda p: torch.optim.SGD(p, lr=0.1), [g])
     opt = tree["optimizer"]
     assert np.isnan(opt.momentum_sv.values).all()
+    # ... and says why: once in the log, in the run's notes
+    said = [r.getMessage() for r in caplog.records if "keeps no momentum" in r.getMessage()]
+    assert said == ["spectralscope: momentum_sv and momentum_norm of param0 are NaN: torch.optim.SGD keeps no "
+                    "momentum for it (warned once)"]
+    assert tree.attrs["notes"]["momentum"].startswith("not recorded for param0")
     dw = (hist[1].double() - hist[0].double()).numpy()
     np.testing.assert_allclose(opt.update_rms.values[0, 0], np.sqrt(np.mean(dw**2)), rtol=1e-12)
 
@@ -667,7 +675,7 @@ def test_register_adapter_for_a_custom_optimizer(tmp_path):
     sv = np.linalg.svd(g.astype(np.float32).astype(np.float64), compute_uv=False)
     np.testing.assert_allclose(tree["optimizer"].momentum_sv.values[0, 0], np_quantile(sv / np.linalg.norm(sv), QS),
                                rtol=1e-5, atol=1e-6)
-    assert tree.attrs["optimizer"] == {"class": "SignMomentum", "lr": 0.01, "beta": 0.8, "ns_steps": None,
+    assert tree.attrs["optimizer"] == {"class": f"{__name__}.SignMomentum", "lr": 0.01, "beta": 0.8, "ns_steps": None,
                                        "ns_coefficients": None, "nesterov": None, "momentum": None}
 
 
@@ -717,11 +725,12 @@ def test_nan_gradient_never_raises_and_is_counted_once_warned(tmp_path, caplog, 
     errors = tree.attrs["errors"]
     assert errors == rec.errors
     assert errors["momentum_sv"][bad] == 2 and errors["update_rms"][bad] == 2
-    warned = [r.getMessage() for r in caplog.records if "momentum_sv of head.weight" in r.getMessage()]
-    assert len(warned) == 1
-    # each (metric, layer) is warned exactly once
-    keys = [tuple(r.getMessage().split(" ")[1:4:2]) for r in caplog.records]
-    assert len(keys) == len(set(keys))
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("of head.weight is not finite" in m and m.startswith("spectralscope: momentum") for m in msgs) == 1
+    # each (metric family, reason) is logged exactly once, then one summary at close
+    families = [m.split("Later ")[1].split(" values for")[0] for m in msgs if "values for the same reason" in m]
+    assert "momentum" in families and len(families) == len(set(families))
+    assert sum("values recorded as NaN or lost" in m for m in msgs) == 1
     others = [n for n in ds.layer.values if n != bad]
     assert np.isfinite(ds.momentum_sv.sel(layer=others).values[:3]).all()  # step 3 sees NaN weights downstream
 
@@ -785,7 +794,7 @@ def test_existing_store_needs_resume_or_overwrite(tmp_path):
     assert list(tree["scalars"].step.values) == list(range(10))
     other = torch.optim.Muon([model.blocks[0]["mlp"]["c_fc"].weight], lr=0.01)
     with pytest.raises(ValueError, match="layers differ"):
-        ss.watch(other, model, path, resume=True)
+        ss.watch(other, model, path, every=2, resume=True)
     with ss.watch(opt, model, path, overwrite=True) as rec:
         train(rec, 1)
     assert ss.open_run(path)["optimizer"].sizes["step"] == 1
@@ -824,3 +833,88 @@ assert (rec._process is not None) == {background}
     assert tree.attrs["status"] == "finished"
     assert tree["optimizer"].sizes["step"] == 7 and tree["scalars"].sizes["step"] == 7
     assert np.isfinite(tree["optimizer"]["momentum_sv"].values).all()
+
+
+def test_an_optimizer_without_adapter_is_said_not_silently_nan(tmp_path, caplog):
+    # a real third-party optimizer nobody registered: its momentum is NaN, and every reader is told why
+    from pytorch_optimizer import Lion
+
+    from spectralscope.cli import info_text
+    from spectralscope.dashboards import data
+
+    model = Tiny()
+    opt = Lion(model.parameters(), lr=1e-3)
+    with caplog.at_level(logging.WARNING, logger="spectralscope"):
+        with ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=False) as rec:
+            for _ in range(2):
+                model(torch.randn(8, 12)).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+    warned = [r.getMessage() for r in caplog.records if "no adapter" in r.getMessage()]
+    assert len(warned) == 1
+    assert warned[0].startswith("spectralscope: no adapter for pytorch_optimizer.Lion: momentum_sv, momentum_norm, "
+                                "ns_out_sv, ns_polar_err, ns_orth_err and ns_fail_frac will be NaN")
+    assert "ss.register_adapter(Lion, momentum=" in warned[0]
+    tree = ss.open_run(rec.path)
+    assert tree.attrs["optimizer"]["class"] == "pytorch_optimizer.Lion"
+    assert tree.attrs["notes"]["momentum"] == "not recorded (no adapter for pytorch_optimizer.Lion)"
+    opt_ds = tree["optimizer"]
+    assert np.isnan(opt_ds.momentum_sv.values).all() and np.isfinite(opt_ds.update_rms.values).all()
+    assert "momentum: not recorded (no adapter for pytorch_optimizer.Lion)" in info_text(str(rec.path))
+    row = data.overview(data.find_runs(tmp_path)).iloc[0]
+    assert "momentum: not recorded (no adapter for pytorch_optimizer.Lion)" in row["notes"]
+
+
+def test_a_failing_ns_configuration_blanks_only_what_depends_on_it(tmp_path):
+    # ns_floor=2: no σ is lifted to 2 by the quintic, so ns_threshold raises; momentum_sv/momentum_norm stand
+    model = Tiny()
+    opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.01)
+    with ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=False, ns_floor=2.0) as rec:
+        model(torch.randn(8, 12)).square().mean().backward()
+        opt.step()
+    ds = ss.open_run(rec.path)["optimizer"]
+    assert np.isfinite(ds.momentum_sv.values).all() and np.isfinite(ds.momentum_norm.values).all()
+    assert np.isnan(ds.ns_fail_frac.values).all() and np.isnan(ds.ns_out_sv.values).all()
+    assert set(rec.errors) >= {"ns_fail_frac", "ns_out_sv"} and "momentum_sv" not in rec.errors
+
+    class Broken(torch.optim.Muon):
+        pass
+
+    def broken_ns(group):
+        raise KeyError("ns_steps")
+
+    ss.register_adapter(Broken, momentum=lambda p, group, state: state.get("momentum_buffer"), ns=broken_ns)
+    opt = Broken([p for p in model.parameters() if p.ndim == 2], lr=0.01)
+    with ss.watch(opt, model, tmp_path / "b.zarr", every=1, background=False) as rec:
+        model(torch.randn(8, 12)).square().mean().backward()
+        opt.step()
+    ds = ss.open_run(rec.path)["optimizer"]
+    assert np.isfinite(ds.momentum_sv.values).all() and np.isnan(ds.ns_fail_frac.values).all()
+    assert "ns_fail_frac" in rec.errors and "momentum_sv" not in rec.errors
+
+
+def test_a_diverged_deep_model_logs_a_line_per_family_and_reason_and_a_summary(tmp_path, caplog):
+    # 14 layers go NaN at step 1 and stay so: hundreds of NaN values, a handful of lines
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(14)])
+    opt = torch.optim.Muon([m.weight for m in model], lr=0.01)
+    with caplog.at_level(logging.WARNING, logger="spectralscope"):
+        with ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=False,
+                      activations=ss.ActivationSpectra(every=1)) as rec:
+            for i in range(4):
+                model(torch.randn(8, 16)).square().mean().backward()
+                if i == 1:
+                    for m in model:
+                        m.weight.grad.fill_(float("nan"))
+                opt.step()
+                opt.zero_grad()
+    lines = [r.getMessage() for r in caplog.records]
+    counted = sum(sum(per.values()) for per in rec.errors.values())
+    assert counted > 200
+    per_family = [ln for ln in lines if "values for the same reason are only counted" in ln]
+    keys = {ln.split("Later ")[1].split(" values for the same reason")[0] for ln in per_family}
+    assert len(per_family) == len(keys) <= 5 and keys >= {"momentum", "update", "activations"}
+    summary = [ln for ln in lines if "values recorded as NaN or lost" in ln]
+    assert len(summary) == 1 and len(lines) == len(per_family) + 1
+    assert summary[0].startswith(f"spectralscope: {rec.path}: {counted} values recorded as NaN or lost: ")
+    assert "momentum " in summary[0] and "(14 layers)" in summary[0]

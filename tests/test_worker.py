@@ -3,7 +3,11 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -98,6 +102,48 @@ def test_a_killed_child_loses_only_the_jobs_in_flight_and_never_blocks():
     assert [(s, why.startswith("lost: the measuring process exited with code -9")) for _, s, why in answers.lost] == [
         (1, True), (2, True)]
     assert not proc.alive and _leftovers() == []
+
+
+def test_lost_jobs_are_counted_before_close_returns():
+    # close() returns only once the recorder has been told of every job: a lost one's callback that takes a
+    # while (a loaded machine) is still waited for, so a closed run never under-counts its errors
+    answers = _Answers()
+
+    def slow_lose(kind, step, why):
+        time.sleep(0.3)
+        answers.lose(kind, step, why)
+
+    proc = worker.WorkerProcess({"job": _fail_on_negative}, answers.result, slow_lose)
+    assert proc.submit("job", 0, 5)
+    proc.join()
+    os.kill(proc.proc.pid, signal.SIGSTOP)
+    assert proc.submit("job", 1, 6) and proc.submit("job", 2, 7)
+    os.kill(proc.proc.pid, signal.SIGKILL)
+    proc.close()
+    assert [s for _, s, _ in answers.lost] == [1, 2]
+
+
+@pytest.mark.parametrize("linger", [0.0, 3.0])
+def test_a_run_closed_at_once_or_ended_leaves_the_worker_process_quiet(tmp_path, linger):
+    # a recorder closed right away (the child still starting, ≈ 1–2 s) and an interpreter that exits then,
+    # or a bit later: the child finds its parent gone and ends without a word on the shared stderr
+    script = tmp_path / "quick.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        import torch
+        from torch import nn
+        import spectralscope as ss
+        model = nn.Linear(4, 4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        with ss.watch(opt, model, {str(tmp_path / "r.zarr")!r}, every=1) as rec:
+            model(torch.randn(2, 4)).sum().backward()
+            opt.step()
+        time.sleep({linger})
+        print("done", flush=True)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout == "done\n"
+    assert out.stderr == "", out.stderr
 
 
 def test_functions_of_main_cannot_be_handed_over():

@@ -1,0 +1,142 @@
+"""The checks on `watch`'s arguments: a bad one raises at once, before anything is hooked or written, with
+one line that names the argument, what it accepts and what it was given (objects by their type, never by a
+repr that could run to pages, as a model's does)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def shown(x: Any) -> str:
+    """``x`` as an error message shows it: short literals by repr, anything else by its type."""
+    if x is None or isinstance(x, (bool, int, float)):
+        return repr(x)
+    if isinstance(x, (str, Path)):
+        text = repr(str(x))
+        return text if len(text) <= 60 else text[:56] + "…'"
+    if isinstance(x, (list, tuple)) and len(x) <= 12 and all(v is None or isinstance(v, (bool, int, float, str))
+                                                            for v in x):
+        text = repr(x)
+        return text if len(text) <= 80 else text[:76] + "…"
+    return f"a {type(x).__module__}.{type(x).__qualname__}"
+
+
+def check(cond: bool, arg: str, accepted: str, got: Any) -> None:
+    """``ValueError("watch(): <arg> must be <accepted>, got <got>")`` unless ``cond``."""
+    if not cond:
+        raise ValueError(f"watch(): {arg} must be {accepted}, got {shown(got)}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_optimizer_and_model(optimizer: Any, model: Any) -> None:
+    if isinstance(optimizer, nn.Module) and isinstance(model, torch.optim.Optimizer):
+        raise ValueError("watch(): optimizer and model are swapped: the call is watch(optimizer, model, path)")
+    if not isinstance(optimizer, torch.optim.Optimizer) and isinstance(getattr(optimizer, "optimizer", None),
+                                                                       torch.optim.Optimizer):
+        raise ValueError(f"watch(): optimizer must be a torch.optim.Optimizer, got {shown(optimizer)}, a wrapper: "
+                         "pass its .optimizer")
+    check(isinstance(optimizer, torch.optim.Optimizer), "optimizer", "a torch.optim.Optimizer", optimizer)
+    check(model is None or isinstance(model, nn.Module), "model", "an nn.Module or None", model)
+
+
+def check_quantiles(quantiles: Any) -> list[float]:
+    """The quantile levels as floats: a non-empty sequence of increasing distinct numbers in [0, 1]."""
+    values = None
+    if not isinstance(quantiles, (str, bytes, Mapping)):
+        try:
+            values = [math.nan if isinstance(q, (bool, str)) else float(q) for q in quantiles]
+        except (TypeError, ValueError):  # not iterable, or not numbers
+            values = None
+    check(values is not None and len(values) > 0 and all(0 <= q <= 1 for q in values) and values == sorted(set(values)),
+          "quantiles", "a sequence of increasing distinct levels in [0, 1], e.g. (0.1, 0.5, 0.9)", quantiles)
+    return values
+
+
+def check_layers(layers: Any) -> None:
+    check(layers is None or isinstance(layers, str) or callable(layers),
+          "layers", "a regex string, a callable (name, param) -> bool, or None", layers)
+    if isinstance(layers, str):
+        try:
+            re.compile(layers)
+        except re.error as exc:
+            raise ValueError(f"watch(): layers must be a valid regex, got {shown(layers)} ({exc})") from None
+
+
+def check_options(*, every: Any, meta: Any, name: Any, model_size: Any, ns_floor: Any, flush_seconds: Any,
+                  resume: Any, overwrite: Any, storage_options: Any, exact_max: Any, sv_method: Any,
+                  tensorboard: Any, background: Any) -> None:
+    """Every option of `watch` that is a plain value."""
+    check(_is_int(every) and every >= 1, "every", "an int >= 1", every)
+    check(meta is None or isinstance(meta, Mapping), "meta", "a dict of JSON values or None", meta)
+    if meta is not None:
+        try:
+            json.dumps(dict(meta), allow_nan=True)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"watch(): meta must hold JSON values only ({exc})") from None
+    check(name is None or (isinstance(name, str) and name != ""), "name", "a non-empty str or None", name)
+    check(model_size is None or (_is_int(model_size) and model_size > 0), "model_size", "a positive int or None",
+          model_size)
+    check(_is_number(ns_floor) and ns_floor > 0, "ns_floor", "a number > 0 (the f_k floor, default 0.5)", ns_floor)
+    check(_is_number(flush_seconds) and flush_seconds > 0, "flush_seconds", "a number of seconds > 0", flush_seconds)
+    check(isinstance(resume, bool), "resume", "True or False", resume)
+    check(isinstance(overwrite, bool), "overwrite", "True or False", overwrite)
+    if resume and overwrite:
+        raise ValueError("watch(): resume=True and overwrite=True exclude each other: choose one")
+    check(storage_options is None or isinstance(storage_options, Mapping), "storage_options",
+          "a dict of fsspec options or None", storage_options)
+    check(exact_max is None or (_is_int(exact_max) and exact_max >= 1), "exact_max",
+          "an int >= 1 (largest smaller side measured exactly) or None (always exact)", exact_max)
+    check(isinstance(sv_method, str) and sv_method in ("auto", "exact", "slq"), "sv_method",
+          "'auto', 'exact' or 'slq'", sv_method)
+    check(tensorboard is None or (isinstance(tensorboard, (str, Path)) and str(tensorboard) != ""), "tensorboard",
+          "a log directory (str or Path) or None", tensorboard)
+    check(background is True or background is False or (isinstance(background, str)
+                                                         and background in ("auto", "thread", "process")),
+          "background", "'auto', True, False, 'thread' or 'process'", background)
+
+
+def check_writable(path: str | Path) -> None:
+    """``ValueError`` naming ``path`` when a local run store could not be created or written there (an fsspec
+    URL is the store's to judge)."""
+    if "://" in str(path):
+        return
+    p = Path(path).expanduser().absolute()
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe != p and not probe.is_dir():
+        raise ValueError(f"watch(): path {str(path)!r} cannot be created: {probe} is a file, not a folder")
+    if p.exists() and not p.is_dir():
+        return  # the writer says what is there (FileExistsError), resume and overwrite included
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"watch(): path {str(path)!r} cannot be written: {probe} is not writable by this user")
+
+
+def check_model_holds(optimizer: torch.optim.Optimizer, model: nn.Module | None) -> None:
+    """``ValueError`` when the model holds none of the optimizer's parameters (every layer would be named
+    ``param0``, ``param1``…: the wrong model, most likely)."""
+    if model is None:
+        return
+    ours = {id(p) for p in model.parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if params and not any(id(p) in ours for p in params):
+        raise ValueError(f"watch(): model holds none of the optimizer's {len(params)} parameters: pass the model "
+                         "that this optimizer trains (or model=None to name them param0, param1, …)")
