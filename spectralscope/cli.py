@@ -246,10 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .tensorboard import export_tb
 
             try:
-                n = export_tb(args.run, args.logdir)
+                n, skipped = export_tb(args.run, args.logdir)
             except (FileNotFoundError, ValueError) as exc:
                 raise UserError(str(exc)) from exc
-            print(f"wrote {n} scalars of {args.run} to {args.logdir}")
+            print(f"wrote {n} scalars of {args.run} to {args.logdir}"
+                  + (f" ({skipped} were there already)" if skipped else ""))
         elif args.command == "dashboard":
             import os
 

@@ -714,6 +714,9 @@ class Recorder:
         step = self._step if step is None else step
         if not stored:
             self._store(group, step, row)
+        self._to_tensorboard(group, step, row)
+
+    def _to_tensorboard(self, group: str, step: int, row: Mapping[str, Any]) -> None:
         if self._tb is not None:
             try:
                 with self._lock:
@@ -782,6 +785,7 @@ class Recorder:
             except (TypeError, ValueError, RuntimeError):
                 values[k] = float("nan")
         self.writer.append("scalars", self._scalar_step, values)
+        self._to_tensorboard("scalars", self._scalar_step, values)
         self._scalars = {}
         self._scalar_step = None
 

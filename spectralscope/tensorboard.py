@@ -2,7 +2,9 @@
 
 The same rows go to TensorBoard live (``watch(..., tensorboard=DIR)``) and from a finished store
 (``spectralscope export-tb RUN --logdir DIR``). Tags are ``{metric}/{layer}`` (``momentum_sv_q0.5/…``
-for quantile metrics); the layout puts each metric's layers on one multi-line chart.
+for quantile metrics) and ``scalars/{name}`` for what ``rec.log`` recorded; the layout puts each metric's
+layers on one multi-line chart. An export writes only the (tag, step) pairs the log directory does not
+hold yet, so exporting twice, or after a live run, duplicates nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ def tag_of(var: str, quantile: float | None) -> str:
 def scalars(group: str, row: Mapping[str, np.ndarray], names: Sequence[str],
             quantiles: Sequence[float] = ()) -> list[tuple[str, float]]:
     """The (tag, value) pairs of one recorded row: ``names`` are the row's layers (or modules), ``quantiles``
-    the levels along its quantile axis. NaN values are skipped."""
+    the levels along its quantile axis; a ``scalars`` row gives ``scalars/{name}`` for each of its values.
+    NaN values are skipped."""
+    if group == "scalars":
+        return [(f"scalars/{k}", float(v)) for k, v in row.items() if np.ndim(v) == 0 and np.isfinite(v)]
     out = []
     for g, var, q in TB_METRICS:
         if g != group or var not in row:
@@ -58,17 +63,19 @@ def layout() -> dict:
     for _, var, q in TB_METRICS:
         tag = tag_of(var, q)
         charts[tag] = ["Multiline", [rf"^{tag}(/.*)?$"]]
+    charts["scalars"] = ["Multiline", [r"^scalars/.*$"]]
     return {"spectralscope": charts}
 
 
 class TensorBoardSink:
     """Writes recorded rows to a TensorBoard log directory."""
 
-    def __init__(self, logdir: str | Path):
+    def __init__(self, logdir: str | Path, with_layout: bool = True):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(logdir))
-        self.writer.add_custom_scalars(layout())
+        if with_layout:
+            self.writer.add_custom_scalars(layout())
 
     def write(self, group: str, step: int, row: Mapping[str, np.ndarray], names: Sequence[str],
               quantiles: Sequence[float] = ()) -> None:
@@ -80,29 +87,48 @@ class TensorBoardSink:
         self.writer.close()
 
 
-def export_tb(run: str, logdir: str | Path, storage_options=None) -> int:
-    """Write a run's stored rows to TensorBoard; returns the number of scalars written."""
+def written(logdir: str | Path) -> tuple[dict[str, set[int]], bool]:
+    """What a log directory already holds: the steps of each scalar tag, and whether it has the layout."""
+    if not Path(logdir).is_dir():
+        return {}, False
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    steps = {tag: {e.step for e in acc.Scalars(tag)} for tag in tags.get("scalars", [])}
+    return steps, "custom_scalars__config__" in tags.get("tensors", [])
+
+
+def export_tb(run: str, logdir: str | Path, storage_options=None) -> tuple[int, int]:
+    """Write a run's stored rows to TensorBoard, the `TB_METRICS` and the logged scalars, skipping every (tag,
+    step) the log directory already holds; returns (scalars written, scalars already there)."""
     from .store import open_run, unit_dim
 
     tree = open_run(run, storage_options)
-    sink = TensorBoardSink(logdir)
-    count = 0
+    have, has_layout = written(logdir)
+    sink = None
+    count = skipped = 0
     try:
-        for group in {g for g, _, _ in TB_METRICS}:
+        for group in sorted({g for g, _, _ in TB_METRICS} | {"scalars"}):
             if group not in tree.children:
                 continue
             ds = tree[group].dataset
             unit = unit_dim(ds.dims)
             names = [str(n) for n in ds[unit].values.tolist()] if unit else []
             qs = [float(q) for q in ds["quantile"].values] if "quantile" in ds.dims else []
-            wanted = [v for g, v, _ in TB_METRICS if g == group and v in ds]
+            wanted = list(ds.data_vars) if group == "scalars" else [v for g, v, _ in TB_METRICS if g == group and v in ds]
             data = {v: ds[v].values for v in wanted}
             for i, step in enumerate(ds["step"].values.tolist()):
-                row = {v: data[v][i] for v in wanted}
-                pairs = scalars(group, row, names, qs)
-                for tag, value in pairs:
+                for tag, value in scalars(group, {v: data[v][i] for v in wanted}, names, qs):
+                    if int(step) in have.get(tag, ()):
+                        skipped += 1
+                        continue
+                    if sink is None:
+                        sink = TensorBoardSink(logdir, with_layout=not has_layout)
                     sink.writer.add_scalar(tag, value, global_step=int(step))
-                count += len(pairs)
+                    count += 1
     finally:
-        sink.close()
-    return count
+        if sink is not None:
+            sink.close()
+    return count, skipped
