@@ -21,7 +21,7 @@ import pandas as pd
 import xarray as xr
 import zarr
 
-from spectralscope.fit import combine_runs, window_rows
+from spectralscope.fit import combine_runs, run_labels, window_rows
 from spectralscope.integrity import run_status
 from spectralscope.store import check_run, is_url, open_store, unit_dim
 
@@ -304,7 +304,8 @@ def settled(entries: Sequence[RunEntry], metric: str, group: str, quantile: floa
             window: tuple[float, float] = (0.5, 1.0), storage_options: Options = None) -> tuple[pd.DataFrame, list[str]]:
     """The settled value (median over ``window`` of the committed rows) of ``metric`` per run and layer, as
     the tidy frame `spectralscope.fit_scaling` takes (``run``, ``layer``, ``kind``, ``depth``, ``quantile``,
-    ``size``, ``value``), depth rounded to 0.25 when the runs' depth grids differ; plus one line per run
+    ``size``, ``value``, and the run's ``optimizer`` and ``arch``: `fit.run_labels`), depth rounded to 0.25 when
+    the runs' depth grids differ; plus one line per run
     that could not be used."""
     frames, skipped = [], []
     for e in entries:
@@ -323,8 +324,9 @@ def settled(entries: Sequence[RunEntry], metric: str, group: str, quantile: floa
         frames.append(pd.DataFrame({
             "run": e.rel, "layer": da[unit].values.astype(str), "kind": da["kind"].values.astype(str),
             "depth": da["depth"].values.astype(float), "quantile": np.nan if quantile is None else float(quantile),
-            "size": float(size), "value": med.reshape(-1),
+            "size": float(size), "value": med.reshape(-1), **run_labels(e.attrs),
         }))
     if not frames:
-        return pd.DataFrame(columns=["run", "layer", "kind", "depth", "quantile", "size", "value"]), skipped
+        return pd.DataFrame(columns=["run", "layer", "kind", "depth", "quantile", "size", "value", "optimizer",
+                                     "arch"]), skipped
     return combine_runs(frames), skipped

@@ -133,8 +133,10 @@ def fit_text(runs: Sequence[str], metric: str, quantile: float | None, target_si
     if csv:
         fits.to_csv(csv, index=False)
     shown = fits.drop(columns=["intercept"])
-    lines = [f"power laws of settled {metric} against model size ({len(fits)} fits)",
-             shown.to_string(index=False, float_format=_fmt)]
+    lines = [f"power laws of settled {metric} against model size ({len(fits)} fits)"]
+    if fits.attrs.get("note"):
+        lines.append(f"note: {fits.attrs['note']}")
+    lines.append(shown.to_string(index=False, float_format=_fmt))
     if target_size is not None:
         q = quantile if quantile is not None else 0.5
         if metric not in ("momentum_sv",):

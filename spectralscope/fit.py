@@ -162,7 +162,9 @@ def settled_values(tree, metric: str, quantile: float | None = None, size: str =
     unit = unit_dim(da.dims)
     med = da.median("step", skipna=True).load()  # once: with dask every .values below would recompute it
     rows = []
-    value_size = _run_size(dict(tree.attrs), size, where)
+    attrs = dict(tree.attrs)
+    value_size = _run_size(attrs, size, where)
+    labels = run_labels(attrs)
     for j, name in enumerate(med[unit].values.tolist()):
         kind, depth = str(med["kind"].values[j]), float(med["depth"].values[j])
         if "quantile" in da.dims:
@@ -171,7 +173,35 @@ def settled_values(tree, metric: str, quantile: float | None = None, size: str =
                 rows.append((name, kind, depth, float(q), value_size, v))
         else:
             rows.append((name, kind, depth, np.nan, value_size, float(med.isel({unit: j}).values)))
-    return pd.DataFrame(rows, columns=["layer", "kind", "depth", "quantile", "size", "value"])
+    return pd.DataFrame(rows, columns=["layer", "kind", "depth", "quantile", "size", "value"]).assign(**labels)
+
+
+def run_labels(attrs: dict) -> dict[str, str | None]:
+    """What makes runs unlike, beside their size: ``optimizer`` (the class the run's root attribute names;
+    several joined by ``+``) and ``arch`` (``meta["arch"]``, when the user gave it)."""
+    opt = attrs.get("optimizer")
+    opts = opt if isinstance(opt, list) else [opt] if isinstance(opt, dict) else []
+    classes = sorted({str(o.get("class")) for o in opts if isinstance(o, dict) and o.get("class")})
+    meta = attrs.get("meta") if isinstance(attrs.get("meta"), dict) else {}
+    arch = meta.get("arch")
+    return {"optimizer": "+".join(classes) or None, "arch": None if arch is None else str(arch)}
+
+
+def resolve_by(tidy, by) -> tuple[list[str], str | None]:
+    """The grouping keys: ``by`` as given, or by default ``("kind", "depth")`` preceded by ``optimizer`` and
+    ``arch`` where the runs differ in them; and a note saying what was done about unlike runs (None if all alike)."""
+    unlike = [c for c in ("optimizer", "arch") if c in tidy.columns and tidy[c].nunique(dropna=True) > 1]
+    if by is None:
+        keys = [*unlike, "kind", "depth"]
+        note = (f"the runs differ in {' and '.join(unlike)} "
+                f"({'; '.join(', '.join(sorted(tidy[c].dropna().unique())) for c in unlike)}): "
+                f"fitted separately by {' and '.join(unlike)}") if unlike else None
+        return keys, note
+    keys = [by] if isinstance(by, str) else list(by)
+    mixed = [c for c in unlike if c not in keys]
+    note = (f"the runs differ in {' and '.join(mixed)} and are fitted together, as by={tuple(keys)} asks"
+            if mixed else None)
+    return keys, note
 
 
 def combine_runs(frames, round_depth: bool = True):
@@ -187,14 +217,15 @@ def combine_runs(frames, round_depth: bool = True):
 
 
 def group_label(keys: dict) -> str:
-    """A readable name of a layer group, e.g. ``attn_o@0.5`` for {kind: attn_o, depth: 0.5}."""
-    parts = [str(v) for k, v in keys.items() if k != "depth"]
+    """A readable name of a layer group, e.g. ``attn_o@0.5`` for {kind: attn_o, depth: 0.5}, ``Muon/attn_o@0.5``
+    with an ``optimizer`` key (the class name without its module)."""
+    parts = [str(v).rsplit(".", 1)[-1] if k == "optimizer" else str(v) for k, v in keys.items() if k != "depth"]
     depth = keys.get("depth")
     label = "/".join(parts)
     return label if depth is None or (isinstance(depth, float) and np.isnan(depth)) else f"{label}@{depth:.3g}"
 
 
-def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None, by=("kind", "depth"),
+def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None, by=None,
                 size: str = "model_size", window: tuple[float, float] = (0.5, 1.0), storage_options=None,
                 chunks=None):
     """One `power_law` of the settled value against model size per layer group (and quantile).
@@ -203,6 +234,9 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
     ``size``, ``value`` (and optionally ``quantile``). For each run the settled value of a layer is the
     median over the steps in ``window``; layers are grouped across runs by ``by`` (depth rounded to the
     nearest 0.25 when the runs' depth grids differ), several layers of one group in one run by their median.
+    By default ``by`` is ``("kind", "depth")``, preceded by ``optimizer`` (the optimizer class) and ``arch``
+    (``meta["arch"]``) where the runs differ in them, so unlike runs are never fitted together; the table's
+    ``.attrs["note"]`` says so (or that an explicit ``by`` mixes them), ``.attrs["by"]`` holds the keys used.
     Stores are opened lazily (``chunks`` as `open_run` takes it: None, or ``{}`` for dask arrays), and only
     the window's chunks of ``metric`` are read. Returns a DataFrame: the ``by`` columns, ``group``,
     ``quantile``, ``slope``, ``intercept``, ``r2``, ``stderr``, ``ci_low``, ``ci_high``, ``n_sizes``;
@@ -213,13 +247,13 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
 
     from .store import expand_runs, open_run
 
-    by = [by] if isinstance(by, str) else list(by)
+    given = [by] if isinstance(by, str) else None if by is None else list(by)
     current_steps = None
     if not isinstance(runs, pd.DataFrame):
         group_of(metric)  # an unknown metric is reported before any run is opened
     if isinstance(runs, pd.DataFrame):
         tidy = runs.copy()
-        missing = [c for c in [*by, "value"] if c not in tidy.columns]
+        missing = [c for c in [*(given or ["kind", "depth"]), "value"] if c not in tidy.columns]
         if missing:
             raise ValueError(f"fit_scaling: the DataFrame lacks column(s) {missing}")
         if "size" not in tidy.columns and size in tidy.columns:
@@ -249,8 +283,9 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
             ns = dict(tree.attrs).get("optimizer", {}).get("ns_steps")
             if ns is not None:
                 steps.add(int(ns))
-        tidy = combine_runs(frames, round_depth="depth" in by)
+        tidy = combine_runs(frames, round_depth="depth" in (given or ["depth"]))
         current_steps = steps.pop() if len(steps) == 1 else None
+    by, note = resolve_by(tidy, given)
     if quantile is not None:
         tidy = tidy[np.isclose(tidy["quantile"], quantile) | tidy["quantile"].isna()]
     keys = [*by, "quantile"]
@@ -263,7 +298,8 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
         label = group_label({k: kv[k] for k in by})
         n_sizes = g["size"].nunique()
         if n_sizes < 3:
-            too_few.append(f"{label} ({n_sizes})")
+            if f"{label} ({n_sizes})" not in too_few:  # one entry per group, not one per quantile
+                too_few.append(f"{label} ({n_sizes})")
             continue
         bad = g[~(np.isfinite(g["value"]) & (g["value"] > 0))]
         if len(bad):
@@ -275,9 +311,10 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
                      "ci_high": fit.ci_high, "n_sizes": int(n_sizes)})
     if not rows:
         raise ValueError("fit_scaling: no layer group has runs of at least 3 sizes"
-                         + (f" (sizes per group: {', '.join(too_few[:6])})" if too_few else ""))
+                         + (f" (sizes per group: {', '.join(too_few[:6])}{', …' if len(too_few) > 6 else ''})"
+                            if too_few else "") + (f"; {note}" if note else ""))
     out = pd.DataFrame(rows)
-    out.attrs["current_steps"] = current_steps
+    out.attrs.update(current_steps=current_steps, by=by, note=note)
     return out
 
 

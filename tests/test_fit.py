@@ -5,6 +5,7 @@ import pytest
 import scipy.stats
 
 import spectralscope as ss
+from spectralscope.cli import fit_text
 
 
 def test_power_law_matches_linregress_and_t_interval(rng):
@@ -48,7 +49,8 @@ def test_too_few_points_raise():
         ss.power_law([2.0, 2.0, 2.0], [1.0, 2.0, 3.0])
 
 
-def _write_run(path, size: float, layers: list[tuple[str, str, float]], law, steps: int = 40, ns_steps: int = 5):
+def _write_run(path, size: float, layers: list[tuple[str, str, float]], law, steps: int = 40, ns_steps: int = 5,
+               optimizer: str = "torch.optim.Muon", meta: dict | None = None):
     """A run store written by spectralscope's own writer: momentum_sv follows law(kind, depth, q, size) after a
     burn-in (the first half of the steps hold a different, larger value)."""
     from spectralscope.store import GroupSpec, RunWriter
@@ -61,8 +63,8 @@ def _write_run(path, size: float, layers: list[tuple[str, str, float]], law, ste
         "quantile": ("quantile", qs),
     }
     w = RunWriter(path, [GroupSpec("optimizer", coords, {"momentum_sv": ("step", "layer", "quantile")})],
-                  {"name": path.name, "model_size": int(size), "optimizer": {"class": "Muon", "ns_steps": ns_steps},
-                   "meta": {"width": size / 100}})
+                  {"name": path.name, "model_size": int(size), "optimizer": {"class": optimizer, "ns_steps": ns_steps},
+                   "meta": {"width": size / 100, **(meta or {})}})
     for s in range(steps):
         settled = np.array([[law(k, d, q, size) for q in qs] for _, k, d in layers])
         w.append("optimizer", s, {"momentum_sv": settled if s >= steps // 2 else 10 * settled + 1})
@@ -183,3 +185,43 @@ def test_fit_scaling_reads_only_the_window_lazily_with_dask(tmp_path):
         after = ss.fit_scaling(str(tmp_path / "*.zarr"), quantile=0.5, chunks=chunks)
         np.testing.assert_allclose(after["slope"], before["slope"], rtol=1e-12)
     assert before.set_index("group").loc["attn_o@1", "slope"] == pytest.approx(-0.66, abs=1e-9)
+
+
+def test_runs_of_unlike_optimizers_or_architectures_are_fitted_apart_and_said_so(tmp_path):
+    layers = [("h.1.attn.o_proj.weight", "attn_o", 1.0)]
+    for size in (1e6, 4e6, 1.6e7):
+        _write_run(tmp_path / f"muon{int(size)}.zarr", size, layers, lambda k, d, q, n: q * n ** -0.5)
+        _write_run(tmp_path / f"adamw{int(size)}.zarr", size, layers, lambda k, d, q, n: q * n ** -0.1,
+                   optimizer="torch.optim.AdamW")
+    fits = ss.fit_scaling([str(tmp_path / "*.zarr")], quantile=0.5)
+    assert fits.attrs["by"] == ["optimizer", "kind", "depth"]
+    assert fits.attrs["note"] == ("the runs differ in optimizer (torch.optim.AdamW, torch.optim.Muon): fitted "
+                                  "separately by optimizer")
+    slopes = dict(zip(fits["group"], fits["slope"], strict=True))
+    assert slopes == {"AdamW/attn_o@1": pytest.approx(-0.1, abs=1e-9), "Muon/attn_o@1": pytest.approx(-0.5, abs=1e-9)}
+    # asked to mix them, it does, and says so
+    mixed = ss.fit_scaling([str(tmp_path / "*.zarr")], quantile=0.5, by=("kind", "depth"))
+    assert len(mixed) == 1 and "fitted together, as by=('kind', 'depth') asks" in mixed.attrs["note"]
+    out = fit_text([str(tmp_path / "*.zarr")], "momentum_sv", 0.5, None, None)
+    assert "note: the runs differ in optimizer" in out and "Muon/attn_o@1" in out
+    # meta["arch"] parts runs the same way; alike runs get no note
+    for size in (1e6, 4e6, 1.6e7):
+        _write_run(tmp_path / "arch" / f"a{int(size)}.zarr", size, layers, lambda k, d, q, n: q * n ** -0.5,
+                   meta={"arch": "gpt"})
+        _write_run(tmp_path / "arch" / f"b{int(size)}.zarr", size, layers, lambda k, d, q, n: q * n ** -0.3,
+                   meta={"arch": "llama"})
+    by_arch = ss.fit_scaling([str(tmp_path / "arch" / "*.zarr")], quantile=0.5)
+    assert by_arch.attrs["by"] == ["arch", "kind", "depth"] and sorted(by_arch["group"]) == ["gpt/attn_o@1",
+                                                                                             "llama/attn_o@1"]
+    alike = ss.fit_scaling([str(tmp_path / "muon*.zarr")], quantile=0.5)
+    assert alike.attrs["note"] is None and alike.attrs["by"] == ["kind", "depth"]
+
+
+def test_too_few_sizes_names_each_group_once(tmp_path):
+    layers = [("h.0.attn.o_proj.weight", "attn_o", 0.0), ("h.1.attn.o_proj.weight", "attn_o", 1.0)]
+    for size in (1e6, 4e6):
+        _write_run(tmp_path / f"m{int(size)}.zarr", size, layers, _law)
+    with pytest.raises(ValueError) as caught:
+        ss.fit_scaling([str(tmp_path / "*.zarr")])  # three quantiles per group
+    assert str(caught.value) == ("fit_scaling: no layer group has runs of at least 3 sizes (sizes per group: "
+                                 "attn_o@0 (2), attn_o@1 (2))")

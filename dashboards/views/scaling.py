@@ -26,9 +26,10 @@ def settled(keys: tuple[tuple[str, int], ...], metric: str, quantile: float | No
 
 def default_groups(fits: pd.DataFrame, most: int = 8) -> list[str]:
     """At most ``most`` groups to draw at first (a plot of 48 power laws with their bands is unreadable):
-    the shallowest and the deepest group of each kind, kind by kind."""
+    the shallowest and the deepest group of each kind (of each optimizer, where they are fitted apart)."""
     picked: list[str] = []
-    for _, g in fits.sort_values(["kind", "depth"]).groupby("kind", sort=True):
+    apart = [c for c in ("optimizer", "arch") if c in fits.columns]
+    for _, g in fits.sort_values([*apart, "kind", "depth"]).groupby([*apart, "kind"], sort=True):
         picked += list(dict.fromkeys([g["group"].iloc[0], g["group"].iloc[-1]]))
     return picked[:most]
 
@@ -61,12 +62,15 @@ else:
         except ValueError as exc:
             st.warning(str(exc))
             return
-        tidy = tidy.assign(group=[group_label({"kind": k, "depth": d}) for k, d in zip(tidy["kind"], tidy["depth"],
-                                                                                       strict=True)])
+        if fits.attrs.get("note"):
+            st.info(fits.attrs["note"])  # unlike runs (optimizer, meta["arch"]) are fitted apart, and said so
+        by = fits.attrs.get("by") or ["kind", "depth"]
+        tidy = tidy.assign(group=[group_label(dict(zip(by, keys, strict=True)))
+                                  for keys in tidy[by].itertuples(index=False, name=None)])
         labels = list(dict.fromkeys(fits["group"]))
         shown_groups = st.multiselect("groups drawn", labels, default=default_groups(fits), key="sc-groups")
         st.plotly_chart(charts.scaling(tidy, fits[fits["group"].isin(shown_groups)], target, metric), key="sc-figure")
-        shown = fits.drop(columns=["kind", "depth"], errors="ignore").assign(
+        shown = fits.drop(columns=["kind", "depth", "optimizer", "arch"], errors="ignore").assign(
             at_target=[float(np.exp(r.intercept) * target ** r.slope) for r in fits.itertuples()])
         st.subheader("Fits")
         st.dataframe(shown, hide_index=True)
@@ -76,7 +80,7 @@ else:
             st.subheader(f"Newton–Schulz steps for {target:.3g} parameters")
             try:
                 rec = recommend_ns_steps(fits, target, quantile=quantile)
-                st.dataframe(rec.drop(columns=["kind", "depth"], errors="ignore"), hide_index=True)
+                st.dataframe(rec.drop(columns=["kind", "depth", "optimizer", "arch"], errors="ignore"), hide_index=True)
             except ValueError as exc:
                 st.warning(str(exc))
 
