@@ -1,6 +1,7 @@
 """Entry point of the dashboard: ``spectralscope dashboard RUNS_DIR`` runs ``streamlit run`` on this file.
 
-Every page lives in ``pages/``; `st.navigation` lists them in the sidebar, above the run picker.
+Every page lives in ``views/``; `st.navigation` lists them in the sidebar, above the run picker. Each has a
+URL of its own (``/optimizer``, ``/scaling``, …); the runs overview is served at ``/`` and at ``/runs``.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ HERE = Path(__file__).parent
 st.set_page_config(page_title="spectralscope", layout="wide")
 
 PAGES = [
-    st.Page(HERE / "views" / "overview.py", title="Runs", url_path="runs", default=True),
+    st.Page(HERE / "views" / "overview.py", title="Runs", url_path="overview", default=True),
+    # the default page is served at "/" whatever its url_path: this hidden twin makes /runs a link that works
+    st.Page(HERE / "views" / "overview.py", title="Runs", url_path="runs", visibility="hidden"),
     st.Page(HERE / "views" / "optimizer.py", title="Optimizer spectra", url_path="optimizer"),
     st.Page(HERE / "views" / "newton_schulz.py", title="NS residuals", url_path="newton-schulz"),
     st.Page(HERE / "views" / "updates.py", title="Neurons and updates", url_path="updates"),
     st.Page(HERE / "views" / "activations.py", title="Activations", url_path="activations"),
     st.Page(HERE / "views" / "gradients.py", title="Gradients", url_path="gradients"),
     st.Page(HERE / "views" / "sharpness.py", title="Sharpness", url_path="sharpness"),
+    st.Page(HERE / "views" / "scalars.py", title="Scalars", url_path="scalars"),
     st.Page(HERE / "views" / "scaling.py", title="Scaling laws", url_path="scaling"),
 ]
 

@@ -21,11 +21,36 @@ DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 HEIGHT = 420
 
 
+def _decades(fig: go.Figure, axis: str) -> float:
+    """How many powers of ten the positive finite values along ``axis`` ("x" or "y") of the traces span."""
+    values = []
+    for trace in fig.data:
+        v = getattr(trace, axis, None)
+        try:
+            a = np.asarray(v, dtype=np.float64).ravel()
+        except (TypeError, ValueError):  # category values (layer names)
+            continue
+        values.append(a[np.isfinite(a) & (a > 0)])
+    both = np.concatenate(values) if values else np.empty(0)
+    return float(np.log10(both.max() / both.min())) if both.size else 0.0
+
+
+def log_ticks(fig: go.Figure, axis: str) -> dict:
+    """Tick settings that keep a log axis readable: over a decade or more, one labelled tick per power of ten
+    written as 10ⁿ with unlabelled minor ticks between (plotly's default crowds in "2" and "5" labels);
+    within a decade, plain numbers with at most three significant digits."""
+    if _decades(fig, axis) >= 1.0:
+        return {"dtick": 1, "exponentformat": "power", "showexponent": "all", "minor": {"ticks": "inside",
+                                                                                        "showgrid": True}}
+    return {"tickformat": ".3~g"}
+
+
 def _layout(fig: go.Figure, title: str, x: str, y: str, log_x: bool = False, log_y: bool = False) -> go.Figure:
     fig.update_layout(title=title, height=HEIGHT, margin={"l": 60, "r": 20, "t": 50, "b": 50},
                       legend={"font": {"size": 10}}, hovermode="closest")
-    fig.update_xaxes(title=x, type="log" if log_x else None)  # None: plotly picks (category for layer names)
-    fig.update_yaxes(title=y, type="log" if log_y else None)
+    # type None: plotly picks (category for layer names)
+    fig.update_xaxes(title=x, type="log" if log_x else None, **(log_ticks(fig, "x") if log_x else {}))
+    fig.update_yaxes(title=y, type="log" if log_y else None, **(log_ticks(fig, "y") if log_y else {}))
     return fig
 
 

@@ -20,8 +20,8 @@ from spectralscope.store import is_url, unit_dim
 
 #: Seconds between refreshes of the live parts of a page (``SPECTRALSCOPE_REFRESH`` overrides).
 REFRESH = float(os.environ.get("SPECTRALSCOPE_REFRESH", "3"))
-#: Runs selected when the page opens (all of them, up to this many).
-MAX_RUNS = 32
+#: Runs selected when the page opens: the newest, up to this many (a legend of 30 runs × 6 layers is unreadable).
+DEFAULT_RUNS = 8
 #: Steps drawn per line at most; longer runs are strided evenly.
 MAX_STEPS = 1500
 
@@ -68,6 +68,16 @@ def _steps(path: str, rows: int, group: str) -> list[int]:
     return [int(s) for s in data.steps(_where(path), group, storage_options())]
 
 
+@st.cache_data(show_spinner=False)
+def _units(path: str, group: str) -> tuple[list[str], list[str]]:
+    return data.unit_names(_where(path), group, storage_options())
+
+
+def unit_names(entry: data.RunEntry, group: str) -> tuple[list[str], list[str]]:
+    """The layer (or module) names of ``group`` in ``entry`` and their kinds (fixed for a run: cached)."""
+    return _units(str(entry.path), group)
+
+
 def steps(entry: data.RunEntry, group: str) -> list[int]:
     """The committed steps of ``group`` in ``entry``, cached until it commits more."""
     return _steps(str(entry.path), n_rows(str(entry.path)).get(group, 0), group)
@@ -75,23 +85,35 @@ def steps(entry: data.RunEntry, group: str) -> list[int]:
 
 def read(entry: data.RunEntry, group: str, var: str, *, window: tuple[float, float] = (0.0, 1.0),
          max_steps: int | None = MAX_STEPS, quantile: float | None = None,
-         units: Sequence[int] | None = None, at_steps: Sequence[int] | None = None) -> xr.DataArray | None:
-    """`data.read` through the cache; None (and a note on the page) when the store cannot be read."""
+         units: Sequence[str] | None = None, at_steps: Sequence[int] | None = None,
+         optional: bool = False) -> xr.DataArray | None:
+    """`data.read` through the cache, ``units`` given by name: the layers (or modules) of that name this run
+    has, wherever they sit in it (runs of other models have other layers). None when the run has none of
+    them, no committed rows, or no such variable (said in a one-line note, unless the variable is
+    ``optional``: one that only some runs record), or cannot be read (a warning)."""
     rows = n_rows(str(entry.path)).get(group, 0)
+    index = None
+    if units is not None:
+        names = unit_names(entry, group)[0]
+        index = tuple(names.index(u) for u in units if u in names)
+        if not index:
+            return None
     try:
-        return _read(str(entry.path), rows, group, var, tuple(window), max_steps, quantile,
-                     tuple(units) if units is not None else None,
-                     tuple(int(s) for s in at_steps) if at_steps is not None else None)
+        da = _read(str(entry.path), rows, group, var, tuple(window), max_steps, quantile, index,
+                   tuple(int(s) for s in at_steps) if at_steps is not None else None)
     except Exception as exc:  # a store damaged after it was listed: say so, keep the page
         st.warning(f"{entry.rel}: cannot read {group}/{var} ({type(exc).__name__}: {exc})")
         return None
+    if da is None and rows and not optional and var not in data.variables(entry.path, group, storage_options()):
+        st.caption(f"{entry.rel}: this store has no {group}/{var} (recorded by another version or setting)")
+    return da
 
 
 def bounds(runs: Sequence[data.RunEntry], var: str, quantile: float | None,
            units: Sequence[int] | None) -> dict[str, xr.DataArray]:
     """Per run, the stored bound ``{var}_err`` of an estimated quantile (runs with an SLQ-measured layer only)."""
     return {e.rel: d for e in runs
-            if (d := read(e, "optimizer", f"{var}_err", quantile=quantile, units=units)) is not None}
+            if (d := read(e, "optimizer", f"{var}_err", quantile=quantile, units=units, optional=True)) is not None}
 
 
 def header(title: str, caption: str) -> None:
@@ -126,34 +148,42 @@ def selected_runs() -> list[data.RunEntry]:
         else:
             st.warning(f"{rel!r} is not a readable run under {root}")
     if "runs" not in st.session_state:
-        st.session_state["runs"] = chosen or list(ok)[:MAX_RUNS]
+        newest = sorted(ok, key=lambda rel: str(ok[rel].attrs.get("created", "")), reverse=True)[:DEFAULT_RUNS]
+        st.session_state["runs"] = chosen or [rel for rel in ok if rel in newest]
     st.session_state["runs"] = [r for r in st.session_state["runs"] if r in ok]
     picked = st.sidebar.multiselect("runs", list(ok), key="runs")
     return [ok[r] for r in picked]
 
 
-def layer_picker(entry: data.RunEntry, group: str, label: str = "layers", default: int = 6,
-                 skip_kinds: Sequence[str] = ()) -> list[int] | None:
-    """A multiselect of the layer (or module) names of ``group`` in ``entry``; returns their indices. The
-    default picks one of each kind first, leaving ``skip_kinds`` out of it."""
-    names_of_vars = data.variables(entry.path, group, storage_options())
-    da = read(entry, group, names_of_vars[0], max_steps=1) if names_of_vars else None
-    if da is None:
+def layer_picker(runs: Sequence[data.RunEntry], group: str, label: str = "layers", default: int = 6,
+                 skip_kinds: Sequence[str] = ()) -> list[str] | None:
+    """A multiselect of the layer (or module) names of ``group`` over ``runs`` (each name once, in the order the
+    runs hold them); returns the names picked (None when no run has the group). The default picks one of each
+    kind first, leaving ``skip_kinds`` out of it."""
+    names, kinds = [], []
+    for e in runs:
+        for n, k in zip(*unit_names(e, group), strict=True):
+            if n not in names:
+                names.append(n)
+                kinds.append(k)
+    if not names:
         return None
-    unit = unit_dim(da.dims)
-    names = [str(v) for v in da[unit].values]
-    kinds = [str(k) for k in da["kind"].values] if "kind" in da.coords else names
     first = [names[kinds.index(k)] for k in dict.fromkeys(kinds) if k not in skip_kinds]
     rest = [n for n, k in zip(names, kinds, strict=True) if n not in first and k not in skip_kinds]
-    picked = st.multiselect(label, names, default=(first + rest)[:default],
-                            key=f"{group}-{label}")
-    return [names.index(n) for n in picked]
+    return st.multiselect(label, names, default=(first + rest)[:default], key=f"{group}-{label}")
 
 
-def quantile_picker(entry: data.RunEntry, var: str, label: str, default: float, key: str,
+def with_rows(runs: Sequence[data.RunEntry], group: str) -> list[data.RunEntry]:
+    """The runs that have committed rows of ``group`` (a run just started has none yet)."""
+    return [e for e in runs if n_rows(str(e.path)).get(group, 0)]
+
+
+def quantile_picker(runs: Sequence[data.RunEntry], var: str, label: str, default: float, key: str,
                     container=st) -> float:
-    """A selectbox of the quantile levels ``entry`` recorded for ``var`` (SPEC's defaults if unreadable)."""
-    probe = read(entry, "optimizer", var, max_steps=1)
+    """A selectbox of the quantile levels recorded for ``var`` by the first run that has rows (SPEC's default
+    level alone if none has)."""
+    probe = next((d for e in with_rows(runs, "optimizer") if (d := read(e, "optimizer", var, max_steps=1))
+                  is not None), None)
     levels = [float(q) for q in probe["quantile"].values] if probe is not None else [default]
     return container.selectbox(label, levels, index=levels.index(default) if default in levels else 0, key=key)
 

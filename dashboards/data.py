@@ -240,6 +240,17 @@ def variables(path: Where, group: str, storage_options: Options = None) -> list[
     return sorted(out)
 
 
+def unit_names(path: Where, group: str, storage_options: Options = None) -> tuple[list[str], list[str]]:
+    """The names along ``group``'s layer (or module) axis and their kinds ([] and [] without one)."""
+    g = _group(path, group, storage_options)
+    unit = next((d for d in ("layer", "module") if g is not None and d in g), None)
+    if unit is None:
+        return [], []
+    names = [str(v) for v in _plain(g[unit][...])]
+    kinds = [str(v) for v in _plain(g["kind"][...])] if "kind" in g else names
+    return names, kinds
+
+
 def _plain(values: np.ndarray) -> np.ndarray:
     """Zarr hands strings back as numpy's variable-width StringDType; pandas and plotly want plain ``str``."""
     return np.array(values.tolist(), dtype=str) if values.dtype.kind == "T" else values

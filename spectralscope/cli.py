@@ -163,13 +163,17 @@ def dashboard_command(runs_dir: str, host: str, port: int) -> list[str]:
         raise UserError(f"--port must be between 1 and 65535, got {port}")
     if not is_url(runs_dir) and not Path(runs_dir).is_dir():
         raise UserError(f"runs folder {runs_dir} does not exist or is not a folder")
-    try:
-        import streamlit  # noqa: F401
+    import importlib.util
 
-        from .dashboards import app
+    try:
+        import plotly  # noqa: F401
+        import streamlit  # noqa: F401
     except ImportError as exc:
         raise UserError(f"the dashboard needs streamlit and plotly ({exc}); pip install 'spectralscope'") from exc
-    return [sys.executable, "-m", "streamlit", "run", app.__file__, "--server.address", host,
+    # found, not imported: importing the app would run its Streamlit calls here, outside a server
+    # ("missing ScriptRunContext" warnings at start-up)
+    app = importlib.util.find_spec("spectralscope.dashboards.app").origin
+    return [sys.executable, "-m", "streamlit", "run", app, "--server.address", host,
             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
             "--server.runOnSave", "false", "--server.fileWatcherType", "none", "--global.developmentMode", "false"]
 

@@ -157,6 +157,7 @@ def _read_key(path: str | Path, key: str, storage_options: Mapping[str, Any] | N
 
 
 _CHUNK = re.compile(r"^(?P<array>.+)/c(/\d+)*$")
+_TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
 def foreign_entry(keys: Sequence[str], root_meta: Mapping[str, Any] | None) -> str | None:
@@ -165,13 +166,16 @@ def foreign_entry(keys: Sequence[str], root_meta: Mapping[str, Any] | None) -> s
     ``root_meta`` is the decoded root ``zarr.json`` (None when missing or undecodable). A run is a root
     group whose attributes carry ``spectralscope``; its keys are Zarr metadata documents (``zarr.json``) of
     nodes inside that hierarchy, chunks of its arrays (``<array>/c/0/0…``), and Zarr's temporary files of
-    either (``….partial``). Anything else is the user's."""
+    either (``zarr.<uuid>.partial``, ``0.<uuid>.partial``: a writer killed mid-write leaves them). Anything else
+    is the user's."""
     attrs = root_meta.get("attributes") if isinstance(root_meta, dict) else None
     if not (isinstance(attrs, dict) and root_meta.get("node_type") == "group" and "spectralscope" in attrs):
         return "zarr.json, which is not a spectralscope run's" if "zarr.json" in keys else keys[0]
     nodes = {k.removesuffix("zarr.json").rstrip("/") for k in keys if k == "zarr.json" or k.endswith("/zarr.json")}
     for key in keys:
-        name = key.removesuffix(".partial")
+        name = _TEMPORARY.sub("", key)  # Zarr writes X as X.stem + ".<uuid hex>.partial", then renames it
+        if name != key and name.rpartition("/")[2] == "zarr":
+            name += ".json"
         parent, _, base = name.rpartition("/")
         if base == "zarr.json" and (parent == "" or parent.rpartition("/")[0] in nodes):
             continue

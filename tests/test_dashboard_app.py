@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 import spectralscope.dashboards as dashboards
 
 APP = str(Path(dashboards.__file__).parent / "app.py")
-PAGES = ["views/overview.py", "views/optimizer.py", "views/newton_schulz.py", "views/updates.py",
+PAGES = ["views/overview.py", "views/optimizer.py", "views/newton_schulz.py", "views/updates.py", "views/scalars.py",
          "views/activations.py", "views/gradients.py", "views/sharpness.py", "views/scaling.py"]
 
 
@@ -68,6 +68,8 @@ def test_every_page_renders_charts_without_exceptions_and_never_writes(monkeypat
         figs = _figures(at)
         assert figs, f"{page} drew no chart"
         assert any(trace.get("x") is not None or trace.get("z") is not None for fig in figs for trace in fig["data"]), page
+        # these runs hold every variable their pages read: no note may say otherwise
+        assert not [c.value for c in at.caption if "this store has no" in c.value], page
     assert _digest(root) == before
 
 
@@ -176,3 +178,162 @@ def test_estimated_layers_are_labelled_and_drawn_with_their_bounds(monkeypatch, 
         drawn = _array(trace["error_y"]["array"])
         np.testing.assert_allclose(drawn, err.isel(layer=0).values, rtol=1e-12)
         assert (drawn > 0).all()
+
+
+# ---- runs unlike each other, runs not yet committed, and what a page offers ------------------------------------
+def _mlp_run(path: Path, steps: int = 6, flush_seconds: float = 5.0, close: bool = True):
+    """A run of another architecture (layer names 0.weight, 2.weight): nothing in common with the GPTs'."""
+    import torch
+    from torch import nn
+
+    import spectralscope as ss
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rec = ss.watch(opt, model, path, every=1, flush_seconds=flush_seconds, background=False)
+    for _ in range(steps):
+        loss = model(torch.randn(4, 8)).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        rec.log(loss=loss)
+    if close:
+        rec.close()
+    return rec
+
+
+def test_layers_are_chosen_by_name_across_runs_of_other_models(monkeypatch, tmp_path):
+    finished_run(tmp_path / "gpt.zarr", 8, steps=8)
+    _mlp_run(tmp_path / "mlp.zarr")
+    monkeypatch.setenv("SPECTRALSCOPE_RUNS_DIR", str(tmp_path))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params["run"] = ["gpt.zarr", "mlp.zarr"]
+    at.run()
+    at.switch_page("views/updates.py").run()
+    assert not at.exception
+    picker = at.multiselect(key="optimizer-layers")
+    assert "2.weight" in picker.options and "transformer.h.0.attn.q_proj.weight" in picker.options
+    picker.set_value(["2.weight", "transformer.h.0.attn.q_proj.weight"]).run()
+    assert not at.exception
+    fig = next(f for f in _figures(at) if "neuron balance" in f["layout"]["title"]["text"])
+    names = sorted(t["name"] for t in fig["data"])
+    assert names == ["2.weight · mlp.zarr", "transformer.h.0.attn.q_proj.weight · gpt.zarr"]  # each run its own layer
+    from spectralscope.dashboards import data
+
+    stored = data.read(tmp_path / "mlp.zarr", "optimizer", "neuron_cv")
+    trace = next(t for t in fig["data"] if t["name"].startswith("2.weight"))
+    np.testing.assert_allclose(_array(trace["y"]), stored.sel(layer="2.weight").values)
+
+
+def test_a_run_with_no_committed_rows_blanks_no_page(monkeypatch, tmp_path):
+    for w in (8, 12, 16):
+        finished_run(tmp_path / f"w{w}.zarr", w, steps=8)
+    fresh = _mlp_run(tmp_path / "fresh.zarr", steps=0, flush_seconds=3600, close=False)  # laid out, no rows yet
+    try:
+        monkeypatch.setenv("SPECTRALSCOPE_RUNS_DIR", str(tmp_path))
+        at = AppTest.from_file(APP, default_timeout=120)
+        at.query_params["run"] = ["fresh.zarr", "w8.zarr", "w12.zarr", "w16.zarr"]  # the empty one first
+        at.run()
+        for page in PAGES[1:] + ["views/scalars.py"]:
+            at.switch_page(page).run()
+            assert not at.exception, (page, at.exception)
+            figs = _figures(at)
+            assert figs and any(t.get("x") is not None or t.get("z") is not None for f in figs for t in f["data"]), page
+    finally:
+        fresh.close()
+
+
+def test_the_scalars_page_draws_what_rec_log_recorded(monkeypatch, tmp_path):
+    finished_run(tmp_path / "w8.zarr", 8, steps=10)
+    _mlp_run(tmp_path / "mlp.zarr", steps=7)
+    at = _app(monkeypatch, tmp_path)
+    at.switch_page("views/scalars.py").run()
+    assert not at.exception
+    assert at.multiselect(key="sc-names").value == ["loss"]
+    fig = _figures(at)[0]
+    from spectralscope.dashboards import data
+
+    for run in ("w8.zarr", "mlp.zarr"):
+        trace = next(t for t in fig["data"] if t["name"] == run)
+        stored = data.read(tmp_path / run, "scalars", "loss")
+        np.testing.assert_allclose(_array(trace["y"]), stored.values)
+        np.testing.assert_array_equal(_array(trace["x"]), stored["step"].values)
+    at.slider(key="sc-smooth").set_value(3).run()
+    assert "moving average of 3" in _figures(at)[0]["layout"]["title"]["text"]
+
+
+def test_the_default_selection_is_the_newest_eight_runs(monkeypatch, tmp_path):
+    from workers import expected, group_spec
+
+    from spectralscope.store import RunWriter
+
+    for i in range(11):
+        w = RunWriter(tmp_path / f"r{i:02d}.zarr", [group_spec()],
+                      {"name": f"r{i}", "model_size": 100 + i, "created": f"2026-11-{10 + i}T00:00:00+00:00"})
+        w.append("optimizer", 0, expected(0))
+        w.close()
+    at = _app(monkeypatch, tmp_path)
+    assert at.multiselect(key="runs").value == [f"r{i:02d}.zarr" for i in range(3, 11)]
+
+
+def test_a_store_missing_a_variable_says_so_in_a_line(monkeypatch, tmp_path):
+    import shutil
+
+    path = finished_run(tmp_path / "w8.zarr", 8, steps=8)
+    shutil.rmtree(path / "optimizer" / "ns_fail_frac")
+    at = _app(monkeypatch, tmp_path)
+    at.switch_page("views/optimizer.py").run()
+    assert not at.exception
+    assert any("w8.zarr: this store has no optimizer/ns_fail_frac" in c.value for c in at.caption)
+
+
+def test_sharpness_offers_a_log_axis_and_log_ticks_stay_readable(monkeypatch, folder):
+    root, _ = folder
+    at = _app(monkeypatch, root)
+    at.switch_page("views/sharpness.py").run()
+    nds = next(f for f in _figures(at) if "normalised directional sharpness" in f["layout"]["title"]["text"])
+    assert nds["layout"]["yaxis"].get("type") in (None, "linear", "-")
+    at.toggle(key="sh-log").set_value(True).run()
+    assert not at.exception
+    nds = next(f for f in _figures(at) if "normalised directional sharpness" in f["layout"]["title"]["text"])
+    assert nds["layout"]["yaxis"]["type"] == "log"
+    # every log axis of the pages goes through charts.log_ticks: 10ⁿ per decade, or plain numbers within one
+    at.switch_page("views/optimizer.py").run()
+    lines = next(f for f in _figures(at) if "per layer" in f["layout"]["title"]["text"])
+    axis = lines["layout"]["yaxis"]
+    values = np.concatenate([_array(t["y"]) for t in lines["data"]])
+    values = values[np.isfinite(values) & (values > 0)]
+    if np.log10(values.max() / values.min()) >= 1:
+        assert axis["type"] == "log" and axis["dtick"] == 1 and axis["exponentformat"] == "power"
+    else:
+        assert axis["type"] == "log" and axis["tickformat"] == ".3~g"
+
+
+def test_log_ticks_within_a_decade_are_plain_numbers():
+    import plotly.graph_objects as go
+
+    from spectralscope.dashboards import charts
+
+    narrow = go.Figure(go.Scatter(x=[0, 1, 2], y=[0.3, 0.5, 0.9]))
+    wide = go.Figure(go.Scatter(x=[0, 1, 2], y=[1e-4, 1e-2, 0.9]))
+    assert charts.log_ticks(narrow, "y") == {"tickformat": ".3~g"}
+    assert charts.log_ticks(wide, "y")["dtick"] == 1
+
+
+def test_the_scaling_page_fits_unlike_optimizers_apart_and_says_so(monkeypatch, tmp_path):
+    from test_fit import _write_run
+
+    layers = [("h.1.attn.o_proj.weight", "attn_o", 1.0)]
+    for size in (1e6, 4e6, 1.6e7):
+        _write_run(tmp_path / f"muon{int(size)}.zarr", size, layers, lambda k, d, q, n: q * n ** -0.5)
+        _write_run(tmp_path / f"adamw{int(size)}.zarr", size, layers, lambda k, d, q, n: q * n ** -0.1,
+                   optimizer="torch.optim.AdamW")
+    monkeypatch.setenv("SPECTRALSCOPE_RUNS_DIR", str(tmp_path))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params["run"] = sorted(p.name for p in tmp_path.glob("*.zarr"))
+    at.run()
+    at.switch_page("views/scaling.py").run()
+    assert not at.exception
+    assert any("fitted separately by optimizer" in str(i.value) for i in at.info)
+    assert sorted(at.multiselect(key="sc-groups").value) == ["AdamW/attn_o@1", "Muon/attn_o@1"]

@@ -345,11 +345,13 @@ def test_overwrite_replaces_a_run_and_takes_an_empty_directory(tmp_path):
 
 def test_foreign_entry_reads_the_keys_of_a_run():
     meta = {"node_type": "group", "zarr_format": 3, "attributes": {"spectralscope": {"schema": 1}}}
+    tmp = "0123456789abcdef0123456789abcdef"
     ours = ["zarr.json", "optimizer/zarr.json", "optimizer/a/zarr.json", "optimizer/a/c/0/0/0",
-            "optimizer/a/c/1/0/0.partial", "optimizer/size/zarr.json", "optimizer/size/c",
-            "optimizer/zarr.json.partial"]
+            f"optimizer/a/c/1/0/0.{tmp}.partial", "optimizer/size/zarr.json", "optimizer/size/c",
+            f"optimizer/zarr.{tmp}.partial", f"zarr.{tmp}.partial"]
     assert store.foreign_entry(ours, meta) is None
     assert store.foreign_entry([*ours, "optimizer/a/c/0/x.ckpt"], meta) == "optimizer/a/c/0/x.ckpt"
     assert store.foreign_entry([*ours, "stray/a/zarr.json"], meta) == "stray/a/zarr.json"  # no node above it
+    assert store.foreign_entry([*ours, "notes.partial"], meta) == "notes.partial"  # not Zarr's temporary name
     assert store.foreign_entry(ours, {**meta, "attributes": {}}) is not None
     assert store.foreign_entry(ours, None) is not None

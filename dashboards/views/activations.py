@@ -14,7 +14,7 @@ if not runs:
     st.info("None of the selected runs recorded activation spectra (watch(..., activations=...)).")
 else:
     # q, k and v of a block read one input, so their spectra coincide: the default shows q for the three
-    units = common.layer_picker(runs[0], "activations", label="modules", default=3, skip_kinds=("attn_k", "attn_v"))
+    units = common.layer_picker(runs, "activations", label="modules", default=3, skip_kinds=("attn_k", "attn_v"))
     recorded = common.steps(runs[0], "activations")
     chosen = st.multiselect("steps", recorded, default=sorted({recorded[0], recorded[-1]}), key="act-steps")
 

@@ -13,7 +13,7 @@ runs = [e for e in common.selected_runs() if common.steps(e, "gradients")]
 if not runs:
     st.info("None of the selected runs recorded per-sample gradient spectra (watch(..., gradients=...)).")
 else:
-    units = common.layer_picker(runs[0], "gradients", default=3)
+    units = common.layer_picker(runs, "gradients", default=3)
     recorded = common.steps(runs[0], "gradients")
     chosen = st.multiselect("steps", recorded, default=sorted({recorded[0], recorded[-1]}), key="grad-steps")
 

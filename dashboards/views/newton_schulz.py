@@ -12,8 +12,8 @@ common.header("NS residuals", "Distance of the Newton–Schulz output O from the
 runs = common.selected_runs()
 
 if runs:
-    q = common.quantile_picker(runs[0], "ns_out_sv", "quantile of σ(O)", 0.0, "ns-quantile")
-    units = common.layer_picker(runs[0], "optimizer")
+    q = common.quantile_picker(runs, "ns_out_sv", "quantile of σ(O)", 0.0, "ns-quantile")
+    units = common.layer_picker(runs, "optimizer")
 
     @st.fragment(run_every=common.REFRESH)
     def charts_() -> None:

@@ -29,20 +29,20 @@ def threshold(entry: data.RunEntry) -> tuple[float, str] | None:
 
 if runs:
     c1, c2, c3 = st.columns([1, 1, 2])
-    q = common.quantile_picker(runs[0], "momentum_sv", "quantile", 0.5, "opt-quantile", container=c1)
+    q = common.quantile_picker(runs, "momentum_sv", "quantile", 0.5, "opt-quantile", container=c1)
     heat_run = c2.selectbox("heatmap run", [e.rel for e in runs], key="opt-heat-run")
     log = c3.toggle("log colour scale", value=True, key="opt-log")
-    units = common.layer_picker(runs[0], "optimizer")
+    units = common.layer_picker(runs, "optimizer")
 
     @st.fragment(run_every=common.REFRESH)
     def charts_() -> None:
         entry = next(e for e in runs if e.rel == heat_run)
         da = common.read(entry, "optimizer", "momentum_sv", quantile=q)
-        if da is None:
+        if da is None:  # a run that has not committed yet: the other runs' lines are still drawn
             st.info(f"{entry.rel} has no committed optimizer rows yet.")
-            return
-        st.plotly_chart(charts.heatmap(da, f"momentum σ̃ at q={q:g} — {entry.rel}", entry.rel, log=log),
-                        key="opt-heatmap")
+        else:
+            st.plotly_chart(charts.heatmap(da, f"momentum σ̃ at q={q:g} — {entry.rel}", entry.rel, log=log),
+                            key="opt-heatmap")
         series = {e.rel: d for e in runs if (d := common.read(e, "optimizer", "momentum_sv", quantile=q,
                                                                units=units)) is not None}
         thr = threshold(runs[0])

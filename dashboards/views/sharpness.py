@@ -22,10 +22,13 @@ if not runs:
     st.info("None of the selected runs recorded sharpness (watch(..., sharpness=ss.Sharpness(loss_fn, batch))).")
 else:
 
+    log = st.toggle("log y axis (values ≤ 0 are not drawn on it)", value=False, key="sh-log")
+
     @st.fragment(run_every=common.REFRESH)
     def charts_() -> None:
         nds = {e.rel: s for e in runs if (s := series(e, "nds")) is not None}
-        st.plotly_chart(charts.scalar_lines(nds, "normalised directional sharpness uᵀHu/‖u‖²", "nds"), key="sh-nds")
+        st.plotly_chart(charts.scalar_lines(nds, "normalised directional sharpness uᵀHu/‖u‖²", "nds", log_y=log),
+                        key="sh-nds")
         left, right = st.columns(2)
         gain_penalty, deltas = {}, {}
         for e in runs:
@@ -37,14 +40,14 @@ else:
             if p is not None and a is not None:
                 deltas[f"predicted · {e.rel}"] = p
                 deltas[f"actual · {e.rel}"] = a
-        left.plotly_chart(charts.scalar_lines(gain_penalty, "gain against curvature penalty", "loss units"),
-                          key="sh-gain")
+        left.plotly_chart(charts.scalar_lines(gain_penalty, "gain against curvature penalty", "loss units",
+                                              log_y=log), key="sh-gain")
         right.plotly_chart(charts.scalar_lines(deltas, "predicted gᵀu + ½uᵀHu against actual ΔL", "ΔL"),
                            key="sh-delta")
         within = {e.rel: d for e in runs if (d := common.read(e, "sharpness", "nds_within")) is not None}
         if within:
-            st.plotly_chart(charts.lines(within, "within-layer nds u_lᵀHu_l/‖u‖² (per_layer=True)", "nds_within"),
-                            key="sh-within")
+            st.plotly_chart(charts.lines(within, "within-layer nds u_lᵀHu_l/‖u‖² (per_layer=True)", "nds_within",
+                                         log_y=log), key="sh-within")
             cross = {e.rel: s for e in runs if (s := series(e, "nds_cross")) is not None}
             st.plotly_chart(charts.scalar_lines(cross, "cross-layer part nds − Σ_l within", "nds_cross"),
                             key="sh-cross")

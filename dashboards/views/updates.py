@@ -12,8 +12,8 @@ common.header("Neurons and updates", "ΔW = W_after − W_before. neuron_cv = st
 runs = common.selected_runs()
 
 if runs:
-    q = common.quantile_picker(runs[0], "neuron_norm", "quantile", 0.1, "upd-quantile")
-    units = common.layer_picker(runs[0], "optimizer")
+    q = common.quantile_picker(runs, "neuron_norm", "quantile", 0.1, "upd-quantile")
+    units = common.layer_picker(runs, "optimizer")
 
     @st.fragment(run_every=common.REFRESH)
     def charts_() -> None:
