@@ -134,6 +134,10 @@ def _train(model, opt, path, steps, batch, **kw):
     return rec, deltas
 
 
+def _lm_loss(model, batch):
+    return model(batch, labels=batch).loss
+
+
 def _np_neuron_cv(dw: np.ndarray) -> float:
     rho = np.linalg.norm(dw, axis=1)  # rows of the (out, in) matrix: the output neurons
     return float(rho.std() / rho.mean())
@@ -148,8 +152,10 @@ def test_gpt2_conv1d_is_read_as_out_by_in(tmp_path):
     acts: dict[str, list[np.ndarray]] = {}
     conv = model.transformer.h[0].attn.c_attn
     conv.register_forward_pre_hook(lambda m, a: acts.setdefault("c_attn", []).append(a[0].detach().double().numpy()))
+    probe = torch.randint(3, 64, (2, 16), generator=g)
     rec, deltas = _train(model, opt, tmp_path / "g.zarr", 3, lambda i: torch.randint(3, 64, (4, 16), generator=g),
-                         gradients=ss.GradientSpectra(every=1, max_samples=4))
+                         gradients=ss.GradientSpectra(every=1, max_samples=4),
+                         sharpness=ss.Sharpness(_lm_loss, probe, every=2, per_layer=True))
     tree = ss.open_run(rec.path)
     ds = tree["optimizer"].dataset
     assert list(ds["step"].values) == [0, 1, 2] and rec.errors == {}
@@ -178,7 +184,8 @@ def test_gpt2_conv1d_is_read_as_out_by_in(tmp_path):
     grads = tree["gradients"].dataset
     assert "transformer.h.0.mlp.c_proj.weight" in grads["layer"].values
     assert np.isfinite(grads["grad_sv"].values[:, :, :4]).all()
-    assert set(tree.children) >= {"optimizer", "activations", "gradients", "scalars"}
+    assert set(tree.children) == {"optimizer", "activations", "gradients", "sharpness", "scalars"}
+    assert np.isfinite(tree["sharpness"]["nds"].values).all() and np.isfinite(tree["sharpness"]["nds_within"]).all()
 
 
 def test_gpt2_per_sample_gradients_through_conv1d_equal_explicit_ones(tmp_path):
@@ -210,12 +217,9 @@ def test_llama_records_every_group_with_numpy_neuron_cv(tmp_path):
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(3, 64, (2, 8), generator=g)
 
-    def loss_fn(m, b):
-        return m(b, labels=b).loss
-
     rec, deltas = _train(model, opt, tmp_path / "l.zarr", 2, lambda i: torch.randint(3, 64, (4, 8), generator=g),
                          gradients=ss.GradientSpectra(every=1, max_samples=4),
-                         sharpness=ss.Sharpness(loss_fn, batch, every=1, per_layer=True))
+                         sharpness=ss.Sharpness(_lm_loss, batch, every=1, per_layer=True))
     tree = ss.open_run(rec.path)
     assert set(tree.children) == {"optimizer", "activations", "gradients", "sharpness", "scalars"}
     ds = tree["optimizer"].dataset
