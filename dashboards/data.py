@@ -176,19 +176,27 @@ def n_rows(path: Where, storage_options: Options = None) -> dict[str, int]:
 
 
 def last_update(path: Where, storage_options: Options = None) -> _dt.datetime | None:
-    """When the run last committed rows: the newest modification time of its group metadata."""
+    """When the run last committed rows: the newest modification time of its groups' metadata (each commit sets
+    ``n_rows`` there; the root's document changes with every heartbeat too, so it counts only before the
+    first commit)."""
     if is_url(path):
         fs, base = _fs(str(path), storage_options)
-        times = []
-        for key in [f"{base}/zarr.json", *(f"{base}/{g}/zarr.json" for g in GROUPS)]:
-            try:
-                stamp = fs.modified(key)
-            except (OSError, NotImplementedError, KeyError):
-                continue
-            times.append(stamp if stamp.tzinfo else stamp.replace(tzinfo=_dt.UTC))
+
+        def stamps(keys: list[str]) -> list[_dt.datetime]:
+            out = []
+            for key in keys:
+                try:
+                    stamp = fs.modified(key)
+                except (OSError, NotImplementedError, KeyError):
+                    continue
+                out.append(stamp if stamp.tzinfo else stamp.replace(tzinfo=_dt.UTC))
+            return out
+
+        times = stamps([f"{base}/{g}/zarr.json" for g in GROUPS]) or stamps([f"{base}/zarr.json"])
         return max(times) if times else None
     p = Path(path)
-    times = [f.stat().st_mtime for f in [p / "zarr.json", *(p / g / "zarr.json" for g in GROUPS)] if f.exists()]
+    times = ([f.stat().st_mtime for f in (p / g / "zarr.json" for g in GROUPS) if f.exists()]
+             or [f.stat().st_mtime for f in [p / "zarr.json"] if f.exists()])
     return _dt.datetime.fromtimestamp(max(times), tz=_dt.UTC) if times else None
 
 

@@ -145,3 +145,21 @@ def test_a_killed_writer_reads_as_stopped(tmp_path, capsys, sig):
     assert code == 0 and f"status     stopped: its writer (pid {proc.pid} on " in out
     (row,) = data.overview(data.find_runs(tmp_path)).to_dict("records")
     assert row["status"] == "stopped"
+
+
+def test_last_update_is_the_last_commit_not_the_last_heartbeat(tmp_path):
+    import torch
+    from torch import nn
+
+    model = nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rec = ss.watch(opt, model, tmp_path / "r.zarr", every=1, flush_seconds=0.5, background=False, activations=None)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    rec.flush()
+    committed = data.last_update(rec.path)
+    beat = ss.open_run(rec.path).attrs["heartbeat"]["time"]
+    time.sleep(2.5)  # beats, no rows
+    assert ss.open_run(rec.path).attrs["heartbeat"]["time"] > beat
+    assert data.last_update(rec.path) == committed
+    rec.close()
