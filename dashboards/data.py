@@ -21,9 +21,10 @@ import pandas as pd
 import xarray as xr
 import zarr
 
-from spectralscope.fit import combine_runs, run_labels, window_rows
+from spectralscope import schema
+from spectralscope.fit import combine_runs, run_labels, settled_frame, window_rows
 from spectralscope.integrity import run_status
-from spectralscope.store import check_run, is_url, open_store, unit_dim
+from spectralscope.store import check_run, is_url, open_store
 
 #: A run's location: a local folder, or an fsspec URL (``s3://bucket/runs/w64.zarr``).
 Where = Path | str
@@ -31,7 +32,7 @@ Options = dict[str, Any] | None
 
 #: Folders are searched this deep below RUNS_DIR (runs/sweep/w64.zarr is depth 2).
 MAX_DEPTH = 4
-GROUPS = ("optimizer", "activations", "gradients", "sharpness", "scalars")
+GROUPS = schema.GROUP_NAMES
 
 
 @dataclass(frozen=True)
@@ -337,14 +338,7 @@ def settled(entries: Sequence[RunEntry], metric: str, group: str, quantile: floa
         if da is None or not isinstance(size, (int, float)):
             skipped.append(f"{e.rel}: no committed {metric}" if da is None else f"{e.rel}: no model_size")
             continue
-        unit = unit_dim(da.dims)
-        with np.errstate(all="ignore"):
-            med = np.nanmedian(da.values, axis=0) if da.sizes["step"] else np.full(da.shape[1:], np.nan)
-        frames.append(pd.DataFrame({
-            "run": e.rel, "layer": da[unit].values.astype(str), "kind": da["kind"].values.astype(str),
-            "depth": da["depth"].values.astype(float), "quantile": np.nan if quantile is None else float(quantile),
-            "size": float(size), "value": med.reshape(-1), **run_labels(e.attrs),
-        }))
+        frames.append(settled_frame(da, float(size), run_labels(e.attrs), quantile=quantile).assign(run=e.rel))
     if not frames:
         return pd.DataFrame(columns=["run", "layer", "kind", "depth", "quantile", "size", "value", "optimizer",
                                      "arch"]), skipped

@@ -15,14 +15,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from spectralscope import distributed
+from spectralscope import distributed, schema
 from spectralscope.covariance import CovarianceStats, activation_metrics, covariance_eigenvalues, token_matrix
 from spectralscope.layers import in_features
 from spectralscope.store import GroupSpec
 
 from .modules import Context, check_every, check_modules, find_modules, module_coords, module_kinds
 
-SCALARS = ("act_soft_rank", "act_hard_rank", "act_tail_alpha", "act_top10_share", "act_tokens")
+#: The per-module summaries of a spectrum (every activations variable but act_eig).
+SCALARS = tuple(v for v in schema.ACTIVATIONS.names() if v != "act_eig")
 
 
 class _Deferred:
@@ -166,7 +167,7 @@ class ActivationSpectra:
             "width": ("module", np.array(self._dims, dtype=np.int64)),
             "rank": ("rank", np.arange(1, max(self._dims) + 1, dtype=np.int64)),
         }
-        variables = {"act_eig": ("step", "module", "rank"), **{v: ("step", "module") for v in SCALARS}}
+        variables = schema.ACTIVATIONS.dims()
         return GroupSpec(self.group, coords, variables)
 
     # ---- hooks --------------------------------------------------------------------------------------

@@ -28,14 +28,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from spectralscope import schema
+from spectralscope.curvature import directional_terms, dot, sharpness_values
 from spectralscope.layers import MatrixView, layer_coords
 from spectralscope.store import GroupSpec
 from spectralscope.worker import portable_dumps, portable_loads
 
 from .modules import Context, check_every
 
-SCALARS = ("loss_before", "loss_after", "grad_dot_update", "curvature", "update_norm_sq", "nds", "predicted_delta",
-           "actual_delta", "nds_cross")
+#: The probe's run-level values (every sharpness variable but nds_within).
+SCALARS = tuple(v for v in schema.SHARPNESS.names() if v != "nds_within")
 
 
 def _math_attention():
@@ -46,21 +48,10 @@ def _math_attention():
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    return sum((x.to(torch.float64) * y.to(torch.float64)).sum() for x, y in zip(a, b, strict=True))
-
-
-def probe(model: nn.Module, params: Sequence[torch.Tensor], before: Sequence[torch.Tensor],
-          loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any,
-          layer_index: Sequence[tuple[int, MatrixView]] | None) -> dict[str, Any]:
-    """The probe's values for the step that took ``params`` from ``before`` to their present values, on
-    ``model`` whose other parameters and buffers are as after the step: with u = θ_after − θ_before,
-    L0 = loss_fn(model, batch) at θ_before, g = ∇L0 and Hu by double backward, ``grad_dot_update`` = gᵀu,
-    ``curvature`` = uᵀHu, ``update_norm_sq`` = ‖u‖², ``nds`` = uᵀHu/‖u‖², ``predicted_delta`` = gᵀu + ½uᵀHu,
-    ``actual_delta`` = L(θ_after) − L0, and with ``layer_index`` (for each watched layer, the position in
-    ``params`` of its parameter and the `MatrixView` of the part it is) ``nds_within[l]`` = u_lᵀHu_l/‖u‖², u_l
-    = u on layer l's entries and 0 elsewhere, and ``nds_cross`` = nds − Σ_l nds_within[l]. Dropout is off
-    during the probe; parameters, gradients, buffers, modes and the random state are restored exactly."""
+@contextmanager
+def _held(model: nn.Module, params: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Dropout off while inside; on leaving, ``params`` (their values, yielded as copies, and gradients), the
+    model's buffers and modules' modes and the random state are exactly as on entering."""
     with torch.no_grad():
         after = [p.detach().clone() for p in params]
     grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
@@ -72,48 +63,7 @@ def probe(model: nn.Module, params: Sequence[torch.Tensor], before: Sequence[tor
         for m in model.modules():
             if isinstance(m, nn.modules.dropout._DropoutNd):
                 m.eval()
-        u = [a - b for a, b in zip(after, before, strict=True)]
-        moved = [i for i, d in enumerate(u) if bool(d.any())]
-        with torch.no_grad():
-            for p, b in zip(params, before, strict=True):
-                p.copy_(b)
-        with torch.enable_grad(), _math_attention():
-            loss0 = loss_fn(model, batch)
-            live = [params[i] for i in moved]
-            us = [u[i] for i in moved]
-            g = torch.autograd.grad(loss0, live, create_graph=True, allow_unused=True)
-            g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(live, g, strict=True)]
-            gu = _dot(g, us)
-            per_layer = layer_index is not None
-            hu = torch.autograd.grad(gu, live, retain_graph=per_layer, allow_unused=True)
-            hu = [torch.zeros_like(p) if h is None else h for p, h in zip(live, hu, strict=True)]
-            curvature = _dot([h.detach() for h in hu], us)
-            within = np.full(len(layer_index or ()), np.nan)
-            if per_layer:
-                pos = {i: j for j, i in enumerate(moved)}
-                for k, (i, view) in enumerate(layer_index):
-                    if i not in pos:
-                        within[k] = 0.0
-                        continue
-                    j = pos[i]
-                    ul = view.select(us[j])
-                    gl = (view.select(g[j]).to(torch.float64) * ul.to(torch.float64)).sum()  # g·u_l: H u_l = ∇(g·u_l)
-                    (hl,) = torch.autograd.grad(gl, [live[j]], retain_graph=True, allow_unused=True)
-                    within[k] = 0.0 if hl is None else float(_dot([view.select(hl.detach())], [ul]))
-        norm_sq = float(_dot(us, us)) if us else 0.0
-        with torch.no_grad():
-            for p, a in zip(params, after, strict=True):
-                p.copy_(a)
-            loss1 = loss_fn(model, batch)
-        l0, l1, gu_f, c = float(loss0.detach()), float(loss1), float(gu.detach()), float(curvature)
-        nds = c / norm_sq if norm_sq > 0 else float("nan")
-        out = {"loss_before": l0, "loss_after": l1, "grad_dot_update": gu_f, "curvature": c,
-               "update_norm_sq": norm_sq, "nds": nds, "predicted_delta": gu_f + 0.5 * c, "actual_delta": l1 - l0}
-        if per_layer and norm_sq > 0:
-            within = within / norm_sq
-            out["nds_within"] = within
-            out["nds_cross"] = nds - float(np.sum(within))
-        return out
+        yield after
     finally:
         with torch.no_grad():
             for p, a in zip(params, after, strict=True):
@@ -127,6 +77,36 @@ def probe(model: nn.Module, params: Sequence[torch.Tensor], before: Sequence[tor
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def probe(model: nn.Module, params: Sequence[torch.Tensor], before: Sequence[torch.Tensor],
+          loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any,
+          layer_index: Sequence[tuple[int, MatrixView]] | None) -> dict[str, Any]:
+    """The probe of the step that took ``params`` from ``before`` to their present values, on ``model`` whose
+    other parameters and buffers are as after the step: θ put back, L0 = loss_fn(model, batch), the
+    directional terms (`curvature.directional_terms`: gᵀu, uᵀHu and, with ``layer_index`` — for each watched
+    layer the position in ``params`` of its parameter and the `MatrixView` of the part it is — u_lᵀHu_l),
+    then L(θ_after); the values as `curvature.sharpness_values` states them. Dropout is off during the probe;
+    parameters, gradients, buffers, modes and the random state are restored exactly (`_held`)."""
+    with _held(model, params) as after:
+        u = [a - b for a, b in zip(after, before, strict=True)]
+        moved = [i for i, d in enumerate(u) if bool(d.any())]
+        live, us = [params[i] for i in moved], [u[i] for i in moved]
+        pos = {i: j for j, i in enumerate(moved)}
+        parts = None if layer_index is None else [(pos[i], view.select) if i in pos else None
+                                                  for i, view in layer_index]
+        with torch.no_grad():
+            for p, b in zip(params, before, strict=True):
+                p.copy_(b)
+        with torch.enable_grad(), _math_attention():
+            loss0 = loss_fn(model, batch)
+            gu, curv, within = directional_terms(loss0, live, us, parts)
+        with torch.no_grad():
+            for p, a in zip(params, after, strict=True):
+                p.copy_(a)
+            loss1 = loss_fn(model, batch)
+        return sharpness_values(float(loss0.detach()), float(loss1), gu, curv, float(dot(us, us)) if us else 0.0,
+                                within)
 
 
 def _ours(hook: Any) -> bool:
@@ -245,7 +225,7 @@ class Sharpness:
 
     def spec(self) -> GroupSpec:
         coords = {k: v for k, v in layer_coords(self._ctx.layers).items() if k in ("layer", "kind", "depth")}
-        variables = {v: ("step",) for v in SCALARS} | {"nds_within": ("step", "layer")}
+        variables = schema.SHARPNESS.dims()
         return GroupSpec(self.group, coords, variables)
 
     def before_step(self, step: int) -> None:

@@ -2,33 +2,58 @@
 
     rec = ss.watch(optimizer, model, "runs/x.zarr")   # record
     tree = ss.open_run("runs/x.zarr")                  # read (xarray.DataTree)
+
+The names below are imported on first use (PEP 562), so the read side — `open_run`, `fit_scaling`, the
+dashboard — never imports torch.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .adapters import register_adapter  # noqa: E402
-from .fit import PowerLawFit, fit_scaling, power_law, recommend_ns_steps  # noqa: E402
-from .hooks.activations import ActivationSpectra  # noqa: E402
-from .hooks.gradients import GradientSpectra  # noqa: E402
-from .hooks.sharpness import Sharpness  # noqa: E402
-from .newton_schulz import NSConfig, fewest_ns_steps, newton_schulz, ns_threshold, scalar_map  # noqa: E402
-from .recorder import Recorder, watch  # noqa: E402
-from .spectra import DEFAULT_QUANTILES, quantiles, singular_values  # noqa: E402
-from .store import open_run  # noqa: E402
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+try:
+    __version__ = version("spectralscope")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+#: public name → the module that defines it
+_LAZY = {
+    "register_adapter": "adapters",
+    "PowerLawFit": "fit",
+    "fit_scaling": "fit",
+    "power_law": "fit",
+    "recommend_ns_steps": "fit",
+    "ActivationSpectra": "hooks.activations",
+    "GradientSpectra": "hooks.gradients",
+    "Sharpness": "hooks.sharpness",
+    "NSConfig": "newton_schulz",
+    "fewest_ns_steps": "newton_schulz",
+    "newton_schulz": "newton_schulz",
+    "ns_threshold": "newton_schulz",
+    "scalar_map": "newton_schulz",
+    "Recorder": "recorder",
+    "watch": "recorder",
+    "DEFAULT_QUANTILES": "schema",
+    "quantiles": "spectra",
+    "singular_values": "spectra",
+    "open_run": "store",
+}
 
 __all__ = [
+    "DEFAULT_QUANTILES",
     "ActivationSpectra",
     "GradientSpectra",
-    "Sharpness",
-    "DEFAULT_QUANTILES",
     "NSConfig",
     "PowerLawFit",
     "Recorder",
+    "Sharpness",
     "__version__",
-    "newton_schulz",
-    "ns_threshold",
     "fewest_ns_steps",
     "fit_scaling",
+    "newton_schulz",
+    "ns_threshold",
     "open_run",
     "power_law",
     "quantiles",
@@ -38,3 +63,29 @@ __all__ = [
     "singular_values",
     "watch",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spectralscope' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .adapters import register_adapter
+    from .fit import PowerLawFit, fit_scaling, power_law, recommend_ns_steps
+    from .hooks.activations import ActivationSpectra
+    from .hooks.gradients import GradientSpectra
+    from .hooks.sharpness import Sharpness
+    from .newton_schulz import NSConfig, fewest_ns_steps, newton_schulz, ns_threshold, scalar_map
+    from .recorder import Recorder, watch
+    from .schema import DEFAULT_QUANTILES
+    from .spectra import quantiles, singular_values
+    from .store import open_run

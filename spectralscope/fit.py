@@ -13,6 +13,8 @@ import numpy as np
 import scipy.optimize
 import scipy.stats
 
+from . import schema
+
 
 @dataclass(frozen=True)
 class PowerLawFit:
@@ -98,21 +100,12 @@ def _power_law_offset(x: np.ndarray, y: np.ndarray) -> PowerLawFit:
 
 
 # ---- scaling laws across runs -------------------------------------------------------------------------------
-GROUP_OF_METRIC = {
-    "optimizer": ("momentum_sv", "momentum_norm", "ns_out_sv", "ns_polar_err", "ns_orth_err", "ns_fail_frac",
-                  "update_rms", "update_sv", "update_erank", "neuron_norm", "neuron_cv", "weight_spectral_norm"),
-    "activations": ("act_soft_rank", "act_hard_rank", "act_tail_alpha", "act_top10_share"),
-    "gradients": ("grad_soft_rank",),
-    "sharpness": ("nds_within",),
-}
-
-
 def group_of(metric: str) -> str:
     """The store group that records ``metric`` (``ValueError`` listing the per-layer metrics if none)."""
-    for group, names in GROUP_OF_METRIC.items():
+    for group, names in schema.fit_metrics().items():
         if metric in names:
             return group
-    known = ", ".join(m for names in GROUP_OF_METRIC.values() for m in names)
+    known = ", ".join(m for names in schema.fit_metrics().values() for m in names)
     raise ValueError(f"fit_scaling: unknown metric {metric!r}; per-layer metrics are: {known}")
 
 
@@ -137,9 +130,7 @@ def settled_values(tree, metric: str, quantile: float | None = None, size: str =
                    window: tuple[float, float] = (0.5, 1.0), where: str = "run"):
     """A tidy DataFrame (layer, kind, depth, quantile, size, value) of one run: for each layer (and quantile),
     the median of ``metric`` over the recorded steps in ``window`` (fractions of the recorded steps)."""
-    import pandas as pd
 
-    from .store import unit_dim
 
     lo, hi = window
     if not 0 <= lo < hi <= 1:
@@ -159,20 +150,34 @@ def settled_values(tree, metric: str, quantile: float | None = None, size: str =
         if missing:
             raise ValueError(f"fit_scaling: {where} did not record quantile {missing[0]} "
                              f"(recorded: {list(da['quantile'].values)})")
+    else:
+        levels = None
+    attrs = dict(tree.attrs)
+    return settled_frame(da, _run_size(attrs, size, where), run_labels(attrs), levels, quantile)
+
+
+def settled_frame(da, size: float, labels: dict[str, str | None], levels: list[float] | None = None,
+                  quantile: float | None = None):
+    """The tidy rows (layer, kind, depth, quantile, size, value, and ``labels``) of one run's windowed metric
+    ``da`` (step, layer or module[, quantile]): value = the median over its steps, NaNs skipped, at each of
+    ``levels`` (the quantile axis), else at ``quantile`` (a level already selected, or None). The one
+    definition of a settled value: `fit_scaling` and the dashboard's scaling page both use it."""
+    import pandas as pd
+
+    from .store import unit_dim
+
     unit = unit_dim(da.dims)
     med = da.median("step", skipna=True).load()  # once: with dask every .values below would recompute it
     rows = []
-    attrs = dict(tree.attrs)
-    value_size = _run_size(attrs, size, where)
-    labels = run_labels(attrs)
     for j, name in enumerate(med[unit].values.tolist()):
         kind, depth = str(med["kind"].values[j]), float(med["depth"].values[j])
-        if "quantile" in da.dims:
+        if levels is not None:
             for q in levels:
                 v = float(med.isel({unit: j}).sel(quantile=q, method="nearest").values)
-                rows.append((name, kind, depth, float(q), value_size, v))
+                rows.append((str(name), kind, depth, float(q), size, v))
         else:
-            rows.append((name, kind, depth, np.nan, value_size, float(med.isel({unit: j}).values)))
+            q = np.nan if quantile is None else float(quantile)
+            rows.append((str(name), kind, depth, q, size, float(med.isel({unit: j}).values)))
     return pd.DataFrame(rows, columns=["layer", "kind", "depth", "quantile", "size", "value"]).assign(**labels)
 
 

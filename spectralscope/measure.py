@@ -17,55 +17,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import schema
 from .estimate import SpectrumEstimate, quantile_bracket, representative_spectrum, slq
 from .layers import MatrixView
 from .newton_schulz import NSConfig, newton_schulz, ns_threshold
 from .optimizer_metrics import momentum_metrics, newton_schulz_metrics, update_metrics, weight_metrics
 from .spectra import Spectrum, as_matrix, matrix_spectrum
 
-#: Variables of the ``optimizer`` group and whether they carry a quantile axis.
-OPTIMIZER_VARIABLES: dict[str, bool] = {
-    "momentum_sv": True,
-    "momentum_norm": False,
-    "ns_out_sv": True,
-    "ns_polar_err": False,
-    "ns_orth_err": False,
-    "ns_fail_frac": False,
-    "update_rms": False,
-    "update_sv": True,
-    "update_erank": False,
-    "neuron_norm": True,
-    "neuron_cv": False,
-    "weight_spectral_norm": False,
-}
+#: The optimizer group's variables always stored: name → whether it carries a quantile axis.
+OPTIMIZER_VARIABLES: dict[str, bool] = {v.name: v.quantiled for v in schema.OPTIMIZER.variables if not v.optional}
 #: With an estimated layer in the run: the bound on |recorded − true| of each estimated quantile family
-#: (`estimate.quantile_bracket`: hi − lo; 0 on exactly measured layers), and the family it belongs to.
-ESTIMATE_BOUNDS = {"momentum_sv_err": "momentum", "ns_out_sv_err": "newton_schulz", "update_sv_err": "update"}
-
-_FAMILIES = {
-    "momentum": ("momentum_sv", "momentum_norm", "ns_fail_frac"),
-    "newton_schulz": ("ns_out_sv", "ns_polar_err", "ns_orth_err"),
-    "update": ("update_rms", "update_sv", "update_erank", "neuron_norm", "neuron_cv"),
-    "weight": ("weight_spectral_norm",),
-}
-
-
-def family_of(metric: str) -> str:
-    """The family a counted metric belongs to, for saying it once: ``momentum``, ``newton_schulz``, ``update``,
-    ``weight`` (the optimizer group's), ``activations`` (``act_*``), ``gradients`` (``grad_*``), ``sharpness``;
-    any other name (``optimizer``: a lost record, ``tensorboard``) is its own family."""
-    for family, names in _FAMILIES.items():
-        if metric in names:
-            return family
-    if metric in ESTIMATE_BOUNDS:
-        return ESTIMATE_BOUNDS[metric]
-    if metric.startswith("act_"):
-        return "activations"
-    if metric.startswith("grad_"):
-        return "gradients"
-    if metric == "nds":  # a probe that failed or came out non-finite is counted under nds
-        return "sharpness"
-    return metric
+#: (`estimate.quantile_bracket`: hi − lo; 0 on exactly measured layers) → the family it belongs to.
+ESTIMATE_BOUNDS = {v.name: v.family for v in schema.OPTIMIZER.variables if v.optional}
+#: family → the (always stored) variables one failure of it blanks
+_FAMILIES: dict[str, tuple[str, ...]] = {}
+for _v in schema.OPTIMIZER.variables:
+    if not _v.optional:
+        _FAMILIES[_v.family] = (*_FAMILIES.get(_v.family, ()), _v.name)
 
 #: A metric that came out NaN/Inf or failed: (variable, layer name, why).
 Problem = tuple[str, str, str]

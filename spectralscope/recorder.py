@@ -31,12 +31,12 @@ from spectralscope.hooks.gradients import GradientSpectra
 from spectralscope.hooks.modules import Context
 from spectralscope.hooks.sharpness import Sharpness
 
-from . import arguments, distributed
+from . import arguments, distributed, schema
 from .adapters import adapter_for, qualified_name
 from .estimate import EXACT_MAX, choose_method
 from .layers import Layer, check_kinds, layer_coords, select_layers
-from .measure import LayerInputs, Measurer, family_of, fill, to_host
-from .spectra import DEFAULT_QUANTILES
+from .measure import LayerInputs, Measurer, fill, to_host
+from .schema import DEFAULT_QUANTILES, family_of
 from .store import DiscardWriter, GroupSpec, RunWriter
 from .worker import RecorderJobs, WorkerProcess, can_pickle, portable
 
@@ -48,7 +48,7 @@ DEFERRABLE = (ActivationSpectra, GradientSpectra)
 #: on a worker thread it would run on the live one while training goes on).
 PROCESS_ONLY = (Sharpness,)
 #: Under which metric a lost record of a group is counted in ``errors`` (layer ``*``).
-LOST_AS = {"optimizer": "optimizer", "activations": "act_eig", "gradients": "grad_sv", "sharpness": "nds"}
+LOST_AS = {name: g.lost_as for name, g in schema.GROUPS.items()}
 
 def _jsonable(x: Any) -> Any:
     if isinstance(x, Tensor):

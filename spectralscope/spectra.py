@@ -16,8 +16,7 @@ import torch
 from scipy.linalg import blas, lapack
 from torch import Tensor
 
-#: Quantile levels recorded by default (SPEC §5).
-DEFAULT_QUANTILES: tuple[float, ...] = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
+from .schema import DEFAULT_QUANTILES
 
 #: Below this ratio σ_i/σ_1 the Gram route loses digits (its error is ≈ ε·(σ_1/σ_i)²), so those
 #: singular values are recomputed from the matrix itself (see `singular_values`).
@@ -133,65 +132,135 @@ def _gesdd_values(a: np.ndarray) -> tuple[np.ndarray, int]:
     return s, info
 
 
-def _cpu_spectrum(a: np.ndarray, refine_below: float, refine_max: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(σ descending, diag G) for a float64 C-ordered A; see `gram_spectrum`. More than ``refine_max``
-    singular values to refine: σ from a direct SVD instead. Raises on LAPACK failure."""
+class _LapackBackend:
+    """The refined Gram spectrum's kernels on float64 C-ordered numpy arrays: BLAS dsyrk for the Gram matrix,
+    one LAPACK reduction (dsytrd) shared by the eigenvalues (dsterf) and the small end's eigenvectors (dstemr,
+    dormqr), dgesdd for the direct SVD. Failures raise ``LinAlgError``."""
+
+    @staticmethod
+    def gram(a):
+        return _syrk_lower(a)
+
+    @staticmethod
+    def diagonal(g):
+        return np.diagonal(g).copy()
+
+    @staticmethod
+    def finite(x) -> bool:
+        return bool(np.isfinite(x).all())
+
+    @staticmethod
+    def nan(r: int, like):
+        return np.full(r, np.nan)
+
+    @staticmethod
+    def sqrt0(x):
+        return np.sqrt(np.maximum(x, 0.0))
+
+    @staticmethod
+    def eig(g):
+        """σ = sqrt(max(λ, 0)) descending from G, and basis(k): an orthonormal basis of G's eigenvectors for
+        its k smallest eigenvalues, from the same reduction."""
+        c, d, e, tau = _tridiagonalize(g)
+        sigma = np.sqrt(np.maximum(_tridiagonal_eigvals(d, e)[::-1], 0.0))
+        return sigma, lambda k: _smallest_eigvecs(c, d, e, tau, k)
+
+    @staticmethod
+    def svdvals(x):
+        return np.linalg.svd(x, compute_uv=False)
+
+    @staticmethod
+    def direct(a):
+        return _direct_cpu(a)
+
+    @staticmethod
+    def sorted_desc(x):
+        return -np.sort(-x)
+
+
+class _TorchBackend:
+    """The same kernels with torch.linalg, on the tensor's own device (one eigh gives values and vectors)."""
+
+    @staticmethod
+    def gram(a):
+        return a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+
+    @staticmethod
+    def diagonal(g):
+        return torch.diagonal(g).clone()
+
+    @staticmethod
+    def finite(x) -> bool:
+        return bool(torch.isfinite(x).all())
+
+    @staticmethod
+    def nan(r: int, like):
+        return _nan(r, like.device)
+
+    @staticmethod
+    def sqrt0(x):
+        return x.clamp_min(0.0).sqrt()
+
+    @staticmethod
+    def eig(g):
+        lam, vecs = torch.linalg.eigh(g)
+        return lam.flip(0).clamp_min(0.0).sqrt(), lambda k: torch.linalg.qr(vecs[:, :k])[0]
+
+    @staticmethod
+    def svdvals(x):
+        return torch.linalg.svdvals(x)
+
+    @staticmethod
+    def direct(a):
+        return torch.linalg.svdvals(a)
+
+    @staticmethod
+    def sorted_desc(x):
+        return x.sort(descending=True).values
+
+
+def _refined_spectrum(a, refine_below: float, refine_max: int | None, be) -> tuple:
+    """(σ descending, diag G) of a float64 matrix ``a`` by the refined Gram route (`gram_spectrum`), with the
+    kernels of backend ``be`` (`_LapackBackend` on numpy arrays, `_TorchBackend` on tensors). More than
+    ``refine_max`` singular values to refine: σ from a direct SVD instead."""
     r = min(a.shape)
-    g = _syrk_lower(a)
-    diag = np.diagonal(g).copy()
-    if not np.isfinite(diag.sum()):
-        if not np.isfinite(a).all():
-            nan = np.full(r, np.nan)
-            return nan, nan.copy()
+    g = be.gram(a)
+    diag = be.diagonal(g)
+    if not be.finite(diag.sum()):
+        if not be.finite(a):
+            return be.nan(r, a), be.nan(r, a)
         # Finite entries whose squares overflow float64: the spectrum scales with A.
-        scale = float(np.abs(a).max())
-        sigma, diag = _cpu_spectrum(a / scale, refine_below, refine_max)
+        scale = abs(a).max()
+        sigma, diag = _refined_spectrum(a / scale, refine_below, refine_max, be)
         with np.errstate(over="ignore"):  # diag G itself is beyond float64: inf is its honest value
             return sigma * scale, diag * scale * scale
     if r == 1:
-        return np.sqrt(np.maximum(diag, 0.0)), diag
-    c, d, e, tau = _tridiagonalize(g)
-    lam = _tridiagonal_eigvals(d, e)  # ascending
-    sigma = np.sqrt(np.maximum(lam[::-1], 0.0))
-    top = sigma[0]
-    if top == 0 or refine_below <= 0:
-        return sigma, diag
-    k = int(np.count_nonzero(sigma < refine_below * top))
-    if k == 0:
-        return sigma, diag
-    if refine_max is not None and k > refine_max:
-        return _direct_cpu(a), diag
-    # The eigenvectors of the k smallest eigenvalues span the small singular subspace to within ε;
-    # A restricted to it has exactly those singular values, now without the squared conditioning.
-    vs = _smallest_eigvecs(c, d, e, tau, k)
-    side = a @ vs if a.shape[0] > a.shape[1] else a.T @ vs
-    sigma[r - k :] = np.linalg.svd(side, compute_uv=False)
-    return -np.sort(-sigma), diag
-
-
-def _torch_spectrum(a: Tensor, refine_below: float) -> tuple[Tensor, Tensor]:
-    """The same as `_cpu_spectrum` with torch.linalg on the tensor's own device."""
-    r = min(a.shape)
-    g = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
-    diag = torch.diagonal(g).clone()
-    if not bool(torch.isfinite(diag.sum())):
-        if not bool(torch.isfinite(a).all()):
-            return _nan(r, a.device), _nan(r, a.device)
-        scale = a.abs().max()
-        sigma, diag = _torch_spectrum(a / scale, refine_below)
-        return sigma * scale, diag * scale * scale
-    lam, vecs = torch.linalg.eigh(g)
-    sigma = lam.flip(0).clamp_min(0.0).sqrt()
+        return be.sqrt0(diag), diag
+    sigma, basis = be.eig(g)
     top = sigma[0]
     if top == 0 or refine_below <= 0:
         return sigma, diag
     k = int((sigma < refine_below * top).sum())
     if k == 0:
         return sigma, diag
-    vs = torch.linalg.qr(vecs[:, :k])[0]
+    if refine_max is not None and k > refine_max:
+        return be.direct(a), diag
+    # The eigenvectors of the k smallest eigenvalues span the small singular subspace to within ε;
+    # A restricted to it has exactly those singular values, now without the squared conditioning.
+    vs = basis(k)
     side = a @ vs if a.shape[0] > a.shape[1] else a.T @ vs
-    sigma[r - k :] = torch.linalg.svdvals(side)
-    return sigma.sort(descending=True).values, diag
+    sigma[r - k :] = be.svdvals(side)
+    return be.sorted_desc(sigma), diag
+
+
+def _cpu_spectrum(a: np.ndarray, refine_below: float, refine_max: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`_refined_spectrum` on a float64 C-ordered numpy array with LAPACK. Raises on LAPACK failure."""
+    return _refined_spectrum(a, refine_below, refine_max, _LapackBackend)
+
+
+def _torch_spectrum(a: Tensor, refine_below: float) -> tuple[Tensor, Tensor]:
+    """`_refined_spectrum` on a float64 tensor with torch.linalg, on its device."""
+    return _refined_spectrum(a, refine_below, None, _TorchBackend)
 
 
 def _nan(n: int, device: torch.device) -> Tensor:

@@ -34,10 +34,10 @@ import zarr
 import zarr.storage
 
 from . import __version__
+from .schema import SCHEMA
 
 log = logging.getLogger("spectralscope")
 
-SCHEMA = 1
 #: Zarr skips (and deletes) chunks that hold only the fill value by default; a run writes every chunk.
 WRITE_CONFIG = {"write_empty_chunks": True}
 #: Arrays start with room for this many chunks of steps (missing chunks cost nothing on disk) and

@@ -14,17 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-#: (group, variable, quantile or None) written to TensorBoard.
-TB_METRICS: tuple[tuple[str, str, float | None], ...] = (
-    ("optimizer", "momentum_sv", 0.1),
-    ("optimizer", "momentum_sv", 0.5),
-    ("optimizer", "momentum_sv", 0.9),
-    ("optimizer", "ns_fail_frac", None),
-    ("optimizer", "neuron_cv", None),
-    ("optimizer", "update_erank", None),
-    ("activations", "act_hard_rank", None),
-    ("sharpness", "nds", None),
-)
+from . import schema
+
+#: (group, variable, quantile or None) written to TensorBoard (`schema.Variable.tensorboard`).
+TB_METRICS: tuple[tuple[str, str, float | None], ...] = tuple(schema.tensorboard_metrics())
 
 
 def tag_of(var: str, quantile: float | None) -> str:

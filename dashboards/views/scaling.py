@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from spectralscope import schema
 from spectralscope.dashboards import charts, common, data
-from spectralscope.fit import GROUP_OF_METRIC, fit_scaling, group_label, group_of, recommend_ns_steps
+from spectralscope.fit import fit_scaling, group_label, group_of, recommend_ns_steps
 
 common.header("Scaling laws", "Settled value = median over the chosen window of each run's committed steps; "
               "groups = layer kind @ relative depth; bands = slope within its 95% t-interval.")
 runs = common.selected_runs()
-QUANTILED = {"momentum_sv", "ns_out_sv", "update_sv", "neuron_norm"}
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -37,11 +37,12 @@ def default_groups(fits: pd.DataFrame, most: int = 8) -> list[str]:
 if len(runs) < 3:
     st.info("A power law needs runs of at least 3 model sizes: pick them in the sidebar.")
 else:
-    metrics = [m for names in GROUP_OF_METRIC.values() for m in names]
+    metrics = [m for names in schema.fit_metrics().values() for m in names]
     c1, c2, c3, c4 = st.columns(4)
     metric = c1.selectbox("metric", metrics, index=metrics.index("momentum_sv"), key="sc-metric")
-    quantile = c2.selectbox("quantile", [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0], index=5,
-                            key="sc-quantile") if metric in QUANTILED else None
+    levels = list(schema.DEFAULT_QUANTILES)
+    quantile = c2.selectbox("quantile", levels, index=levels.index(0.5),
+                            key="sc-quantile") if schema.variable(metric).quantiled else None
     window = c3.slider("window (fraction of each run)", 0.0, 1.0, (0.5, 1.0), 0.05, key="sc-window")
     largest = max(float(e.attrs.get("model_size", 0) or 0) for e in runs)
     target = c4.number_input("target model size", min_value=1.0, value=float(10 ** np.ceil(np.log10(largest * 10))),
