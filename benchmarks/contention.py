@@ -34,7 +34,8 @@ from scipy.linalg import blas, lapack  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import overhead  # noqa: E402
 
-import spectralscope as ss  # noqa: E402
+import spectralscope as ss
+from spectralscope.runners.thread import clone_tensors  # noqa: E402
 
 
 def _busy(kind: str, stop: threading.Event) -> None:
@@ -96,12 +97,12 @@ def _measure_forever(stop, ready) -> None:
         run(1)
         before = {id(lay.param): lay.param.detach().clone() for lay in rec.layers}
         run(1)
-        rec._before = before  # W_before of the inputs: the weights one step back, so ΔW is a real update
-        inputs = [rec._local_inputs(lay, copy=True) for lay in rec.layers]
+        rec.record._before = before  # W_before of the inputs: the weights one step back, so ΔW is a real update
+        inputs = clone_tensors(rec.record.take(0))
         rec.close()
         ready.set()
         while not stop.is_set():
-            rec.measurer.measure(inputs)
+            rec.record.measurer.finish(inputs)
 
 
 def training(blocks: int) -> None:

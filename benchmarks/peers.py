@@ -151,15 +151,15 @@ def curvature(model: torch.nn.Module, make_opts, data: torch.Tensor, repeats: in
     with tempfile.TemporaryDirectory() as tmp:
         rec = ss.watch(opts[0], probe_model, f"{tmp}/p.zarr", every=10**9, activations=None, sharpness=sharp,
                        background=False)
-        inner = sharp.finisher.measure  # the probe of one step, on the training thread (background=False)
+        inner = sharp.finisher.finish  # the probe of one step, on the training thread (background=False)
 
-        def timed(params, before, report):
-            t, out = best(lambda: inner(params, before, report), 1, device)
+        def timed(taken):
+            t, (out, _) = best(lambda: inner(taken), 1, device)
             times.append(t)
             nds.append(float(out["nds"]))
-            return out
+            return out, []
 
-        sharp.finisher.measure = timed
+        sharp.finisher.finish = timed
         for _ in range(repeats):
             loss_fn(probe_model, data).backward()
             for o in opts:

@@ -24,7 +24,7 @@ import zarr
 from spectralscope import schema
 from spectralscope.fit import combine_runs, run_labels, settled_frame, window_rows
 from spectralscope.integrity import run_status
-from spectralscope.store import check_run, is_url, open_store
+from spectralscope.store import check_run, committed_rows, is_url, open_store
 
 #: A run's location: a local folder, or an fsspec URL (``s3://bucket/runs/w64.zarr``).
 Where = Path | str
@@ -270,7 +270,7 @@ def steps(path: Where, group: str, storage_options: Options = None) -> np.ndarra
     g = _group(path, group, storage_options)
     if g is None:
         return np.empty(0, dtype=np.int64)
-    return np.asarray(g["step"][: int(g.attrs.get("n_rows", 0))])
+    return np.asarray(g["step"][: committed_rows(g)])
 
 
 def read(path: Where, group: str, var: str, *, window: tuple[float, float] = (0.0, 1.0), max_steps: int | None = None,
@@ -286,7 +286,7 @@ def read(path: Where, group: str, var: str, *, window: tuple[float, float] = (0.
     g = _group(path, group, storage_options)
     if g is None or var not in g:
         return None
-    n = int(g.attrs.get("n_rows", 0))
+    n = committed_rows(g)
     i0, i1 = window_rows(n, window)
     if n == 0 or i1 <= i0:
         return None

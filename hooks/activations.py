@@ -9,7 +9,7 @@ spectrum is taken and the statistics reset. The formulas live in `spectralscope.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -74,14 +74,11 @@ class ActivationFinisher:
             out.append(st)
         return out
 
-    def run(self, taken: list) -> tuple[dict[str, np.ndarray], list[tuple[str, str, str]]]:
-        """`finish`, with the reports returned as (metric, module, why) beside the row (a worker process's job)."""
+    def finish(self, taken: list) -> tuple[dict[str, np.ndarray], list[tuple[str, str, str]]]:
+        """The row from the statistics `ActivationSpectra.take` returned, and (metric, module, why) of every value
+        that is not finite or failed."""
         problems: list[tuple[str, str, str]] = []
-        return self.finish(taken, lambda *p: problems.append(p)), problems
-
-    def finish(self, taken: list, report: Callable[[str, str, str], None]) -> dict[str, np.ndarray]:
-        """The row from the statistics `ActivationSpectra.take` returned; ``report(metric, module, why)`` is
-        told of every value that is not finite or failed."""
+        report = lambda *p: problems.append(p)  # noqa: E731
         stats = self.summed(taken)
         nm, nr = len(self.names), max(self.dims)
         out = {"act_eig": np.full((nm, nr), np.nan), **{v: np.full(nm, np.nan) for v in SCALARS}}
@@ -105,7 +102,7 @@ class ActivationFinisher:
                 val = out[k][i]
                 if not np.isfinite(val[: len(lam)] if k == "act_eig" else val).all():
                     report(k, self.names[i], "is not finite")
-        return out
+        return out, problems
 
 
 class ActivationSpectra:
@@ -114,6 +111,12 @@ class ActivationSpectra:
     transformers' ``Conv1D``) or of the modules named in ``modules``."""
 
     group = "activations"
+
+    @property
+    def may_defer(self) -> bool:
+        """Whether hooks may keep copies for the record to be finished elsewhere: not under torch.distributed,
+        where the statistics are summed over the ranks on the training thread."""
+        return not distributed.active()
 
     def __init__(self, every: int = 50, max_tokens: int = 4096, modules: Sequence[str] | None = None, seed: int = 0):
         check_every("ActivationSpectra", every)
@@ -134,7 +137,9 @@ class ActivationSpectra:
         self._seen: dict[int, tuple[weakref.ref, int]] = {}
         self._writes = True
         self.paused = False
-        # set by watch(background=True) outside torch.distributed: hooks keep copies, `finish` sums them
+        self.live = False  # the payload: statistics, or copies of the inputs (``defer``)
+        # set by watch when records are finished off the training thread (outside torch.distributed): hooks keep
+        # copies, the finisher sums them
         self.defer = False
         # tokens in each statistics slot of this record, counted on the host (reading st.n would wait for
         # the device at every forward of a record step)
@@ -148,7 +153,7 @@ class ActivationSpectra:
         self._names, self._dims, self._stats, self._seen, self._tokens = [], [], [], {}, {}
         self._kinds = module_kinds(chosen, ctx.layers)
         self.defer = False
-        self._step, self._report, self._writes = ctx.step, ctx.report, ctx.writes
+        self._step, self._ledger, self._writes = ctx.step, ctx.ledger, ctx.writes
         for i, (name, module) in enumerate(chosen):
             self._names.append(name)
             self._dims.append(in_features(module))
@@ -178,7 +183,7 @@ class ActivationSpectra:
             try:
                 self._add(i, args[0])
             except Exception as exc:  # never into the forward pass
-                self._report("act_eig", self._names[i], f"failed ({type(exc).__name__}: {exc})")
+                self._ledger.failed("act_eig", self._names[i], exc)
 
         return hook
 
@@ -229,15 +234,10 @@ class ActivationSpectra:
             offset += 1 + d + d * d
             self._stats[i] = CovarianceStats(n.clone(), s.clone(), ss.reshape(d, d).clone()) if float(n) > 0 else None
 
-    def row(self, step: int) -> dict[str, np.ndarray] | None:
-        """The record for ``step`` (after its optimizer step), or None when ``step`` is not recorded."""
-        taken = self.take(step)
-        return None if taken is None else self.finish(taken)
-
     def take(self, step: int) -> list | None:
         """On the training thread, after the step: this record's statistics (summed over the ranks under
         torch.distributed), leaving the instrument ready for the next one; None when ``step`` is not
-        recorded or this rank does not write. `finish` turns them into the row."""
+        recorded or this rank does not write. The finisher turns them into the row."""
         if step % self.every != 0:
             return None
         self._seen.clear()
@@ -245,7 +245,3 @@ class ActivationSpectra:
         self._all_reduce()
         taken, self._stats = self._stats, [None] * len(self._stats)
         return taken if self._writes else None  # other ranks took part in the sum; rank 0 writes it
-
-    def finish(self, taken: list) -> dict[str, np.ndarray]:
-        """The row from the statistics `take` returned: the covariance spectra and their summaries."""
-        return self.finisher.finish(taken, self._report)

@@ -14,7 +14,7 @@ record is finished (a worker process or thread); layers beyond the budget are fo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -36,14 +36,11 @@ class GradientFinisher:
     def __init__(self, names: Sequence[str], max_samples: int) -> None:
         self.names, self.max_samples = list(names), int(max_samples)
 
-    def run(self, taken: list) -> tuple[dict[str, np.ndarray], list[tuple[str, str, str]]]:
-        """`finish`, with the reports returned as (metric, layer, why) beside the row (a worker process's job)."""
+    def finish(self, taken: list) -> tuple[dict[str, np.ndarray], list[tuple[str, str, str]]]:
+        """The row from what `GradientSpectra.take` returned, and (metric, layer, why) of every spectrum that is
+        not finite or failed."""
         problems: list[tuple[str, str, str]] = []
-        return self.finish(taken, lambda *p: problems.append(p)), problems
-
-    def finish(self, taken: list, report: Callable[[str, str, str], None]) -> dict[str, np.ndarray]:
-        """The row from what `GradientSpectra.take` returned; ``report(metric, layer, why)`` is told of every
-        spectrum that is not finite or failed."""
+        report = lambda *p: problems.append(p)  # noqa: E731
         nm = len(self.names)
         out = {"grad_sv": np.full((nm, self.max_samples), np.nan), "grad_soft_rank": np.full(nm, np.nan),
                "grad_samples": np.full(nm, np.nan)}
@@ -64,7 +61,7 @@ class GradientFinisher:
             out["grad_samples"][i] = len(sv)
             if not np.isfinite(sv).all():
                 report("grad_sv", self.names[i], "is not finite")
-        return out
+        return out, problems
 
 
 class GradientSpectra:
@@ -73,6 +70,14 @@ class GradientSpectra:
     in ``modules``."""
 
     group = "gradients"
+
+    @property
+    def may_defer(self) -> bool:
+        """Whether hooks may keep copies of a and δ for the record to be finished elsewhere (not under
+        torch.distributed)."""
+        from spectralscope import distributed
+
+        return not distributed.active()
 
     def __init__(self, every: int = 100, max_samples: int = 64, modules: Sequence[str] | None = None):
         check_every("GradientSpectra", every)
@@ -87,6 +92,7 @@ class GradientSpectra:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._deferred_bytes = 0
         self.paused = False
+        self.live = False  # the payload: Gram matrices, or copies of a and δ (``defer``)
         self.defer = False
         self.finisher = GradientFinisher([], max_samples)
 
@@ -96,7 +102,7 @@ class GradientSpectra:
         self.remove()  # an instance handed to a second watch() starts afresh
         self._names, self._grams, self._taken = [], [], []
         self._kinds = module_kinds(chosen, ctx.layers)
-        self._step, self._report = ctx.step, ctx.report
+        self._step, self._ledger = ctx.step, ctx.ledger
         for i, (name, module) in enumerate(chosen):
             self._names.append(name)
             self._grams.append(None)
@@ -135,27 +141,18 @@ class GradientSpectra:
                         else:
                             self._grams[i] = per_sample_gram(a, d)
                 except Exception as exc:  # never into the backward pass
-                    self._report("grad_sv", self._names[i], f"failed ({type(exc).__name__}: {exc})")
+                    self._ledger.failed("grad_sv", self._names[i], exc)
 
             output.register_hook(on_grad)
 
         return hook
 
-    def row(self, step: int) -> dict[str, np.ndarray] | None:
-        """The record for ``step`` (after its optimizer step), or None when ``step`` is not recorded."""
-        taken = self.take(step)
-        return None if taken is None else self.finish(taken)
-
     def take(self, step: int) -> list | None:
         """After the step: this record's Gram matrices (or, deferred, the copies to form them from), leaving
-        the instrument ready for the next one; None when ``step`` is not recorded. `finish` makes the row."""
+        the instrument ready for the next one; None when ``step`` is not recorded. The finisher makes the row."""
         if step % self.every != 0:
             return None
         taken, self._grams = self._grams, [None] * len(self._grams)
         self._taken = [False] * len(self._taken)
         self._deferred_bytes = 0
         return taken
-
-    def finish(self, taken: list) -> dict[str, np.ndarray]:
-        """The row from what `take` returned: the per-sample gradient spectra."""
-        return self.finisher.finish(taken, self._report)

@@ -1,4 +1,20 @@
-"""Which modules an instrument hooks, and their coordinates in the store (shared by the instruments)."""
+"""What every instrument shares: the protocol it follows, the context it is bound with, which modules it hooks,
+and their coordinates in the store.
+
+The protocol (the optimizer record, `spectralscope.optimizer_record.OptimizerRecord`, follows it too):
+
+- ``bind(ctx)``: find what to hook and hook it; ``spec()``: the store layout of its group;
+- ``take(step) -> payload | None``: on the training thread, after ``optimizer.step()``: what the record of
+  ``step`` is made from (None when the step is not recorded), copying only what must be copied;
+- ``finisher.finish(payload) -> (row, problems)``: makes the row, in whichever runner finishes the record (the
+  training thread, a worker thread, the worker process: the finisher is picklable);
+- ``remove()``: take the hooks off.
+
+Besides: ``group`` (its store group), ``every``, ``live`` (the payload holds tensors training changes in place:
+a runner that finishes it later copies them first), ``paused`` (the sharpness probe's own passes are not
+recorded), ``defer`` (set by the recorder once its runner is known: the record is finished elsewhere, so hooks
+keep copies instead of reducing them at once), and optionally ``before_step(step)``.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +26,20 @@ import torch
 from torch import nn
 
 from spectralscope.layers import Layer, block_index, is_linear, layer_kind
+from spectralscope.ledger import Ledger
 
 
 @dataclass
 class Context:
     """What the recorder hands an instrument: the model, the watched layers, the optimizer, the index of the
-    optimizer step under way, ``report(metric, layer, reason)`` (count + warn once), ``pause(flag)``,
-    which stops every instrument's hooks (the sharpness probe's own passes are not recorded), and ``writes``."""
+    optimizer step under way, the run's error `Ledger`, ``pause(flag)``, which stops every instrument's hooks
+    (the sharpness probe's own passes are not recorded), and ``writes``."""
 
     model: nn.Module | None
     layers: Sequence[Layer]
     optimizer: torch.optim.Optimizer
     step: Callable[[], int]
-    report: Callable[[str, str, str], None]
+    ledger: Ledger
     pause: Callable[[bool], None]
     writes: bool = True  # False on the ranks other than 0: take part in collectives, skip what only feeds the store
 

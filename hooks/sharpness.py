@@ -131,38 +131,40 @@ def _without_our_hooks(model: nn.Module) -> Iterator[None]:
 
 
 class SharpnessProbe:
-    """The probe on a model it is given: `measure` on the training thread (the live model), or `run` in the
-    worker process, on the copy of the model it was pickled with, loaded first with the state the training
-    process had after the probed step. ``positions`` are the optimizer's parameters' places in
-    ``model.parameters()`` (None where one is not the model's: then it runs on the training thread only)."""
+    """The probe's finisher. On the training thread it probes the live model, with the watched instruments
+    paused (``pause``) and ``params`` the optimizer's parameters; unpickled in the worker process it probes its
+    own copy of the model, loaded first with the state the training process had after the probed step.
+    ``positions`` are the optimizer's parameters' places in ``model.parameters()`` (None where one is not the
+    model's: then it cannot go to the worker process). Not for a worker thread: training goes on in the live
+    model meanwhile (``threadable``)."""
+
+    threadable = False
+
+    @property
+    def portable(self) -> bool:
+        """Whether the worker process can take it: every parameter it probes is the model's."""
+        return self.positions is not None
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any,
                  layer_index: Sequence[tuple[int, MatrixView]] | None, n_layers: int,
-                 positions: Sequence[int] | None) -> None:
+                 positions: Sequence[int] | None, params: Sequence[torch.Tensor] = (),
+                 pause: Callable[[bool], None] | None = None) -> None:
         self.model, self.loss_fn, self.batch = model, loss_fn, batch
         self.layer_index = None if layer_index is None else list(layer_index)
         self.n_layers = n_layers
         self.positions = None if positions is None else list(positions)
+        self._params, self._pause = list(params), pause
+        self._copy = False  # True in the worker process: the model is this process's own
 
-    def measure(self, params: Sequence[torch.Tensor], before: Sequence[torch.Tensor],
-                report: Callable[[str, str, str], None]) -> dict[str, np.ndarray]:
-        """The sharpness row of the step that took ``params`` from ``before`` to now (NaN where the probe
-        failed or is not finite, each told to ``report(metric, layer, why)``)."""
-        out = {v: np.full((), np.nan) for v in SCALARS} | {"nds_within": np.full(self.n_layers, np.nan)}
-        try:
-            values = probe(self.model, params, before, self.loss_fn, self.batch, self.layer_index)
-        except Exception as exc:  # never into the training loop
-            report("nds", "*", f"failed ({type(exc).__name__}: {exc})")
-            return out
-        for k, v in values.items():
-            out[k] = np.asarray(v, dtype=np.float64)
-        if not np.isfinite(out["nds"]):
-            report("nds", "*", "is not finite")
-        return out
-
-    def run(self, taken: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[tuple[str, str, str]]]:
-        """In the worker process: put the state of ``taken`` (`Sharpness.take`) into this copy of the model
-        and measure; the row with the reports as (metric, layer, why)."""
+    def finish(self, taken: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[tuple[str, str, str]]]:
+        """The sharpness row of the step `Sharpness.take` describes, and (metric, layer, why) where the probe
+        failed or is not finite."""
+        if not self._copy:  # the live model: the probe's own passes must not be recorded
+            self._pause(True)
+            try:
+                return self._measure(self._params, taken["before"])
+            finally:
+                self._pause(False)
         model = self.model
         with torch.no_grad():
             for t, s in zip(chain(model.parameters(), model.buffers()), taken["state"], strict=True):
@@ -171,18 +173,29 @@ class SharpnessProbe:
             m.training = flag
         torch.set_rng_state(taken["rng"].clone())  # a view into the job's memory: set_state reads from its storage's start
         every = list(model.parameters())
-        problems: list[tuple[str, str, str]] = []
-        row = self.measure([every[i] for i in self.positions], taken["before"], lambda *p: problems.append(p))
-        return row, problems
+        return self._measure([every[i] for i in self.positions], taken["before"])
+
+    def _measure(self, params: Sequence[torch.Tensor], before: Sequence[torch.Tensor]
+                 ) -> tuple[dict[str, np.ndarray], list[tuple[str, str, str]]]:
+        out = {v: np.full((), np.nan) for v in SCALARS} | {"nds_within": np.full(self.n_layers, np.nan)}
+        try:
+            values = probe(self.model, params, before, self.loss_fn, self.batch, self.layer_index)
+        except Exception as exc:  # never into the training loop
+            return out, [("nds", "*", f"failed ({type(exc).__name__}: {exc})")]
+        for k, v in values.items():
+            out[k] = np.asarray(v, dtype=np.float64)
+        return out, [] if np.isfinite(out["nds"]) else [("nds", "*", "is not finite")]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
+        state["_params"], state["_pause"] = [], None  # the live model's: they stay in the training process
         with _without_our_hooks(self.model):
             state["model"] = portable_dumps(self.model)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state["model"] = portable_loads(state["model"])
+        state["_copy"] = True
         self.__dict__.update(state)
 
 
@@ -203,6 +216,7 @@ class Sharpness:
         self.loss_fn, self.batch, self.every, self.per_layer = loss_fn, batch, every, bool(per_layer)
         self._before: list[torch.Tensor] | None = None
         self.paused = False
+        self.live = False  # the payload: θ_before (copies), and the state the worker process copies at once
         self.defer = False  # set by watch: the probe runs in the worker process (`take` carries the state there)
 
     def bind(self, ctx: Context) -> None:
@@ -217,7 +231,7 @@ class Sharpness:
         place = {id(p): i for i, p in enumerate(ctx.model.parameters())}
         positions = [place[id(p)] for p in self._params] if all(id(p) in place for p in self._params) else None
         self.finisher = SharpnessProbe(ctx.model, self.loss_fn, self.batch, layer_index if self.per_layer else None,
-                                       len(layer_index), positions)
+                                       len(layer_index), positions, self._params, ctx.pause)
         self.defer = False
 
     def remove(self) -> None:
@@ -237,7 +251,7 @@ class Sharpness:
     def take(self, step: int) -> dict[str, Any] | None:
         """After a probed step: θ_before, and with ``defer`` the model's parameters and buffers (the tensors
         themselves: the worker process's job copies them at once), the modules' modes and the random state;
-        None when ``step`` is not probed. `finish` (here) or `SharpnessProbe.run` (there) makes the row."""
+        None when ``step`` is not probed. The finisher (`SharpnessProbe`) makes the row, here or there."""
         if step % self.every != 0 or self._before is None:
             return None
         taken: dict[str, Any] = {"before": self._before}
@@ -248,17 +262,3 @@ class Sharpness:
             taken["modes"] = [m.training for m in model.modules()]
             taken["rng"] = torch.get_rng_state()
         return taken
-
-    def finish(self, taken: dict[str, Any]) -> dict[str, np.ndarray]:
-        """The row from what `take` returned, probed now on the live model with the other instruments paused
-        (the probe's own passes are not recorded)."""
-        self._ctx.pause(True)
-        try:
-            return self.finisher.measure(self._params, taken["before"], self._ctx.report)
-        finally:
-            self._ctx.pause(False)
-
-    def row(self, step: int) -> dict[str, np.ndarray] | None:
-        """The record for ``step``, probed on the training thread, or None when ``step`` is not probed."""
-        taken = self.take(step)
-        return None if taken is None else self.finish(taken)

@@ -8,12 +8,17 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .estimate import EXACT_MAX
+from .layers import check_kinds
+from .schema import DEFAULT_QUANTILES
 
 
 def shown(x: Any) -> str:
@@ -140,3 +145,57 @@ def check_model_holds(optimizer: torch.optim.Optimizer, model: nn.Module | None)
     if params and not any(id(p) in ours for p in params):
         raise ValueError(f"watch(): model holds none of the optimizer's {len(params)} parameters: pass the model "
                          "that this optimizer trains (or model=None to name them param0, param1, …)")
+
+
+@dataclass
+class Options:
+    """`watch`'s options after the positional (optimizer, model, path), with their defaults; checked when made
+    (`check_options`, `check_layers`, `check_quantiles`, the instruments' types). See `watch` for each."""
+
+    every: int = 10
+    meta: Mapping[str, Any] | None = None
+    layers: Any = None
+    kinds: Mapping[str, str] | None = None
+    quantiles: Sequence[float] = DEFAULT_QUANTILES
+    name: str | None = None
+    model_size: int | None = None
+    ns_floor: float = 0.5
+    flush_seconds: float = 5.0
+    resume: bool = False
+    overwrite: bool = False
+    storage_options: Mapping[str, Any] | None = None
+    exact_max: int | None = EXACT_MAX
+    sv_method: str = "auto"
+    activations: Any = True
+    gradients: Any = None
+    sharpness: Any = None
+    tensorboard: str | Path | None = None
+    background: bool | str = "auto"
+
+    def __post_init__(self) -> None:
+        from .hooks.activations import ActivationSpectra
+        from .hooks.gradients import GradientSpectra
+        from .hooks.sharpness import Sharpness
+
+        check_options(every=self.every, meta=self.meta, name=self.name, model_size=self.model_size,
+                      ns_floor=self.ns_floor, flush_seconds=self.flush_seconds, resume=self.resume,
+                      overwrite=self.overwrite, storage_options=self.storage_options, exact_max=self.exact_max,
+                      sv_method=self.sv_method, tensorboard=self.tensorboard, background=self.background)
+        check_layers(self.layers)
+        self.quantiles = check_quantiles(self.quantiles)
+        self.kind_rules = check_kinds(self.kinds)
+        check(self.activations is None or isinstance(self.activations, (bool, ActivationSpectra)), "activations",
+              "an ss.ActivationSpectra, True (defaults) or None/False (off)", self.activations)
+        check(self.gradients is None or isinstance(self.gradients, (bool, GradientSpectra)), "gradients",
+              "an ss.GradientSpectra, True (defaults) or None/False (off)", self.gradients)
+        check(self.sharpness is None or isinstance(self.sharpness, Sharpness), "sharpness",
+              "an ss.Sharpness(loss_fn, batch, every=..., per_layer=...) or None", self.sharpness)
+
+
+def options(given: Mapping[str, Any]) -> Options:
+    """`Options` from ``watch``'s keyword arguments; an unknown one is named with the accepted names."""
+    known = [f.name for f in fields(Options)]
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        raise ValueError(f"watch(): unknown option {unknown[0]!r}; the options are {', '.join(known)}")
+    return Options(**given)

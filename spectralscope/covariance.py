@@ -18,7 +18,8 @@ from torch import Tensor
 from .spectra import eigvalsh, entropy_rank, participation_rank
 
 #: Tokens are converted to float64 this many bytes at a time: a whole (tokens, d) float64 copy (16 MiB at
-#: 4,096 × 512) lands on fresh pages at every record, and their page faults cost ≈ 40% of the arithmetic.
+#: 4,096 × 512) would land on fresh pages at every record, whose page faults cost a good part of the
+#: arithmetic.
 BLOCK_BYTES = 1 << 20
 
 

@@ -135,3 +135,56 @@ def gather_rows(rows: np.ndarray, dst: int = 0) -> list[np.ndarray]:
     parts = [torch.empty_like(t) for _ in range(world)] if me == dst else None
     _collective(partial(dist.gather, t, parts, dst=dst), [t, *(parts or [])])
     return [p.cpu().numpy() for p in parts] if me == dst else []
+
+
+class ShardedMeasurer:
+    """The optimizer record's finisher under FSDP2 (DTensor parameters): spectra of the full matrices. Layer i
+    belongs to rank i mod world, which gathers its full M, W_after and W_before from the shards and measures it
+    (``measurer``: a `spectralscope.measure.Measurer`); rank 0 gathers the results and makes the row, the other
+    ranks return None. Every rank takes part in every collective in the same order whatever it meets (NaN, a
+    failed metric), so none can hang. Runs on the training thread (its collectives are the training's)."""
+
+    threadable = False
+
+    def __init__(self, measurer, writes: bool) -> None:
+        self.measurer, self.writes = measurer, writes
+
+    def finish(self, inputs: Sequence) -> tuple[dict[str, np.ndarray] | None, list[tuple[str, str, str]]]:
+        from .measure import fill, to_host
+
+        m = self.measurer
+        world, me = world_size(), rank()
+        sizes = {v: (len(m.quantiles) if q else 1) for v, q in m.variables.items()}
+        mine = np.full((len(m.names), sum(sizes.values())), np.nan)
+        reasons: dict[tuple[int, str], str] = {}
+        problems: list[tuple[str, str, str]] = []
+        for i, (name, x) in enumerate(zip(m.names, inputs, strict=True)):
+            owner = i % world
+            full = gather_full([x.m, x.w_after, x.w_before], dst=owner, like=x.w_after)
+            if me != owner:
+                continue
+            m_full, after_full, before_full = full
+            try:
+                host = to_host([m.measure_layer(name, x._replace(m=m_full, w_after=after_full, w_before=before_full))])[0]
+            except Exception as exc:  # never skip the collectives below
+                problems.append(("optimizer", name, f"failed ({type(exc).__name__}: {exc})"))
+                continue
+            offset = 0
+            for var, n in sizes.items():
+                if var in host:
+                    mine[i, offset:offset + n] = np.asarray(host[var][0], dtype=np.float64).reshape(-1)
+                    reasons[(i, var)] = host[var][1]
+                offset += n
+        gathered = gather_rows(mine, dst=0)
+        if not self.writes:
+            return None, problems
+        row = m.empty_row()
+        for i, name in enumerate(m.names):
+            values, offset = gathered[i % world][i], 0
+            host = {}
+            for var, n in sizes.items():
+                host[var] = (values[offset:offset + n] if m.variables[var] else values[offset],
+                             reasons.get((i, var), "is not finite"))
+                offset += n
+            problems += fill(row, i, name, host)
+        return row, problems

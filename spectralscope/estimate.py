@@ -71,8 +71,8 @@ def sampling_error(r: int, n_vectors: int, eta: float = ETA) -> float:
 
 def slq_cost(m: int, n: int, n_vectors: int = N_VECTORS, steps: int = STEPS) -> float:
     """Cost of `slq` on an m×n matrix in `spectra.route_costs` units: k·(70·m·n + 2.5·n_v·m·n + 4·n_v·k·r),
-    k = min(steps, r). Calibrated on one core of the project's CPU (2026-11-23, 2048×8192 at n_v = 4…32):
-    the products with A and Aᵀ of a few vectors are bound by memory traffic (two passes over A per step,
+    k = min(steps, r), calibrated on one core of the project's CPU (docs/benchmarks.md): the products with
+    A and Aᵀ of a few vectors are bound by memory traffic (two passes over A per step,
     the 70·m·n), not by their 4·n_v·m·n flops — so more vectors cost little and the estimate beats the
     exact route only for r of a few thousand and up."""
     r = min(m, n)

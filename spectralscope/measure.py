@@ -46,8 +46,8 @@ class LayerInputs(NamedTuple):
     without the parameters) and whether the step had a gradient for it."""
 
     m: Tensor | None
-    w1: Tensor
-    w0: Tensor | None
+    w_after: Tensor
+    w_before: Tensor | None
     why: BaseException | None
     group: Mapping[str, Any]
     stepped: bool
@@ -82,8 +82,9 @@ class Measurer:
         nq, nl = len(self.quantiles), len(self.names)
         return {v: np.full((nl, nq) if q else (nl,), np.nan) for v, q in self.variables.items()}
 
-    def measure(self, inputs: Sequence[LayerInputs]) -> tuple[dict[str, np.ndarray], list[Problem]]:
-        """The optimizer row from each layer's inputs, and the metrics that came out NaN/Inf or failed."""
+    def finish(self, inputs: Sequence[LayerInputs]) -> tuple[dict[str, np.ndarray], list[Problem]]:
+        """The optimizer row from each layer's inputs, and the metrics that came out NaN/Inf or failed (the
+        finisher of `optimizer_record.OptimizerRecord`)."""
         row = self.empty_row()
         outputs: dict[tuple[str, int | None], Tensor] = {}  # NS_k(M) of a parameter that several layers view
         measured = [self.measure_layer(name, x, outputs) for name, x in zip(self.names, inputs, strict=True)]
@@ -99,7 +100,9 @@ class Measurer:
         (out, in) matrix; O = NS_k(M) is computed on the matrix the optimizer orthogonalises (`MatrixView.whole`:
         all of a fused q/k/v projection) and then cut to the layer, kept in ``outputs`` for its other layers."""
         view = self.views[name]
-        m, w1, w0, why, group = x.m, view(x.w1), None if x.w0 is None else view(x.w0), x.why, x.group
+        m, why, group = x.m, x.why, x.group
+        w_after = view(x.w_after)
+        w_before = None if x.w_before is None else view(x.w_before)
         qs = self.quantiles
         out: dict[str, Tensor] = {}
         reasons: dict[str, str] = {}
@@ -138,13 +141,13 @@ class Measurer:
             if ns is not None:
                 family("newton_schulz", lambda: newton_schulz_metrics(
                     view.part(self._ns_output(x, view, ns, outputs)), qs, self._spectrum(name, "newton_schulz")))
-        if w0 is not None:
+        if w_before is not None:
             # in float64: W_after − W_before of float32 weights is exact there, not always in float32
-            family("update", lambda: update_metrics(w1.to(torch.float64) - w0.to(torch.float64), qs,
+            family("update", lambda: update_metrics(w_after.to(torch.float64) - w_before.to(torch.float64), qs,
                                                     self._spectrum(name, "update")))
 
         def weight() -> dict[str, Tensor]:
-            metrics, v = weight_metrics(w1, self._vectors.get(name))
+            metrics, v = weight_metrics(w_after, self._vectors.get(name))
             if v is not None and bool(torch.isfinite(v).all()):
                 self._vectors[name] = v
             return metrics
@@ -153,7 +156,7 @@ class Measurer:
         if self.estimated:
             if self.methods[name] == "exact":
                 out.update({v: torch.zeros(len(qs), dtype=torch.float64) for v, fam in ESTIMATE_BOUNDS.items()
-                            if not (fam == "momentum" and m is None) and not (fam == "update" and w0 is None)
+                            if not (fam == "momentum" and m is None) and not (fam == "update" and w_before is None)
                             and not (fam == "newton_schulz" and (m is None or ns is None))})
             else:
                 try:
@@ -212,8 +215,8 @@ class Measurer:
         if outputs is not None and key in outputs:
             return outputs[key]
         o = None
-        if x.w0 is not None and self.applied is not None and x.stepped:
-            o = self.applied(view.whole(x.w1), x.group, view.whole(x.w0))
+        if x.w_before is not None and self.applied is not None and x.stepped:
+            o = self.applied(view.whole(x.w_after), x.group, view.whole(x.w_before))
         if o is None:
             o = newton_schulz(view.whole(x.m), ns)
         if outputs is not None:

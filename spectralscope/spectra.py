@@ -76,7 +76,7 @@ def _tridiagonal_eigvals(d: np.ndarray, e: np.ndarray) -> np.ndarray:
 
 def eigvalsh(g: Tensor) -> Tensor:
     """Eigenvalues of the symmetric matrix G (its lower triangle is read), ascending, float64, on G's
-    device. On the CPU: LAPACK dsytrd + dsterf, which at these sizes beats torch.linalg.eigvalsh by ~1/3.
+    device. On the CPU: LAPACK dsytrd + dsterf, faster than torch.linalg.eigvalsh at these sizes.
     NaN/Inf in the lower triangle, or a LAPACK failure, gives all NaN."""
     g64 = g.detach().to(torch.float64)
     n = g64.shape[0]
@@ -290,9 +290,9 @@ def gram_spectrum(a: Tensor, refine_below: float = REFINE_BELOW) -> tuple[Tensor
 
 
 # ---- choosing a route per matrix ------------------------------------------------------------------
-# Costs in flop-equivalents, calibrated with OpenBLAS/LAPACK on one core of the project's CPU (2026-11-23:
-# r×n Gram + reduction ≈ 8–12 GFLOP/s, dgesdd ≈ 6 GFLOP/s, the refinement's four LAPACK calls ≈ 0.2 ms
-# before any work). Only speed depends on them: every route is exact to ε·σ_1/σ_i.
+# Costs in flop-equivalents, calibrated with OpenBLAS/LAPACK on one core of the project's CPU (the rates of
+# the Gram route, of dgesdd and the refinement's fixed cost; `benchmarks/spectra.py`). Only speed depends on
+# them: every route is exact to ε·σ_1/σ_i.
 
 
 def route_costs(m: int, n: int, k: int) -> tuple[float, float, float]:
@@ -427,7 +427,7 @@ def quantiles(values: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES) -> Tensor
     if n == 0:
         return torch.full((len(qs),), float("nan"), dtype=torch.float64, device=v.device)
     lo, hi, frac = _quantile_plan(n, tuple(float(q) for q in qs))
-    if v.device.type == "cpu":  # a handful of numpy calls: the torch route costs ~0.1 ms in small-op overhead
+    if v.device.type == "cpu":  # a handful of numpy calls: the torch route costs more in small-op overhead
         a = np.sort(v.numpy())  # NaN sorts last, -inf first, +inf last but before NaN
         if not (np.isfinite(a[0]) and np.isfinite(a[-1])):
             return torch.full((len(qs),), float("nan"), dtype=torch.float64)

@@ -3,11 +3,12 @@
 A worker *thread* shares the interpreter lock with training. Each time a training step's small torch
 operation returns, the training thread must take the lock back, and while the worker runs Python or a
 LAPACK wrapper that keeps the lock (SciPy's ``dsytrd``/``dsyrk`` do), it waits up to the interpreter's
-switch interval (5 ms) per operation: a thread measuring records without pause made the demo model's
-training steps 1.8–2.1× slower, a process doing the same 0.97–1.03× (`benchmarks/contention.py`). So on
-the CPU the records are measured by a child process (`serve`, in a fresh interpreter with one BLAS
-thread), shared by every recorder of the training process, with the same `Measurer` and
-`ActivationFinisher` state each recorder would have used inline — the rows are bit for bit the inline ones.
+switch interval per operation: a thread measuring records slows a training loop of small operations down
+several-fold, a process hardly at all (`benchmarks/contention.py`; the figures are in docs/benchmarks.md). So
+on the CPU the records are finished by a child process (`serve`, in a fresh interpreter with one BLAS
+thread), shared by every recorder of the training process, with the same finishers' state each recorder
+would have used inline — the rows are bit for bit the inline ones. `spectralscope.runners.process` is the
+recorder's side of it (the hand-over of the groups the child writes, `RecorderJobs`).
 
 The training thread's part of a job is a copy: every CPU tensor in the job (M, W_after, W_before, the
 activation rows, a sharpness probe's parameters and buffers) is copied into one shared-memory file
@@ -444,65 +445,6 @@ def portable(exc: BaseException | None) -> BaseException | None:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-class SetupFailed(RuntimeError):
-    """A recorder's setup cannot work in the child (its store cannot be opened there): every later job of that
-    recorder would fail too, so the recorder is told to measure elsewhere."""
-
-
-class RecorderJobs:
-    """What the worker process does for one recorder (its pickled setup): measure each kind of record with
-    ``measure[kind]`` (a bound `Measurer.measure`, `ActivationFinisher.run`,
-    `GradientFinisher.run`, `SharpnessProbe.run`), and append the rows of the groups
-    the recorder handed over (`RunWriter.release`) to the run store itself, so the training process's
-    interpreter spends no time in Zarr for them. Besides the records' kinds it takes ``("append", group)``
-    (payload: a row measured elsewhere), ``"flush"`` (commit now) and ``"close"`` (commit, trim, stop
-    writing), each answered once done."""
-
-    def __init__(self, measure: dict[str, Callable[[Any], Any]], store: dict[str, Any] | None = None) -> None:
-        self.measure = measure
-        self.store = store  # RunWriter.attach's arguments: path, groups, flush_seconds, storage_options
-        self.writer: Any = None
-
-    def _writer(self) -> Any:
-        if self.writer is None and self.store is not None:
-            from .store import RunWriter
-
-            try:  # at the first job: after the recorder released the groups
-                self.writer = RunWriter.attach(**self.store)
-            except Exception as exc:
-                raise SetupFailed(f"could not open {self.store['path']} ({type(exc).__name__}: {exc})") from exc
-        return self.writer
-
-    def __call__(self, kind: str, step: int, payload: Any) -> tuple[Any, list]:
-        writer = self._writer()
-        if isinstance(kind, tuple):  # ("append", group): a row the recorder measured itself
-            writer.append(kind[1], step, payload)
-            return None, []
-        if kind == "flush":
-            if writer is not None:
-                writer.flush()
-            return None, []
-        if kind == "close":
-            if writer is not None:
-                writer.close()
-            return None, []
-        row, problems = self.measure[kind](payload)
-        if writer is not None and row is not None:
-            writer.append(kind, step, row)
-        return row, problems
-
-    def abandon(self) -> None:
-        """The training process is gone: commit what was measured (the run stays "running", as it was left)."""
-        if self.writer is not None:
-            self.writer.flush(timeout=60)
-
-    def forget(self) -> None:
-        """The recorder let go of the child: a store it did not close (a recorder that fell back elsewhere)
-        is committed and closed, so no writer thread outlives it here."""
-        if self.writer is not None:
-            self.writer.close()
-
-
 # ---- the child's side ----------------------------------------------------------------------------
 class _Unpacker(pickle.Unpickler):
     def __init__(self, file: io.BytesIO, buf: torch.Tensor | None) -> None:
@@ -584,7 +526,7 @@ def serve(fd: int) -> None:
                 row, problems = setup(kind, step, payload) if callable(setup) else setup[kind](payload)
         except Exception as exc:
             error = f"failed ({type(exc).__name__}: {exc})"
-            fatal = fatal or isinstance(exc, SetupFailed)
+            fatal = fatal or getattr(exc, "fatal", False)  # e.g. runners.process.SetupFailed: no later job can work
         payload = buf = None  # unmap before answering: the parent counts this job's memory as freed
         try:
             conn.send((job, row, problems, error, fatal))

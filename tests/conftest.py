@@ -51,3 +51,17 @@ def in_group(rank: int, body, world: int, init: str, *args) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def process_of(rec):
+    """The recorder's worker-process client (`worker.WorkerProcess`), or None: the runner has none (any more)."""
+    return getattr(rec.runner, "process", None)
+
+
+def thread_of(rec):
+    """The recorder's measuring thread, or None when no record was finished on one."""
+    from spectralscope.runners import ThreadRunner
+
+    runner = rec.runner
+    threads = [r for r in (runner, getattr(runner, "fallback", None)) if isinstance(r, ThreadRunner)]
+    return threads[0]._thread if threads else None

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import process_of
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -49,8 +50,8 @@ def test_grad_sv_matches_explicit_per_sample_gradients(tmp_path, shape, where, m
     with ss.watch(opt, model, tmp_path / "r.zarr", activations=None, gradients=inst,
                   background=False if where == "inline" else "auto") as rec:
         assert inst.defer == (where != "inline")
-        if rec._process is not None:
-            assert rec._process.wait_ready(120)
+        if process_of(rec) is not None:
+            assert process_of(rec).wait_ready(120)
         model(x).square().sum().div(shape[0]).backward()
         kept = [type(k).__name__ for k in inst._grams]  # fc1, fc2
         assert kept == {"inline": ["Tensor", "Tensor"], "process": ["tuple", "tuple"], "budget": ["Tensor", "tuple"]}[where]

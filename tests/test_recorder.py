@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import np_quantile, prescribed
+from conftest import np_quantile, prescribed, process_of, thread_of
 from torch import nn
 from torch.optim._muon import _zeropower_via_newtonschulz
 from torch.overrides import TorchFunctionMode
@@ -239,16 +239,16 @@ def test_a_lagging_worker_measures_the_step_as_it_was(tmp_path, where):
         rec = ss.watch(opt, model, path, every=1, background=background, activations=None)
         gate = threading.Event()
         if background == "thread":
-            measure = rec._measure
+            measure = rec.record.finisher.finish
 
             def held(*args, **kwargs):
                 gate.wait()
                 return measure(*args, **kwargs)
 
-            rec._measure = held
+            rec.record.finisher.finish = held
         elif background == "process":
-            assert rec._process.wait_ready(120)  # else the records wait for no one: measured inline while it starts
-            pid = rec._process.proc.pid
+            assert process_of(rec).wait_ready(120)  # else the records wait for no one: measured inline while it starts
+            pid = process_of(rec).proc.pid
             os.kill(pid, signal.SIGSTOP)
             gate.set = lambda: os.kill(pid, signal.SIGCONT)
         gen = torch.Generator().manual_seed(3)
@@ -336,16 +336,16 @@ def test_background_flush_waits_for_the_worker_and_close_stops_it(tmp_path, back
     rec.flush()
     assert ss.open_run(tmp_path / "r.zarr")["optimizer"].sizes["step"] == 6  # measured and committed
     if background == "thread":
-        worker = rec._worker
-        assert rec._process is None
+        worker = thread_of(rec)
+        assert process_of(rec) is None
         assert worker is not None and worker.is_alive() and worker is not threading.current_thread()
         rec.close()
         assert not worker.is_alive()
     else:
-        child = rec._process.proc
-        assert rec._worker is None and child.poll() is None and child.pid != os.getpid()
+        child = process_of(rec).proc
+        assert thread_of(rec) is None and child.poll() is None and child.pid != os.getpid()
         rec.close()
-        assert not rec._process.alive
+        assert not process_of(rec).alive
         worker_module.shutdown()  # else it stops by itself a minute after its last recorder
         assert child.returncode == 0
         assert not glob.glob(f"{worker_module._shm_dir()}/spectralscope-{os.getpid()}-*")  # no copies left behind
@@ -365,7 +365,7 @@ def test_a_killed_worker_process_loses_the_records_in_flight_and_training_goes_o
     with caplog.at_level(logging.WARNING, logger="spectralscope"):
         rec = ss.watch(opts[0], model, tmp_path / "r.zarr", every=1, background=True,
                        activations=ss.ActivationSpectra(every=2, max_tokens=32))
-        assert rec._process.wait_ready(120)
+        assert process_of(rec).wait_ready(120)
         gen = torch.Generator().manual_seed(3)
         for step in range(6):
             x = torch.randn(8, 12, generator=gen)
@@ -375,10 +375,10 @@ def test_a_killed_worker_process_loses_the_records_in_flight_and_training_goes_o
                 o.zero_grad()
             if step == 1:
                 rec.flush()
-                os.kill(rec._process.proc.pid, signal.SIGSTOP)  # steps 2 (optimizer and activations) in flight
+                os.kill(process_of(rec).proc.pid, signal.SIGSTOP)  # steps 2 (optimizer and activations) in flight
             if step == 2:
-                os.kill(rec._process.proc.pid, signal.SIGKILL)
-                rec._process.child.proc.wait()  # dead before step 3's record: that one is measured elsewhere
+                os.kill(process_of(rec).proc.pid, signal.SIGKILL)
+                process_of(rec).child.proc.wait()  # dead before step 3's record: that one is measured elsewhere
         rec.close()
     for a, b in zip(model.parameters(), plain.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -389,7 +389,7 @@ def test_a_killed_worker_process_loses_the_records_in_flight_and_training_goes_o
     assert tree.attrs["errors"]["optimizer"] == {"*": 1} and tree.attrs["errors"]["act_eig"] == {"*": 1}
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "measuring process exited with code -9" in said and "on a worker thread from now on" in said
-    assert rec._process is None and rec._worker is not None
+    assert process_of(rec) is None and thread_of(rec) is not None
 
 
 def _auto_run(path, steps, on_step=None, **watch_kw):
@@ -418,19 +418,19 @@ def test_the_default_measures_in_a_worker_process_and_inline_while_it_starts(tmp
 
     def on_step(rec, step):
         if step == 0:
-            assert rec._process is not None and rec._worker is None  # the default on the CPU: a process
-            held["pid"] = pid = rec._process.proc.pid
+            assert process_of(rec) is not None and thread_of(rec) is None  # the default on the CPU: a process
+            held["pid"] = pid = process_of(rec).proc.pid
             os.kill(pid, signal.SIGSTOP)
-            assert not rec._process.ready, "the child cannot have imported torch within these milliseconds"
+            assert not process_of(rec).ready, "the child cannot have imported torch within these milliseconds"
         if step == 3:
             rec.flush()  # steps 0–2 measured inline, committed while the child is still stopped
             held["committed"] = list(ss.open_run(rec.path)["optimizer"].step.values)
             held["activations"] = list(ss.open_run(rec.path)["activations"].step.values)
-            assert rec._process._setup is not None  # nothing was sent to it
+            assert process_of(rec)._setup is not None  # nothing was sent to it
             os.kill(held["pid"], signal.SIGCONT)
-            assert rec._process.wait_ready(120)
+            assert process_of(rec).wait_ready(120)
         if step == 5:
-            assert rec._process._setup is None  # steps 3 and 4 went to the child
+            assert process_of(rec)._setup is None  # steps 3 and 4 went to the child
 
     rec, tree = _auto_run(tmp_path / "auto.zarr", 8, on_step)
     assert held["committed"] == [0, 1, 2] and held["activations"] == [0, 2]
@@ -448,16 +448,16 @@ def test_the_worker_process_writes_the_groups_it_measures(tmp_path):
     # the first record the process takes; flush() and close() still commit everything
     def on_step(rec, step):
         if step == 0:
-            assert rec._process.wait_ready(120)
+            assert process_of(rec).wait_ready(120)
             assert {"optimizer", "activations"} <= set(rec.writer._groups)
         if step == 2:
             assert not {"optimizer", "activations"} & set(rec.writer._groups)  # written by the child only
-            assert set(rec._handed) == {"optimizer", "activations"}
+            assert set(rec.runner.handed) == {"optimizer", "activations"}
             rec.flush()
             assert list(ss.open_run(rec.path)["optimizer"].step.values) == [0, 1]
 
     rec, tree = _auto_run(tmp_path / "r.zarr", 6, on_step, flush_seconds=3600)
-    assert list(tree["optimizer"].step.values) == list(range(6)) and rec._child_closed
+    assert list(tree["optimizer"].step.values) == list(range(6)) and rec.runner.child_closed
     assert list(tree["activations"].step.values) == [0, 2, 4]
     assert tree.attrs["status"] == "finished" and rec.errors == {}
     arrays = zarr.open_group(str(tmp_path / "r.zarr"), mode="r")["optimizer"]
@@ -479,15 +479,15 @@ torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 3, bias=False))
 opt = torch.optim.Muon(model.parameters(), lr=0.02)
 rec = ss.watch(opt, model, {str(path)!r}, every=1, flush_seconds=3600, activations=None)
-assert rec._process.wait_ready(120)
+assert rec.runner.process.wait_ready(120)
 import os, signal
 for step in range(7):
     if step == 5:
-        rec._process.join()
-        os.kill(rec._process.proc.pid, signal.SIGSTOP)
+        rec.runner.process.join()
+        os.kill(rec.runner.process.proc.pid, signal.SIGSTOP)
     model(torch.randn(4, 6)).square().mean().backward()
     opt.step(); opt.zero_grad()
-print("measured", rec._process.proc.pid, flush=True)
+print("measured", rec.runner.process.proc.pid, flush=True)
 time.sleep(600)
 """)
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -515,11 +515,11 @@ time.sleep(600)
 def test_rows_a_dying_worker_process_had_not_committed_are_counted_lost(tmp_path, caplog):
     def on_step(rec, step):
         if step == 0:
-            assert rec._process.wait_ready(120)
+            assert process_of(rec).wait_ready(120)
         if step == 3:
-            rec._process.join()  # steps 0–2 measured, confirmed, not committed (flush interval: an hour)
-            os.kill(rec._process.proc.pid, signal.SIGKILL)
-            rec._process.child.proc.wait()
+            process_of(rec).join()  # steps 0–2 measured, confirmed, not committed (flush interval: an hour)
+            os.kill(process_of(rec).proc.pid, signal.SIGKILL)
+            process_of(rec).child.proc.wait()
 
     with caplog.at_level(logging.WARNING, logger="spectralscope"):
         rec, tree = _auto_run(tmp_path / "r.zarr", 6, on_step, flush_seconds=3600)
@@ -533,13 +533,13 @@ def test_rows_a_dying_worker_process_had_not_committed_are_counted_lost(tmp_path
 def test_auto_goes_on_inline_when_the_worker_process_dies(tmp_path, caplog):
     def on_step(rec, step):
         if step == 0:
-            assert rec._process.wait_ready(120)
+            assert process_of(rec).wait_ready(120)
         if step == 3:
             rec.flush()
-            os.kill(rec._process.proc.pid, signal.SIGKILL)
-            rec._process.child.proc.wait()
+            os.kill(process_of(rec).proc.pid, signal.SIGKILL)
+            process_of(rec).child.proc.wait()
             deadline = time.monotonic() + 60
-            while rec._process.alive and time.monotonic() < deadline:  # until its answering thread has seen it
+            while process_of(rec).alive and time.monotonic() < deadline:  # until its answering thread has seen it
                 time.sleep(0.01)
 
     with caplog.at_level(logging.WARNING, logger="spectralscope"):
@@ -548,7 +548,7 @@ def test_auto_goes_on_inline_when_the_worker_process_dies(tmp_path, caplog):
     assert list(tree["optimizer"].step.values) == list(range(7))
     assert list(tree["activations"].step.values) == [0, 2, 4, 6]
     assert np.isfinite(tree["optimizer"]["momentum_sv"].values).all() and rec.errors == {}
-    assert rec._process is None and rec._worker is None  # inline, not a thread that would contend for the GIL
+    assert process_of(rec) is None and thread_of(rec) is None  # inline, not a thread that would contend for the GIL
     assert "exited with code -9; records are measured inline from now on" in caplog.text
 
 
@@ -558,15 +558,15 @@ def test_a_record_the_worker_process_cannot_take_is_measured_on_a_thread(tmp_pat
     opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02)
     with caplog.at_level(logging.WARNING, logger="spectralscope"):
         rec = ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=True, activations=None)
-        assert rec._process.wait_ready(120)
+        assert process_of(rec).wait_ready(120)
         for step in range(4):
             if step == 1:  # step 1 stays in flight in a held child while steps 2 and 3 go to the thread
                 rec.flush()
-                pid = rec._process.proc.pid
+                pid = process_of(rec).proc.pid
                 os.kill(pid, signal.SIGSTOP)
                 threading.Timer(1.0, os.kill, args=(pid, signal.SIGCONT)).start()
             if step == 2:  # no room for the copies from now on: the shared-memory folder is gone
-                rec._process._dir = str(tmp_path / "gone")
+                process_of(rec)._dir = str(tmp_path / "gone")
             model(torch.randn(8, 12)).square().mean().backward()
             opt.step()
             opt.zero_grad()
@@ -574,7 +574,7 @@ def test_a_record_the_worker_process_cannot_take_is_measured_on_a_thread(tmp_pat
     ds = ss.open_run(tmp_path / "r.zarr")["optimizer"].dataset
     # in step order although step 1's answer came last: the thread's records wait for the process's
     assert list(ds.step.values) == [0, 1, 2, 3] and np.isfinite(ds["momentum_sv"].values).all()
-    assert rec.errors == {} and rec._worker is not None  # steps 2 and 3 on the thread, nothing lost
+    assert rec.errors == {} and thread_of(rec) is not None  # steps 2 and 3 on the thread, nothing lost
     warned = [r.getMessage() for r in caplog.records if "could not hand the record" in r.getMessage()]
     assert len(warned) == 1 and "FileNotFoundError" in warned[0]
 
@@ -595,20 +595,22 @@ def test_a_worker_process_needs_functions_it_can_import(tmp_path, caplog):
                 model(torch.randn(8, 12)).square().mean().backward()
                 opt.step()
                 opt.zero_grad()
-    assert rec._process is None and rec._worker is not None
-    assert "measured on a worker thread, not in a worker process" in caplog.text
+    # the optimizer records on the thread; the activations, whose finisher the child can load, go to the child
+    assert "optimizer" not in rec.runner.groups and "activations" in rec.runner.groups and thread_of(rec) is not None
+    assert "optimizer records are finished on a worker thread, not in a worker process" in caplog.text
     assert np.isfinite(ss.open_run(tmp_path / "r.zarr")["optimizer"]["momentum_sv"].values).all()
-    # the default ("auto") measures such a recorder inline: a thread would contend with training for the GIL
+    # the default ("auto") measures such records inline: a thread would contend with training for the GIL
     with caplog.at_level(logging.INFO, logger="spectralscope"):
         with ss.watch(opt, model, tmp_path / "auto.zarr", every=1) as rec:
-            assert not rec.background and not any(i.defer for i in rec.instruments)
+            assert [i.defer for i in rec.instruments] == [True]  # the activations' hooks copy, for the child
             for _ in range(3):
                 model(torch.randn(8, 12)).square().mean().backward()
                 opt.step()
                 opt.zero_grad()
-    assert rec._process is None and rec._worker is None
-    assert "measured inline, not in a worker process" in caplog.text
-    assert np.isfinite(ss.open_run(tmp_path / "auto.zarr")["optimizer"]["momentum_sv"].values).all()
+    assert "optimizer" not in rec.runner.groups and thread_of(rec) is None
+    assert "optimizer records are finished inline, not in a worker process" in caplog.text
+    tree = ss.open_run(tmp_path / "auto.zarr")
+    assert np.isfinite(tree["optimizer"]["momentum_sv"].values).all() and tree["activations"].sizes["step"] == 1
 
 
 def test_close_removes_every_hook(tmp_path):
@@ -818,12 +820,13 @@ torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 3, bias=False))
 opt = torch.optim.Muon(model.parameters(), lr=0.02)
 rec = ss.watch(opt, model, {str(path)!r}, every=1, flush_seconds=3600, activations=None, background={background})
-assert rec._process is None or rec._process.wait_ready(120)  # the records go to it, and its writer
+proc = getattr(rec.runner, "process", None)
+assert proc is None or proc.wait_ready(120)  # the records go to it, and its writer
 for _ in range(7):
     model(torch.randn(4, 6)).square().mean().backward()
     opt.step(); opt.zero_grad()
     rec.log(loss=1.0)
-assert (rec._process is not None) == {background}
+assert (getattr(rec.runner, "process", None) is not None) == {background}
 """)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import process_of
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
@@ -214,14 +215,14 @@ def _probed_run(tmp_path, name, background, loss=pid_loss, hooks=False):
                    activations=ss.ActivationSpectra(every=2) if hooks else None,
                    gradients=ss.GradientSpectra(every=2) if hooks else None,
                    sharpness=ss.Sharpness(loss, batch, every=2, per_layer=True))
-    if rec._process is not None:
-        assert rec._process.wait_ready(120)  # every probe goes to the child, none is made while it starts
+    if process_of(rec) is not None:
+        assert process_of(rec).wait_ready(120)  # every probe goes to the child, none is made while it starts
     torch.manual_seed(3)
     for _ in range(6):
         block_loss(model, torch.randn(4, 8, 16)).backward()
         opt.step()
         opt.zero_grad()
-    pid = rec._process.proc.pid if rec._process is not None else None
+    pid = process_of(rec).proc.pid if process_of(rec) is not None else None
     rec.close()
     pids = [int(p) for p in where.read_text().split()] if where.exists() else []
     return ss.open_run(tmp_path / f"{name}.zarr"), model, pids, pid

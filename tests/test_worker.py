@@ -30,6 +30,13 @@ def _fail_on_negative(payload: int) -> tuple[dict, list]:
     return {"x": np.array([payload])}, []
 
 
+class _Finisher:
+    """A finisher as the recorder's instruments have them: ``finish(payload) -> (row, problems)``."""
+
+    def finish(self, payload: int) -> tuple[dict, list]:
+        return _fail_on_negative(payload)
+
+
 class _Answers:
     def __init__(self) -> None:
         self.results: list = []
@@ -211,11 +218,13 @@ def test_a_store_the_child_cannot_open_sends_the_recorder_elsewhere(tmp_path):
     spec = GroupSpec("optimizer", {}, {"x": ("step",)})
     store = {"path": str(tmp_path / "gone.zarr"), "groups": [spec], "flush_seconds": 5.0, "chunk_steps": 256,
              "storage_options": None}
+    from spectralscope.runners.process import Job, RecorderJobs
+
     a = _Answers()
-    proc = worker.WorkerProcess(worker.RecorderJobs({"optimizer": _fail_on_negative}, store), a.result, a.lose)
-    assert proc.submit("optimizer", 0, 1)
+    proc = worker.WorkerProcess(RecorderJobs({"optimizer": _Finisher()}, store), a.result, a.lose)
+    assert proc.submit(Job("finish", "optimizer"), 0, 1)
     proc.join()
     assert a.results == [] and len(a.lost) == 1
     assert "SetupFailed" in a.lost[0][2] and "gone.zarr" in a.lost[0][2]
-    assert not proc.alive and not proc.submit("optimizer", 1, 1)
+    assert not proc.alive and not proc.submit(Job("finish", "optimizer"), 1, 1)
     proc.close()

@@ -55,7 +55,8 @@ def train(path: str, flush_seconds: str = "0.02") -> None:
     rec = ss.watch(opt, model, path, every=1, flush_seconds=float(flush_seconds))
     # the worker process (the default on the CPU) commits what it measured when this process dies: its pid
     # lets the killer wait for that before reading
-    print("ready", rec._process.proc.pid if rec._process is not None else 0, flush=True)
+    proc = getattr(rec.runner, "process", None)
+    print("ready", proc.proc.pid if proc is not None else 0, flush=True)
     step = 0
     while True:
         loss = model(torch.randn(32, 16)).square().mean()
