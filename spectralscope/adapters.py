@@ -22,6 +22,15 @@ from .newton_schulz import NSConfig, recover_applied
 MomentumFn = Callable[[Tensor, Mapping[str, Any], Mapping[str, Any]], Tensor | None]
 NSFn = Callable[[Mapping[str, Any]], NSConfig | None]
 AppliedFn = Callable[[Tensor, Mapping[str, Any], Tensor], Tensor | None]  # (W_after, group, W_before) -> O
+OrthogonalizeFn = Callable[[Tensor, Mapping[str, Any]], Tensor]  # (M as a matrix, group) -> O
+DirectionFn = Callable[[Tensor, Mapping[str, Any], Tensor | None], Tensor]  # (O, group, extra) -> the applied direction
+ExtraFn = Callable[[Tensor, Mapping[str, Any], Mapping[str, Any]], Tensor | None]  # (param, group, state) -> extra
+DecayFn = Callable[[Mapping[str, Any]], float]  # group -> the factor W_before is multiplied by before the update
+
+
+def decoupled_decay(group: Mapping[str, Any]) -> float:
+    """1 − lr·weight_decay: decoupled weight decay, W ← W·(1 − lr·wd), applied before the update."""
+    return 1.0 - float(group.get("lr", 0.0)) * float(group.get("weight_decay", 0.0) or 0.0)
 
 
 def no_ns(group: Mapping[str, Any]) -> None:
@@ -56,16 +65,35 @@ class Adapter:
     ``optimizer`` attribute. ``applied(w_after, group, w_before)``, where known, reads the NS output the
     step just applied back from the parameter's values (None when it cannot be recovered exactly enough);
     the recorder then skips recomputing NS_k(M). It is only asked for parameters that had a gradient.
-    ``known`` is False for the stand-in `adapter_for` gives an optimizer nobody registered."""
+    ``known`` is False for the stand-in `adapter_for` gives an optimizer nobody registered.
+
+    The self-check (``ns_consistency``) compares the direction the adapter implies with the step the
+    optimizer applied: ``orthogonalize(M, group)`` computes O = NS_k(M) as the optimizer does (its own function;
+    default: `newton_schulz.newton_schulz` with ``ns(group)``), ``direction(O, group, extra)`` what it applies
+    after NS (NorMuon's row normalisation, AdaMuon's scaling; default O itself), with ``extra(param, group,
+    state)`` the state that takes (default none), and ``decay(group)`` the factor W_before is multiplied by before
+    the update (default `decoupled_decay`)."""
 
     momentum: MomentumFn
     ns: NSFn = no_ns
     describe: tuple[str, ...] = ("lr", "momentum", "weight_decay")
     applied: AppliedFn | None = None
     known: bool = True
+    orthogonalize: OrthogonalizeFn | None = None
+    direction: DirectionFn | None = None
+    extra: ExtraFn | None = None
+    decay: DecayFn = decoupled_decay
 
 
 _REGISTRY: dict[type, Adapter] = {}
+#: adapters of classes named "module.QualName", for packages that need not be installed (`third_party`)
+_BY_NAME: dict[str, Adapter] = {}
+
+
+def register_by_name(qualified: str, adapter: Adapter) -> None:
+    """Register ``adapter`` for the class importable as ``qualified`` ("muon.SingleDeviceMuon"), without
+    importing its package."""
+    _BY_NAME[qualified] = adapter
 
 
 def register_adapter(
@@ -74,6 +102,10 @@ def register_adapter(
     ns: NSFn | None = None,
     describe: tuple[str, ...] = ("lr", "momentum", "weight_decay"),
     applied: AppliedFn | None = None,
+    orthogonalize: OrthogonalizeFn | None = None,
+    direction: DirectionFn | None = None,
+    extra: ExtraFn | None = None,
+    decay: DecayFn = decoupled_decay,
 ) -> Adapter:
     """Teach spectralscope a new optimizer class.
 
@@ -82,13 +114,18 @@ def register_adapter(
     None). ``ns(group)`` returns the `NSConfig` the optimizer applies to it, or None. ``applied(w_after, group,
     w_before)`` (optional) returns the NS output the step applied, read back from the parameter's values
     before and after the step (see `spectralscope.newton_schulz.recover_applied`), or None to have it
-    recomputed from M.
+    recomputed from M. ``orthogonalize``, ``direction``, ``extra`` and ``decay`` (optional) describe the step for
+    the self-check ``ns_consistency`` (see `Adapter`).
     """
     if not isinstance(optimizer_class, type):
         raise TypeError(f"optimizer_class must be a class, got {optimizer_class!r}")
     if not callable(momentum):
         raise TypeError("momentum must be callable (param, group, state) -> Tensor | None")
-    adapter = Adapter(momentum, ns or no_ns, tuple(describe), applied)
+    for arg, fn in (("ns", ns), ("applied", applied), ("orthogonalize", orthogonalize), ("direction", direction),
+                    ("extra", extra), ("decay", decay)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"register_adapter: {arg} must be callable or None, got {type(fn).__name__}")
+    adapter = Adapter(momentum, ns or no_ns, tuple(describe), applied, True, orthogonalize, direction, extra, decay)
     _REGISTRY[optimizer_class] = adapter
     return adapter
 
@@ -97,8 +134,8 @@ def adapter_for(optimizer: torch.optim.Optimizer) -> Adapter:
     """The adapter registered for the optimizer's class or its nearest base; otherwise a stand-in that knows no
     momentum and no NS (``known=False``: the recorder says so)."""
     for cls in type(optimizer).__mro__:
-        if cls in _REGISTRY:
-            adapter = _REGISTRY[cls]
+        adapter = _REGISTRY.get(cls) or _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if adapter is not None:
             if adapter.applied is not None and getattr(type(optimizer), "step", None) is not getattr(cls, "step", None):
                 # a subclass with its own step() may apply something else: recompute NS instead
                 adapter = replace(adapter, applied=None)
@@ -151,3 +188,5 @@ if hasattr(torch.optim, "Muon"):
         describe=("lr", "momentum", "nesterov", "ns_steps", "ns_coefficients", "eps", "weight_decay", "adjust_lr_fn"),
         applied=_muon_applied,
     )
+
+from . import third_party  # noqa: E402, F401  (registers the adapters of the other packages)

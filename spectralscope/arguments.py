@@ -49,13 +49,20 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def unwrap(optimizer: Any) -> Any:
+    """The optimizer inside wrappers that hold it as ``.optimizer`` (HF accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``): the one whose ``step`` updates the parameters and keeps the state."""
+    for _ in range(8):  # wrappers of wrappers, not a cycle
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
 def check_optimizer_and_model(optimizer: Any, model: Any) -> None:
     if isinstance(optimizer, nn.Module) and isinstance(model, torch.optim.Optimizer):
         raise ValueError("watch(): optimizer and model are swapped: the call is watch(optimizer, model, path)")
-    if not isinstance(optimizer, torch.optim.Optimizer) and isinstance(getattr(optimizer, "optimizer", None),
-                                                                       torch.optim.Optimizer):
-        raise ValueError(f"watch(): optimizer must be a torch.optim.Optimizer, got {shown(optimizer)}, a wrapper: "
-                         "pass its .optimizer")
     check(isinstance(optimizer, torch.optim.Optimizer), "optimizer", "a torch.optim.Optimizer", optimizer)
     check(model is None or isinstance(model, nn.Module), "model", "an nn.Module or None", model)
 

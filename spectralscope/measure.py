@@ -18,10 +18,17 @@ import torch
 from torch import Tensor
 
 from . import schema
+from .adapters import Adapter
 from .estimate import SpectrumEstimate, quantile_bracket, representative_spectrum, slq
 from .layers import MatrixView
 from .newton_schulz import NSConfig, newton_schulz, ns_threshold
-from .optimizer_metrics import momentum_metrics, newton_schulz_metrics, update_metrics, weight_metrics
+from .optimizer_metrics import (
+    direction_cosine,
+    momentum_metrics,
+    newton_schulz_metrics,
+    update_metrics,
+    weight_metrics,
+)
 from .spectra import Spectrum, as_matrix, matrix_spectrum
 
 #: The optimizer group's variables always stored: name → whether it carries a quantile axis.
@@ -51,25 +58,25 @@ class LayerInputs(NamedTuple):
     why: BaseException | None
     group: Mapping[str, Any]
     stepped: bool
+    extra: Tensor | None = None  # optimizer state the applied direction takes (`Adapter.extra`)
 
 
 class Measurer:
-    """Measures the optimizer row of a step. ``ns(group)`` gives the optimizer's NS configuration (None
-    without NS); ``applied(w_after, group, w_before)``, where known, reads the NS output the step applied
-    back from the weights (see `adapters.Adapter`). ``views`` says how each layer reads its parameter as an
-    (out, in) matrix (`layers.MatrixView`; as stored where not given)."""
+    """Measures the optimizer row of a step, with what the optimizer's ``adapter`` (`adapters.Adapter`) says:
+    its NS configuration per param group, how to read the applied NS output back from the weights, how it
+    orthogonalises and what it applies (the self-check ``ns_consistency``). ``views`` says how each layer reads
+    its parameter as an (out, in) matrix (`layers.MatrixView`; as stored where not given)."""
 
     def __init__(self, names: Sequence[str], methods: Mapping[str, str], quantiles: Sequence[float],
-                 ns_floor: float, ns: Callable[[Mapping[str, Any]], NSConfig | None],
-                 applied: Callable[[Tensor, Mapping[str, Any], Tensor], Tensor | None] | None,
-                 views: Mapping[str, MatrixView] | None = None):
+                 ns_floor: float, adapter: Adapter, views: Mapping[str, MatrixView] | None = None):
         self.names = list(names)
         self.views = {name: (views or {}).get(name) or MatrixView(name) for name in self.names}
         self.methods = dict(methods)
         self.quantiles = list(quantiles)
         self.ns_floor = float(ns_floor)
-        self.ns = ns
-        self.applied = applied
+        self.adapter = adapter
+        self.ns = adapter.ns
+        self.applied = adapter.applied
         self.estimated = any(m != "exact" for m in self.methods.values())
         # the optimizer group's variables (name → has a quantile axis): the bounds only when a layer is estimated
         self.variables = {**OPTIMIZER_VARIABLES, **({v: True for v in ESTIMATE_BOUNDS} if self.estimated else {})}
@@ -141,6 +148,8 @@ class Measurer:
             if ns is not None:
                 family("newton_schulz", lambda: newton_schulz_metrics(
                     view.part(self._ns_output(x, view, ns, outputs)), qs, self._spectrum(name, "newton_schulz")))
+                if w_before is not None and x.stepped:
+                    self._consistency(x, view, ns, outputs, out, reasons)
         if w_before is not None:
             # in float64: W_after − W_before of float32 weights is exact there, not always in float32
             family("update", lambda: update_metrics(w_after.to(torch.float64) - w_before.to(torch.float64), qs,
@@ -209,19 +218,49 @@ class Measurer:
                    outputs: dict[tuple[str, int | None], Tensor] | None) -> Tensor:
         """O = NS_k(M) of the matrix the optimizer orthogonalises, in its stored orientation: read back from
         the step just applied where the adapter knows how (the optimizer's own result, at no cost), else
-        recomputed operation for operation. A parameter without a gradient was not stepped: nothing to read
-        back. Kept in ``outputs`` for the other layers viewing the same matrix."""
-        key = (view.param, view.index)
+        recomputed (`_recomputed`). A parameter without a gradient was not stepped: nothing to read back. Kept
+        in ``outputs`` for the other layers viewing the same matrix."""
+        key = ("applied", view.param, view.index)
         if outputs is not None and key in outputs:
             return outputs[key]
         o = None
         if x.w_before is not None and self.applied is not None and x.stepped:
             o = self.applied(view.whole(x.w_after), x.group, view.whole(x.w_before))
         if o is None:
-            o = newton_schulz(view.whole(x.m), ns)
+            o = self._recomputed(x, view, ns, outputs)
         if outputs is not None:
             outputs[key] = o
         return o
+
+    def _recomputed(self, x: LayerInputs, view: MatrixView, ns: NSConfig,
+                    outputs: dict[tuple[str, int | None], Tensor] | None) -> Tensor:
+        """O = NS_k(M) computed from the recorded M: by the optimizer's own function where the adapter names it,
+        else operation for operation as ``torch.optim.Muon`` (`newton_schulz`)."""
+        key = ("recomputed", view.param, view.index)
+        if outputs is not None and key in outputs:
+            return outputs[key]
+        m = view.whole(x.m)
+        o = self.adapter.orthogonalize(m, x.group) if self.adapter.orthogonalize is not None else newton_schulz(m, ns)
+        if outputs is not None:
+            outputs[key] = o
+        return o
+
+    def _consistency(self, x: LayerInputs, view: MatrixView, ns: NSConfig,
+                     outputs: dict[tuple[str, int | None], Tensor] | None, out: dict[str, Tensor],
+                     reasons: dict[str, str]) -> None:
+        """``ns_consistency``: the direction the adapter implies — NS_k of the recorded M, recomputed (never
+        read back from the step it is checked against), as the optimizer transforms it — against the step the
+        optimizer applied, weight decay removed."""
+        try:
+            a = self.adapter
+            o = self._recomputed(x, view, ns, outputs)
+            implied = a.direction(o, x.group, x.extra) if a.direction is not None else o
+            w_after, w_before = view.whole(x.w_after), view.whole(x.w_before)
+            applied = w_before.to(torch.float64) * a.decay(x.group) - w_after.to(torch.float64)
+            out.update(direction_cosine(view.part(applied), view.part(implied)))
+        except Exception as exc:
+            out["ns_consistency"] = torch.tensor(float("nan"))
+            reasons["ns_consistency"] = f"failed ({type(exc).__name__}: {exc})"
 
 
 def fill(row: dict[str, np.ndarray], i: int, name: str, host: Mapping[str, tuple[np.ndarray, str]]) -> list[Problem]:

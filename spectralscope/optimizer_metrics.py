@@ -97,6 +97,15 @@ def update_metrics(dw: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES,
     }
 
 
+def direction_cosine(applied: Tensor, implied: Tensor) -> dict[str, Tensor]:
+    """``ns_consistency`` = ⟨A, D⟩ / (‖A‖_F·‖D‖_F) in float64: A the step the optimizer applied (W_before·decay −
+    W_after, weight decay removed), D the direction its adapter implies (NS_k of the recorded momentum, as the
+    optimizer transforms it). 1 when the recorded momentum reproduces the update; NaN for a zero A or D."""
+    a, d = as_matrix(applied).to(torch.float64), as_matrix(implied).to(torch.float64)
+    scale = _unit_scale(torch.linalg.vector_norm(a) * torch.linalg.vector_norm(d))
+    return {"ns_consistency": (a * d).sum() / scale}
+
+
 #: Up to this smaller side σ_1(W) is computed exactly (one eigenvalue of the Gram matrix costs less than
 #: the matrix–vector products of power iteration); above it, warm-started power iteration.
 EXACT_TOP_MAX = 512
@@ -113,6 +122,7 @@ def weight_metrics(w: Tensor, v0: Tensor | None = None) -> tuple[dict[str, Tenso
 
 
 __all__ = [
+    "direction_cosine",
     "momentum_metrics",
     "newton_schulz",
     "newton_schulz_metrics",

@@ -24,6 +24,13 @@ from .worker import portable
 
 log = logging.getLogger("spectralscope")
 
+#: Below this ``ns_consistency`` the recorded momentum does not reproduce the step the optimizer applied. With the
+#: optimizer's own Newton–Schulz (every built-in adapter names it; ``torch.optim.Muon``'s is spectralscope's)
+#: a right adapter gives 1 to rounding; a momentum taken one lerp off (a Keller-style in-place Nesterov read as
+#: torch's) gives 0.90–0.99. A different bf16 NS implementation alone can lower it to ≈ 0.96: an adapter should
+#: name the optimizer's own function (``orthogonalize``).
+CONSISTENCY_TOLERANCE = 0.99
+
 
 def coverage_notes(adapter: Adapter, optimizer: torch.optim.Optimizer, name: str) -> dict[str, str]:
     """{metric family: why it is NaN by construction} for ``optimizer`` (its qualified class ``name``); an
@@ -38,8 +45,13 @@ def coverage_notes(adapter: Adapter, optimizer: torch.optim.Optimizer, name: str
             "it orthogonalises it (update_*, neuron_* and weight_spectral_norm are recorded). Teach it with "
             "ss.register_adapter(%s, momentum=lambda param, group, state: <the matrix it orthogonalises>, "
             "ns=lambda group: ss.NSConfig(...) or None)", why, type(optimizer).__qualname__)
-    elif all(ns_of(adapter, g) is None for g in optimizer.param_groups):
-        notes["newton_schulz"] = f"not applicable ({name} applies no Newton–Schulz)"
+    else:
+        without = [g for g in optimizer.param_groups if ns_of(adapter, g) is None]
+        if len(without) == len(optimizer.param_groups):
+            notes["newton_schulz"] = f"not applicable ({name} applies no Newton–Schulz)"
+        elif without:
+            notes["newton_schulz"] = (f"not applicable to the layers of {len(without)} of {len(optimizer.param_groups)} "
+                                      f"param groups ({name} applies no Newton–Schulz there, e.g. its Adam groups)")
     return notes
 
 
@@ -72,6 +84,7 @@ class OptimizerRecord:
         self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         self._before: dict[int, Tensor] | None = None
         self._said_no_momentum = False
+        self._inconsistent: set[str] = set()
 
     def spec(self) -> GroupSpec:
         coords = {**layer_coords(self.layers),
@@ -83,6 +96,24 @@ class OptimizerRecord:
 
     def remove(self) -> None:
         self._before = None
+
+    def inspect(self, step: int, row: Mapping[str, Any]) -> None:
+        """The self-check of a finished row: a layer whose ``ns_consistency`` is below `CONSISTENCY_TOLERANCE` is
+        warned about once, and the run's notes say so."""
+        values = row.get("ns_consistency")
+        if values is None:
+            return
+        for lay, v in zip(self.layers, np.asarray(values, dtype=np.float64), strict=True):
+            if np.isfinite(v) and v < CONSISTENCY_TOLERANCE and lay.name not in self._inconsistent:
+                self._inconsistent.add(lay.name)
+                log.warning("spectralscope: at step %d the recorded momentum of %s does not reproduce the update %s "
+                            "applied (ns_consistency %.4f < %.2f): the adapter for %s is probably wrong, or its "
+                            "Newton–Schulz is not the optimizer's (register orthogonalize=); warned once per layer",
+                            step, lay.name, self.optimizer_name, v, CONSISTENCY_TOLERANCE, self.optimizer_name)
+                self._note("consistency", f"the recorded momentum does not reproduce the applied update for "
+                                          f"{len(self._inconsistent)} layer(s), e.g. {lay.name} (ns_consistency "
+                                          f"{v:.4f} < {CONSISTENCY_TOLERANCE}): check the adapter for "
+                                          f"{self.optimizer_name}")
 
     def before_step(self, step: int) -> None:
         """Keep W_before of a recorded step (a failed snapshot only costs this step's update metrics: raised,
@@ -109,6 +140,12 @@ class OptimizerRecord:
         m, why = None, None
         try:
             m = self.adapter.momentum(p, group, self.optimizer.state.get(p, {}))
+            if m is not None and not (isinstance(m, Tensor) and m.is_floating_point() and m.shape == p.shape):
+                got = (f"a {m.dtype} tensor of shape {tuple(m.shape)}" if isinstance(m, Tensor)
+                       else f"a {type(m).__name__}")
+                m = None
+                raise ValueError(f"the adapter for {self.optimizer_name} returned {got} as the momentum of a parameter "
+                                 f"of shape {tuple(p.shape)}; it must return a floating tensor of the parameter's shape")
         except Exception as exc:
             why = portable(exc)  # it may travel to the worker process
         if m is None and why is None and self.adapter.known and p.grad is not None and not self._said_no_momentum:
@@ -119,4 +156,11 @@ class OptimizerRecord:
                         "(warned once)", lay.name, self.optimizer_name)
         before = self._before.get(id(p)) if self._before is not None else None
         hyper = {k: v for k, v in group.items() if k != "params"}
-        return LayerInputs(None if m is None else m.detach(), p.detach(), before, why, hyper, p.grad is not None)
+        extra = None
+        if self.adapter.extra is not None:
+            try:
+                extra = self.adapter.extra(p, group, self.optimizer.state.get(p, {}))
+            except Exception:  # the self-check of this layer comes out NaN, counted where it is measured
+                extra = None
+        return LayerInputs(None if m is None else m.detach(), p.detach(), before, why, hyper, p.grad is not None,
+                           None if extra is None else extra.detach())

@@ -59,6 +59,7 @@ class Recorder:
     """Records one optimizer's watched layers into a run store. Made by `watch`; see there for the options."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module | None, path: str | Path, **given: Any):
+        optimizer = arguments.unwrap(optimizer)  # AcceleratedOptimizer, LightningOptimizer: the one that steps
         arguments.check_optimizer_and_model(optimizer, model)
         arguments.check(isinstance(path, (str, Path)) and str(path) != "", "path", "a non-empty str or Path", path)
         opts = arguments.options(given)
@@ -114,8 +115,8 @@ class Recorder:
     # ---- layout -------------------------------------------------------------------------------------
     def _optimizer_record(self, opts: arguments.Options) -> OptimizerRecord:
         methods = {lay.name: choose_method(lay.rows, lay.cols, opts.exact_max, opts.sv_method) for lay in self.layers}
-        measurer = Measurer([lay.name for lay in self.layers], methods, self.quantiles, self.ns_floor,
-                            self.adapter.ns, self.adapter.applied, {lay.name: lay.view for lay in self.layers})
+        measurer = Measurer([lay.name for lay in self.layers], methods, self.quantiles, self.ns_floor, self.adapter,
+                            {lay.name: lay.view for lay in self.layers})
         record = OptimizerRecord(self.optimizer, self.layers, self.adapter, self.every, measurer, self.optimizer_name,
                                  self._note, takes=self.writes or self.sharded)
         if self.sharded:  # the gathers are collectives of the training thread
@@ -150,7 +151,9 @@ class Recorder:
             params = model.parameters() if model is not None else (p for g in self.optimizer.param_groups
                                                                    for p in g["params"])
             size = sum(p.numel() for p in {id(p): p for p in params}.values())
-        group0 = self.optimizer.param_groups[0]
+        # the first group with Newton–Schulz describes the optimizer (an aux-Adam group may come first)
+        groups = self.optimizer.param_groups
+        group0 = next((g for g in groups if ns_of(self.adapter, g) is not None), groups[0])
         ns0 = ns_of(self.adapter, group0)
         opt = {"class": self.optimizer_name, **{k: _jsonable(group0[k]) for k in self.adapter.describe if k in group0}}
         opt.setdefault("ns_steps", ns0.steps if ns0 else None)
@@ -303,6 +306,8 @@ class Recorder:
             return
         if not stored:
             self.writer.append(group, step, row)
+        if group == self.record.group:
+            self.record.inspect(step, row)
         self._to_tensorboard(group, step, row)
 
     def _to_tensorboard(self, group: str, step: int, row: Mapping[str, Any]) -> None:

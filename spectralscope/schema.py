@@ -63,6 +63,8 @@ OPTIMIZER = Group("optimizer", "layer", (
     Variable("ns_polar_err", _L, "newton_schulz"),
     Variable("ns_orth_err", _L, "newton_schulz"),
     Variable("ns_fail_frac", _L, "momentum", tensorboard=(None,)),
+    # the cosine between NS_k(M)'s direction as the adapter implies it and the step applied (the self-check)
+    Variable("ns_consistency", _L, "newton_schulz", fit=False),
     Variable("update_rms", _L, "update"),
     Variable("update_sv", _LQ, "update"),
     Variable("update_erank", _L, "update", tensorboard=(None,)),

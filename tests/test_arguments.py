@@ -103,12 +103,13 @@ def test_swapped_wrapped_and_foreign_models_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"^watch\(\): optimizer and model are swapped: the call is watch\(optimizer, "):
         ss.watch(model, opt, tmp_path / "r.zarr")
 
-    class Wrapper:  # the shape of HF accelerate's AcceleratedOptimizer and Lightning's LightningOptimizer
+    class Wrapper:  # holds an optimizer as .optimizer, but is none: unwrapped like the real wrappers
         def __init__(self, optimizer):
             self.optimizer = optimizer
 
-    with pytest.raises(ValueError, match=r"Wrapper, a wrapper: pass its \.optimizer$"):
-        ss.watch(Wrapper(opt), model, tmp_path / "r.zarr")
+    ss.watch(Wrapper(opt), model, tmp_path / "w.zarr", background=False).close()
+    with pytest.raises(ValueError, match=r"^watch\(\): optimizer must be a torch\.optim\.Optimizer, got a "):
+        ss.watch(Wrapper(model), model, tmp_path / "r.zarr")
     with pytest.raises(ValueError, match=r"^watch\(\): model holds none of the optimizer's 4 parameters: pass the model"):
         ss.watch(opt, Net(), tmp_path / "r.zarr")
     with pytest.raises(ValueError, match=r"^watch\(\): optimizer must be a torch\.optim\.Optimizer, got 'sgd'$"):

@@ -1,0 +1,289 @@
+"""The adapters of the Muon implementations people use, against the packages themselves (installed in the dev
+extra): the optimizer's own orthogonalisation is wrapped to capture what it was given and what it returned at
+the recorded steps, and every recorded value is checked against numpy float64 on those tensors and on the
+realised step."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import np_quantile
+from torch import nn
+
+import spectralscope as ss
+
+QS = ss.DEFAULT_QUANTILES
+
+
+class Net(nn.Module):
+    """Distinct shapes (one matrix per NS call, wide and tall), two of one shape (batched by pytorch-optimizer),
+    and with ``conv`` a conv kernel (viewed (out, in·k·k); muon-optimizer 0.1.0 cannot step one: it applies the
+    (out, in·k·k) update to the 4-D weight without reshaping it back)."""
+
+    def __init__(self, conv: bool = True):
+        super().__init__()
+        self.has_conv = conv
+        self.conv = nn.Conv2d(2, 6, (1, 3))
+        self.fc1, self.fc2, self.fc3, self.fc4 = nn.Linear(24, 40), nn.Linear(40, 24), nn.Linear(24, 24), nn.Linear(24, 24)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x.unsqueeze(2))).flatten(1)
+        h = torch.tanh(self.fc2(torch.tanh(self.fc1(h))))
+        return self.head(torch.tanh(self.fc4(torch.tanh(self.fc3(h)))))
+
+    def hidden(self):
+        return [*([self.conv.weight] if self.has_conv else []), self.fc1.weight, self.fc2.weight, self.fc3.weight,
+                self.fc4.weight]
+
+
+def _capture(monkeypatch, module, name, unbatch=True):
+    """Wrap ``module.name`` (the package's NS function): every call the package itself makes (not spectralscope's
+    recomputation), as (input, output), split along a batch axis."""
+    import sys
+
+    calls = []
+    inner = getattr(module, name)
+
+    def wrapped(g, *args, **kwargs):
+        out = inner(g, *args, **kwargs)
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("spectralscope"):
+            return out
+        if unbatch and g.ndim > 2:
+            calls.extend(zip(g.detach().clone().unbind(0), out.detach().clone().unbind(0), strict=True))
+        else:
+            calls.append((g.detach().clone(), out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def _np_sv(t):
+    m = t.detach().double().reshape(t.shape[0], -1).numpy()
+    return np.linalg.svd(m, compute_uv=False)
+
+
+def _train(opt, model, path, steps, calls, capture_at, **kw):
+    """Train; at each step in ``capture_at`` keep the NS calls of that step and the realised ΔW."""
+    captured, deltas = {}, {}
+    g = torch.Generator().manual_seed(5)
+    with ss.watch(opt, model, path, every=1, activations=None, **kw) as rec:
+        for step in range(steps):
+            before = {id(p): p.detach().double().clone() for p in model.parameters()}
+            calls.clear()
+            model(torch.randn(8, 2, 6, generator=g)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if step in capture_at:
+                captured[step] = list(calls)
+                deltas[step] = {id(p): p.detach().double() - before[id(p)] for p in model.parameters()}
+    return rec, captured, deltas
+
+
+def _check(ds, j, g_in, o_out, dw, errors):
+    """Layer j's recorded values against numpy on the captured NS input and output and the realised ΔW."""
+    sv = _np_sv(g_in)
+    got = ds["momentum_sv"].values[j]
+    np.testing.assert_allclose(got, np_quantile(sv / np.linalg.norm(sv), QS), rtol=1e-6, atol=1e-9)
+    o = np_quantile(_np_sv(o_out), QS)
+    np.testing.assert_allclose(ds["ns_out_sv"].values[j], o, rtol=1e-6, atol=1e-9)
+    d = dw.reshape(dw.shape[0], -1).numpy()
+    np.testing.assert_allclose(ds["update_rms"].values[j], np.sqrt(np.mean(d**2)), rtol=1e-9)
+    rho = np.linalg.norm(d, axis=1)
+    np.testing.assert_allclose(ds["neuron_cv"].values[j], rho.std() / rho.mean(), rtol=1e-9)
+    assert ds["ns_consistency"].values[j] >= 0.999
+    errors.append(max(np.max(np.abs(got - np_quantile(sv / np.linalg.norm(sv), QS)) / np.abs(got).max()),
+                      np.max(np.abs(ds["ns_out_sv"].values[j] - o) / np.abs(o).max())))
+
+
+@pytest.mark.parametrize("cls", ["SingleDeviceMuon", "SingleDeviceMuonWithAuxAdam"])
+def test_keller_jordans_muon_records_what_its_newton_schulz_is_given(tmp_path, monkeypatch, cls):
+    import muon
+
+    torch.manual_seed(0)
+    model = Net(conv=False)
+    hidden = model.hidden()
+    rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+    if cls == "SingleDeviceMuon":
+        opt = muon.SingleDeviceMuon(hidden, lr=0.02, weight_decay=0.1)
+    else:
+        opt = muon.SingleDeviceMuonWithAuxAdam([dict(params=hidden, use_muon=True, lr=0.02, weight_decay=0.1),
+                                                dict(params=rest, use_muon=False, lr=3e-3)])
+    calls = _capture(monkeypatch, muon, "zeropower_via_newtonschulz5")
+    rec, captured, deltas = _train(opt, model, tmp_path / "k.zarr", 4, calls, {1, 3})
+    tree = ss.open_run(rec.path)
+    ds = tree["optimizer"].dataset
+    assert tree.attrs["optimizer"]["class"] == f"muon.{cls}" and rec.errors == {}
+    names = list(ds["layer"].values)
+    errors: list[float] = []
+    for step, got in captured.items():
+        assert len(got) == len(hidden)  # one NS call per hidden matrix, in the group's order
+        row = ds.sel(step=step)
+        for p, (g_in, o_out) in zip(hidden, got, strict=True):
+            name = next(n for n, q in model.named_parameters() if q is p)
+            _check(row, names.index(name), g_in, o_out, deltas[step][id(p)], errors)
+    if cls != "SingleDeviceMuon":  # the aux-Adam groups are recorded as Adam: exp_avg, no NS, and said so
+        j = names.index("head.weight")
+        m = opt.state[model.head.weight]["exp_avg"]
+        sv = _np_sv(m)
+        np.testing.assert_allclose(ds["momentum_sv"].values[-1, j], np_quantile(sv / np.linalg.norm(sv), QS), rtol=1e-9)
+        assert np.isnan(ds["ns_out_sv"].values[:, j]).all() and np.isnan(ds["ns_consistency"].values[:, j]).all()
+        assert "not applicable to the layers of 1 of 2 param groups" in tree.attrs["notes"]["newton_schulz"]
+        assert tree.attrs["optimizer"]["ns_steps"] == 5  # described by its Muon group
+    print(f"largest relative error: {max(errors):.2e}")
+    assert max(errors) < 1e-6
+
+
+@pytest.mark.parametrize("foreach", [None, False])  # None: pytorch-optimizer's default, batching equal shapes
+def test_pytorch_optimizer_muon_records_what_its_newton_schulz_is_given(tmp_path, monkeypatch, foreach):
+    from pytorch_optimizer.optimizer.muon import base
+
+    torch.manual_seed(0)
+    model = Net()
+    hidden = model.hidden()
+    rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+    opt = __import__("pytorch_optimizer").Muon(
+        [dict(params=hidden, use_muon=True, weight_decay=0.05), dict(params=rest, use_muon=False)],
+        lr=0.02, ns_coeffs="original", foreach=foreach)
+    calls = _capture(monkeypatch, base, "zero_power_via_newton_schulz_5")
+    rec, captured, deltas = _train(opt, model, tmp_path / "p.zarr", 4, calls, {1, 3})
+    ds = ss.open_run(rec.path)["optimizer"].dataset
+    names = list(ds["layer"].values)
+    errors: list[float] = []
+    for step, got in captured.items():
+        row = ds.sel(step=step)
+        left = list(got)
+        for p in hidden:  # each hidden matrix's call: its NS input is p.grad after the step, lerped in place
+            name = next(n for n, q in model.named_parameters() if q is p)
+            g = p.grad if p.grad is not None else None
+            j = names.index(name)
+            # match by content: under foreach, equal shapes were stacked into one batched call
+            k = next(i for i, (g_in, _) in enumerate(left)
+                     if g_in.shape == p.reshape(p.shape[0], -1).shape
+                     and np.isclose(float(g_in.double().norm()), row["momentum_norm"].values[j], rtol=1e-6))
+            g_in, o_out = left.pop(k)
+            _check(row, j, g_in, o_out, deltas[step][id(p)], errors)
+            del g
+    print(f"largest relative error: {max(errors):.2e}")
+    assert max(errors) < 1e-6 and rec.errors == {}
+
+
+def test_a_wrong_adapter_is_caught_by_the_self_check(tmp_path, caplog):
+    # the torch adapter's momentum (g.lerp(buf, μ)) copied for Keller's Muon, whose step has already lerped
+    # p.grad in place: plausible values, wrong ones — and the self-check says so, once per layer
+    import muon
+
+    class KellerCopy(muon.SingleDeviceMuon):
+        pass
+
+    def torch_style(p, group, state):
+        return p.grad.lerp(state["momentum_buffer"], group["momentum"]) if "momentum_buffer" in state else None
+
+    ss.register_adapter(KellerCopy, momentum=torch_style, ns=lambda group: ss.NSConfig(eps=1e-7))
+    torch.manual_seed(0)
+    model = Net(conv=False)
+    opt = KellerCopy(model.hidden(), lr=0.02)
+    with caplog.at_level(logging.WARNING, logger="spectralscope"):
+        rec, _, _ = _train(opt, model, tmp_path / "w.zarr", 4, [], set(), background=False)
+    tree = ss.open_run(rec.path)
+    consistency = tree["optimizer"]["ns_consistency"].values
+    assert np.nanmin(consistency[1:]) < 0.99
+    warned = [r.getMessage() for r in caplog.records if "does not reproduce the update" in r.getMessage()]
+    assert warned and len(warned) == len({w.split(" of ")[1].split(" does")[0] for w in warned})  # once per layer
+    assert "the adapter for test_third_party.KellerCopy" in warned[0] or "KellerCopy is probably wrong" in warned[0]
+    assert "check the adapter for" in tree.attrs["notes"]["consistency"]
+
+
+@pytest.mark.parametrize("make", ["torch", "keller", "keller_aux", "pytorch_optimizer"])
+def test_every_built_in_adapter_passes_the_self_check(tmp_path, caplog, make):
+    import muon
+    import pytorch_optimizer
+
+    torch.manual_seed(0)
+    model = Net(conv=make == "pytorch_optimizer")
+    hidden = model.hidden()
+    rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+    opt = {"torch": lambda: torch.optim.Muon(hidden[1:], lr=0.02, weight_decay=0.1),
+           "keller": lambda: muon.SingleDeviceMuon(hidden, lr=0.02),
+           "keller_aux": lambda: muon.SingleDeviceMuonWithAuxAdam([dict(params=hidden, use_muon=True),
+                                                                   dict(params=rest, use_muon=False)]),
+           "pytorch_optimizer": lambda: pytorch_optimizer.Muon([dict(params=hidden, use_muon=True)], lr=0.02),
+           }[make]()
+    with caplog.at_level(logging.WARNING, logger="spectralscope"):
+        rec, _, _ = _train(opt, model, tmp_path / "b.zarr", 5, [], set())
+    consistency = ss.open_run(rec.path)["optimizer"]["ns_consistency"].values
+    muon_layers = ~np.isnan(consistency[-1])
+    assert muon_layers.sum() >= 3 and (consistency[:, muon_layers] >= 0.999).all()
+    assert "does not reproduce" not in caplog.text and rec.errors == {}
+
+
+@pytest.mark.parametrize("wrapper", ["accelerate", "lightning"])
+def test_a_wrapped_optimizer_is_unwrapped(tmp_path, wrapper):
+    # the HF Trainer hands out accelerate's AcceleratedOptimizer, Lightning its LightningOptimizer: both are
+    # torch.optim.Optimizer subclasses around the one that steps
+    torch.manual_seed(0)
+    model = Net(conv=False)
+    inner = torch.optim.Muon(model.hidden(), lr=0.02)
+    if wrapper == "accelerate":
+        from accelerate import Accelerator
+
+        model, wrapped = Accelerator(cpu=True).prepare(model, inner)
+    else:
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+
+        wrapped = LightningOptimizer(inner)
+    g = torch.Generator().manual_seed(5)
+    with ss.watch(wrapped, model, tmp_path / "u.zarr", every=1, background=False) as rec:
+        for _ in range(3):
+            model(torch.randn(8, 2, 6, generator=g)).square().mean().backward()
+            # a bare LightningOptimizer steps only through a Trainer's strategy, which steps the inner one
+            (inner if wrapper == "lightning" else wrapped).step()
+            wrapped.zero_grad()
+    tree = ss.open_run(rec.path)
+    assert tree.attrs["optimizer"]["class"] == "torch.optim.Muon" and rec.optimizer is inner
+    assert list(tree["optimizer"]["step"].values) == [0, 1, 2]
+    assert np.isfinite(tree["optimizer"]["momentum_sv"].values).all() and rec.errors == {}
+
+
+def test_the_readme_adapter_example_reads_keller_style_nesterov_right(tmp_path):
+    import re
+    from pathlib import Path
+
+    import muon
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "class MyMuon" in b)
+    scope = {"ss": ss}
+    exec(block, scope)  # the README's own example, run as a user would
+    torch.manual_seed(0)
+    model = Net(conv=False)
+    opt = scope["MyMuon"](model.hidden(), lr=0.02)
+    rec, _, _ = _train(opt, model, tmp_path / "x.zarr", 3, [], set(), background=False)
+    consistency = ss.open_run(rec.path)["optimizer"]["ns_consistency"].values
+    assert (consistency >= 0.999).all() and rec.errors == {}
+    del muon
+
+
+def test_an_adapter_returning_a_wrong_shape_or_dtype_is_told_in_one_line(tmp_path, caplog):
+    class Transposed(torch.optim.SGD):
+        pass
+
+    ss.register_adapter(Transposed, momentum=lambda p, group, state: state["momentum_buffer"].T.contiguous()
+                        if "momentum_buffer" in state else None)
+    torch.manual_seed(0)
+    model = Net(conv=False)
+    opt = Transposed(model.hidden(), lr=0.01, momentum=0.9)
+    with caplog.at_level(logging.WARNING, logger="spectralscope"):
+        rec, _, _ = _train(opt, model, tmp_path / "t.zarr", 2, [], set(), background=False)
+    said = [r.getMessage() for r in caplog.records if "as the momentum of a parameter" in r.getMessage()]
+    assert len(said) == 1 and "returned a torch.float32 tensor of shape (24, 40) as the momentum of a parameter of " \
+                              "shape (40, 24); it must return a floating tensor of the parameter's shape" in said[0]
+    assert "\n" not in said[0] and set(rec.errors) >= {"momentum_sv"}
+    ds = ss.open_run(rec.path)["optimizer"]
+    # the two non-square layers are refused (a transposed square one has the parameter's shape: not detectable)
+    assert np.isnan(ds["momentum_sv"].sel(layer=["fc1.weight", "fc2.weight"]).values).all()
+    assert np.isfinite(ds["update_rms"].values).all()
