@@ -24,7 +24,7 @@ import zarr
 from spectralscope import schema
 from spectralscope.fit import combine_runs, run_labels, settled_frame, window_rows
 from spectralscope.integrity import run_status
-from spectralscope.store import check_run, committed_rows, is_url, open_store
+from spectralscope.store import beside_a_writer, check_run, committed_rows, is_url, ns_entry, open_store, optimizer_entries
 
 #: A run's location: a local folder, or an fsspec URL (``s3://bucket/runs/w64.zarr``).
 Where = Path | str
@@ -210,7 +210,7 @@ def overview(entries: Sequence[RunEntry], storage_options: Options = None) -> pd
         if not e.ok:
             continue
         a = e.attrs
-        opt = a.get("optimizer") or {}
+        opts = optimizer_entries(a)
         rows_by_group = n_rows(e.path, storage_options)
         errors = a.get("errors") or {}
         updated = last_update(e.path, storage_options)
@@ -218,8 +218,8 @@ def overview(entries: Sequence[RunEntry], storage_options: Options = None) -> pd
             "run": e.rel,
             "name": e.name,
             "model_size": a.get("model_size"),
-            "optimizer": opt.get("class"),
-            "ns_steps": opt.get("ns_steps"),
+            "optimizer": " + ".join(str(o.get("class")) for o in opts) or None,
+            "ns_steps": ns_entry(a).get("ns_steps"),
             "steps": int(a.get("steps", 0)),
             "records": rows_by_group.get("optimizer", 0),
             "status": run_status(a),
@@ -241,12 +241,10 @@ def variables(path: Where, group: str, storage_options: Options = None) -> list[
     g = _group(path, group, storage_options)
     if g is None:
         return []
-    out = []
-    for name, arr in g.arrays():
-        dims = arr.metadata.dimension_names or ()
-        if name != "step" and dims and dims[0] == "step":
-            out.append(name)
-    return sorted(out)
+    with beside_a_writer():
+        arrays = list(g.arrays())
+    return sorted(name for name, arr in arrays
+                  if name != "step" and (arr.metadata.dimension_names or ("",))[0] == "step")
 
 
 def unit_names(path: Where, group: str, storage_options: Options = None) -> tuple[list[str], list[str]]:
@@ -312,7 +310,7 @@ def read(path: Where, group: str, var: str, *, window: tuple[float, float] = (0.
         keep_dims.append(d)
         coords[d] = (d, values[idx] if idx is not None else values)
         if d in ("layer", "module"):
-            for aux in ("kind", "depth", "rows", "cols", "width", "sv_method"):
+            for aux in schema.UNIT_COORDS:
                 if aux in g:
                     av = _plain(g[aux][...])
                     coords[aux] = (d, av[idx] if idx is not None else av)

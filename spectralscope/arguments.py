@@ -142,13 +142,15 @@ def check_writable(path: str | Path) -> None:
         raise ValueError(f"watch(): path {str(path)!r} cannot be written: {probe} is not writable by this user")
 
 
-def check_model_holds(optimizer: torch.optim.Optimizer, model: nn.Module | None) -> None:
-    """``ValueError`` when the model holds none of the optimizer's parameters (every layer would be named
+def check_model_holds(optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], model: nn.Module | None
+                      ) -> None:
+    """``ValueError`` when the model holds none of the optimizers' parameters (every layer would be named
     ``param0``, ``param1``…: the wrong model, most likely)."""
     if model is None:
         return
     ours = {id(p) for p in model.parameters()}
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers
+    params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
     if params and not any(id(p) in ours for p in params):
         raise ValueError(f"watch(): model holds none of the optimizer's {len(params)} parameters: pass the model "
                          "that this optimizer trains (or model=None to name them param0, param1, …)")

@@ -184,9 +184,9 @@ def settled_frame(da, size: float, labels: dict[str, str | None], levels: list[f
 def run_labels(attrs: dict) -> dict[str, str | None]:
     """What makes runs unlike, beside their size: ``optimizer`` (the class the run's root attribute names;
     several joined by ``+``) and ``arch`` (``meta["arch"]``, when the user gave it)."""
-    opt = attrs.get("optimizer")
-    opts = opt if isinstance(opt, list) else [opt] if isinstance(opt, dict) else []
-    classes = sorted({str(o.get("class")) for o in opts if isinstance(o, dict) and o.get("class")})
+    from .store import optimizer_entries
+
+    classes = sorted({str(o["class"]) for o in optimizer_entries(attrs) if o.get("class")})
     meta = attrs.get("meta") if isinstance(attrs.get("meta"), dict) else {}
     arch = meta.get("arch")
     return {"optimizer": "+".join(classes) or None, "arch": None if arch is None else str(arch)}
@@ -250,7 +250,7 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
     import pandas as pd
     import xarray as xr
 
-    from .store import expand_runs, open_run
+    from .store import expand_runs, ns_entry, open_run
 
     given = [by] if isinstance(by, str) else None if by is None else list(by)
     current_steps = None
@@ -285,7 +285,7 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
             frame = settled_values(tree, metric, quantile, size, window, where)
             frame["run"] = i
             frames.append(frame)
-            ns = dict(tree.attrs).get("optimizer", {}).get("ns_steps")
+            ns = ns_entry(dict(tree.attrs)).get("ns_steps")
             if ns is not None:
                 steps.add(int(ns))
         tidy = combine_runs(frames, round_depth="depth" in (given or ["depth"]))

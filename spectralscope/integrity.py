@@ -16,7 +16,6 @@ import json
 import math
 import os
 import socket
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .store import HEARTBEAT_SECONDS, _keys, _read_key, committed_rows, open_store
+from .store import HEARTBEAT_SECONDS, _keys, _read_key, beside_a_writer, committed_rows, open_store
 
 
 @dataclass(frozen=True)
@@ -90,9 +89,7 @@ def damaged_rows(path: str | Path, storage_options: Mapping[str, Any] | None = N
     # every chunk is written by runs that say so; before, Zarr skipped all-NaN ones, and only the step array
     # (never all fill) shows a lost file
     every_chunk = (root.attrs.get("spectralscope") or {}).get("chunks") == "all"
-    with warnings.catch_warnings():
-        # a live writer's temporary files (*.partial) are not part of the hierarchy
-        warnings.filterwarnings("ignore", message=".*is not recognized as a component of a Zarr hierarchy")
+    with beside_a_writer():
         # n_rows before the listing: chunks below n_rows were written before it, so they are listed
         groups = [(gname, committed_rows(group), list(group.arrays())) for gname, group in root.groups()]
     keys = set(_keys(path, storage_options) or [])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,6 +159,7 @@ class Layer:
     rows: int
     cols: int
     view: MatrixView
+    optimizer: int = 0  # which of the watched optimizers updates it (its index)
 
 
 def _owners(model: nn.Module | None) -> dict[int, tuple[str, nn.Module, str, bool]]:
@@ -195,16 +196,18 @@ def check_kinds(kinds: object) -> list[tuple[re.Pattern[str], str]]:
 
 
 def select_layers(
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     model: nn.Module | None,
     layers: str | Callable[[str, torch.Tensor], bool] | None = None,
     kinds: list[tuple[re.Pattern[str], str]] | None = None,
 ) -> list[Layer]:
-    """Every parameter the optimizer updates with ``ndim >= 2``, in optimizer order, named after
-    ``model.named_parameters()`` (``param{i}`` when the model does not hold it), narrowed by ``layers``
-    (a regex searched in the parameter name, or a callable ``(name, param) -> bool``), each read as the
-    layers `matrix_views` gives; ``kinds`` (from `check_kinds`) overrides the kind of the layers whose name
-    a pattern matches (the first that does)."""
+    """Every parameter the optimizer (or each of several, in turn) updates with ``ndim >= 2``, in optimizer order,
+    named after ``model.named_parameters()`` (``param{i}`` when the model does not hold it), narrowed by
+    ``layers`` (a regex searched in the parameter name, or a callable ``(name, param) -> bool``), each read as
+    the layers `matrix_views` gives; ``kinds`` (from `check_kinds`) overrides the kind of the layers whose name
+    a pattern matches (the first that does). A parameter two optimizers hold is the first's; depth is over all
+    of them."""
+    optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
     owners = _owners(model)
     if isinstance(layers, str):
         pattern = re.compile(layers)
@@ -213,37 +216,42 @@ def select_layers(
         keep = lambda n, p: True  # noqa: E731
     else:
         keep = layers
-    chosen: list[tuple[str, torch.Tensor, MatrixView, bool]] = []
+    chosen: list[tuple[str, torch.Tensor, MatrixView, bool, int]] = []
     seen: set[int] = set()
     i = 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            name, module, attr, router = owners.get(id(p), (f"param{i}", None, "", False))
-            i += 1
-            if p.ndim >= 2 and keep(name, p):
-                chosen += [(n, p, v, router) for n, v in matrix_views(name, p, module, attr)]
+    for j, opt in enumerate(optimizers):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                name, module, attr, router = owners.get(id(p), (f"param{i}", None, "", False))
+                i += 1
+                if p.ndim >= 2 and keep(name, p):
+                    chosen += [(n, p, v, router, j) for n, v in matrix_views(name, p, module, attr)]
     blocks = [b for b in (block_index(n) for n, *_ in chosen) if b is not None]
     top = max(blocks) if blocks else 0
     out = []
-    for name, p, view, router in chosen:
+    for name, p, view, router, j in chosen:
         b = block_index(name)
         depth = math.nan if b is None else (1.0 if top == 0 else b / top)
         kind = next((k for pat, k in kinds or () if pat.search(name)), None) or (
             "router" if router else layer_kind(name))
         rows, cols = view(torch.empty(p.shape, device="meta")).shape
-        out.append(Layer(name, p, kind, depth, int(rows), int(cols), view))
+        out.append(Layer(name, p, kind, depth, int(rows), int(cols), view, j))
     return out
 
 
-def layer_coords(layers: list[Layer]) -> dict[str, tuple[str, np.ndarray]]:
-    """The store coordinates along ``layer``: names, ``kind``, ``depth``, and the matrix ``rows`` × ``cols``."""
-    return {
+def layer_coords(layers: list[Layer], optimizer_names: Sequence[str] | None = None) -> dict[str, tuple[str, np.ndarray]]:
+    """The store coordinates along ``layer``: names, ``kind``, ``depth``, the matrix ``rows`` × ``cols``, and with
+    ``optimizer_names`` (one per watched optimizer) the ``optimizer`` that updates each layer."""
+    coords = {
         "layer": ("layer", np.array([lay.name for lay in layers])),
         "kind": ("layer", np.array([lay.kind for lay in layers])),
         "depth": ("layer", np.array([lay.depth for lay in layers], dtype=np.float64)),
         "rows": ("layer", np.array([lay.rows for lay in layers], dtype=np.int64)),
         "cols": ("layer", np.array([lay.cols for lay in layers], dtype=np.int64)),
     }
+    if optimizer_names is not None:
+        coords["optimizer"] = ("layer", np.array([optimizer_names[lay.optimizer] for lay in layers]))
+    return coords

@@ -62,21 +62,21 @@ class LayerInputs(NamedTuple):
 
 
 class Measurer:
-    """Measures the optimizer row of a step, with what the optimizer's ``adapter`` (`adapters.Adapter`) says:
-    its NS configuration per param group, how to read the applied NS output back from the weights, how it
-    orthogonalises and what it applies (the self-check ``ns_consistency``). ``views`` says how each layer reads
-    its parameter as an (out, in) matrix (`layers.MatrixView`; as stored where not given)."""
+    """Measures the optimizer row of a step, with what the optimizer's ``adapter`` (`adapters.Adapter`; or one per
+    layer name, when several optimizers are watched) says: its NS configuration per param group, how to read
+    the applied NS output back from the weights, how it orthogonalises and what it applies (the self-check
+    ``ns_consistency``). ``views`` says how each layer reads its parameter as an (out, in) matrix
+    (`layers.MatrixView`; as stored where not given)."""
 
     def __init__(self, names: Sequence[str], methods: Mapping[str, str], quantiles: Sequence[float],
-                 ns_floor: float, adapter: Adapter, views: Mapping[str, MatrixView] | None = None):
+                 ns_floor: float, adapter: Adapter | Mapping[str, Adapter],
+                 views: Mapping[str, MatrixView] | None = None):
         self.names = list(names)
+        self.adapters = dict(adapter) if isinstance(adapter, Mapping) else dict.fromkeys(self.names, adapter)
         self.views = {name: (views or {}).get(name) or MatrixView(name) for name in self.names}
         self.methods = dict(methods)
         self.quantiles = list(quantiles)
         self.ns_floor = float(ns_floor)
-        self.adapter = adapter
-        self.ns = adapter.ns
-        self.applied = adapter.applied
         self.estimated = any(m != "exact" for m in self.methods.values())
         # the optimizer group's variables (name → has a quantile axis): the bounds only when a layer is estimated
         self.variables = {**OPTIMIZER_VARIABLES, **({v: True for v in ESTIMATE_BOUNDS} if self.estimated else {})}
@@ -106,7 +106,7 @@ class Measurer:
         NaN reason)}; `to_host` brings a whole record to the host at once. Each metric is taken on the layer's
         (out, in) matrix; O = NS_k(M) is computed on the matrix the optimizer orthogonalises (`MatrixView.whole`:
         all of a fused q/k/v projection) and then cut to the layer, kept in ``outputs`` for its other layers."""
-        view = self.views[name]
+        view, adapter = self.views[name], self.adapters[name]
         m, why, group = x.m, x.why, x.group
         w_after = view(x.w_after)
         w_before = None if x.w_before is None else view(x.w_before)
@@ -129,7 +129,7 @@ class Measurer:
         # the NS configuration and its threshold feed ns_* and ns_fail_frac only: their failure blanks nothing else
         ns, ns_error = None, None
         try:
-            ns = self.ns(group)
+            ns = adapter.ns(group)
             if ns is not None:
                 ns_threshold(ns.steps, ns.coefficients, self.ns_floor)
         except Exception as exc:
@@ -147,9 +147,9 @@ class Measurer:
         elif m is not None:
             if ns is not None:
                 family("newton_schulz", lambda: newton_schulz_metrics(
-                    view.part(self._ns_output(x, view, ns, outputs)), qs, self._spectrum(name, "newton_schulz")))
+                    view.part(self._ns_output(x, view, adapter, ns, outputs)), qs, self._spectrum(name, "newton_schulz")))
                 if w_before is not None and x.stepped:
-                    self._consistency(x, view, ns, outputs, out, reasons)
+                    self._consistency(x, view, adapter, ns, outputs, out, reasons)
         if w_before is not None:
             # in float64: W_after − W_before of float32 weights is exact there, not always in float32
             family("update", lambda: update_metrics(w_after.to(torch.float64) - w_before.to(torch.float64), qs,
@@ -214,7 +214,7 @@ class Measurer:
             res[var] = hi - lo
         return res
 
-    def _ns_output(self, x: LayerInputs, view: MatrixView, ns: NSConfig,
+    def _ns_output(self, x: LayerInputs, view: MatrixView, adapter: Adapter, ns: NSConfig,
                    outputs: dict[tuple[str, int | None], Tensor] | None) -> Tensor:
         """O = NS_k(M) of the matrix the optimizer orthogonalises, in its stored orientation: read back from
         the step just applied where the adapter knows how (the optimizer's own result, at no cost), else
@@ -224,15 +224,15 @@ class Measurer:
         if outputs is not None and key in outputs:
             return outputs[key]
         o = None
-        if x.w_before is not None and self.applied is not None and x.stepped:
-            o = self.applied(view.whole(x.w_after), x.group, view.whole(x.w_before))
+        if x.w_before is not None and adapter.applied is not None and x.stepped:
+            o = adapter.applied(view.whole(x.w_after), x.group, view.whole(x.w_before))
         if o is None:
-            o = self._recomputed(x, view, ns, outputs)
+            o = self._recomputed(x, view, adapter, ns, outputs)
         if outputs is not None:
             outputs[key] = o
         return o
 
-    def _recomputed(self, x: LayerInputs, view: MatrixView, ns: NSConfig,
+    def _recomputed(self, x: LayerInputs, view: MatrixView, adapter: Adapter, ns: NSConfig,
                     outputs: dict[tuple[str, int | None], Tensor] | None) -> Tensor:
         """O = NS_k(M) computed from the recorded M: by the optimizer's own function where the adapter names it,
         else operation for operation as ``torch.optim.Muon`` (`newton_schulz`)."""
@@ -240,20 +240,19 @@ class Measurer:
         if outputs is not None and key in outputs:
             return outputs[key]
         m = view.whole(x.m)
-        o = self.adapter.orthogonalize(m, x.group) if self.adapter.orthogonalize is not None else newton_schulz(m, ns)
+        o = adapter.orthogonalize(m, x.group) if adapter.orthogonalize is not None else newton_schulz(m, ns)
         if outputs is not None:
             outputs[key] = o
         return o
 
-    def _consistency(self, x: LayerInputs, view: MatrixView, ns: NSConfig,
+    def _consistency(self, x: LayerInputs, view: MatrixView, a: Adapter, ns: NSConfig,
                      outputs: dict[tuple[str, int | None], Tensor] | None, out: dict[str, Tensor],
                      reasons: dict[str, str]) -> None:
         """``ns_consistency``: the direction the adapter implies — NS_k of the recorded M, recomputed (never
         read back from the step it is checked against), as the optimizer transforms it — against the step the
         optimizer applied, weight decay removed."""
         try:
-            a = self.adapter
-            o = self._recomputed(x, view, ns, outputs)
+            o = self._recomputed(x, view, a, ns, outputs)
             implied = a.direction(o, x.group, x.extra) if a.direction is not None else o
             w_after, w_before = view.whole(x.w_after), view.whole(x.w_before)
             applied = w_before.to(torch.float64) * a.decay(x.group) - w_after.to(torch.float64)

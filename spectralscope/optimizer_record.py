@@ -55,6 +55,17 @@ def coverage_notes(adapter: Adapter, optimizer: torch.optim.Optimizer, name: str
     return notes
 
 
+def all_coverage_notes(adapters: Sequence[Adapter], optimizers: Sequence[torch.optim.Optimizer],
+                       names: Sequence[str]) -> dict[str, str]:
+    """`coverage_notes` of each watched optimizer; with several, each note says whose layers it is about."""
+    each = [coverage_notes(a, o, n) for a, o, n in zip(adapters, optimizers, names, strict=True)]
+    if len(each) == 1:
+        return each[0]
+    families = dict.fromkeys(f for notes in each for f in notes)
+    return {f: "; ".join(f"the layers of {n}: {notes[f]}" for n, notes in zip(names, each, strict=True) if f in notes)
+            for f in families}
+
+
 def ns_of(adapter: Adapter, group: Mapping[str, Any]) -> Any:
     """The adapter's NS configuration of a param group; None where it fails (measured per record, where the
     failure is counted with its reason)."""
@@ -65,29 +76,48 @@ def ns_of(adapter: Adapter, group: Mapping[str, Any]) -> Any:
 
 
 class OptimizerRecord:
-    """The ``optimizer`` group's instrument. ``measurer`` is its finisher (a `Measurer`, or under FSDP2 the
-    `distributed.ShardedMeasurer` around it); ``note(family, text)`` is told once when a known optimizer turns
-    out to keep no momentum for a layer it stepped. ``takes`` is False on a process that neither measures nor
-    gathers (a rank other than 0 outside FSDP2)."""
+    """The ``optimizer`` group's instrument, over one or several optimizers (``optimizers``, each with its
+    ``adapters[j]`` and qualified class name ``names[j]``; ``Layer.optimizer`` says whose each layer is).
+    ``measurer`` is its finisher (a `Measurer`, or under FSDP2 the `distributed.ShardedMeasurer` around it);
+    ``note(family, text)`` is told once when a known optimizer turns out to keep no momentum for a layer it
+    stepped. ``takes`` is False on a process that neither measures nor gathers (a rank other than 0 outside
+    FSDP2).
+
+    Training steps are counted by optimizer 0 (the clock; a single optimizer's step count, as before). Another
+    optimizer's step belongs to the training step the clock is in: the clock's next one if that optimizer steps
+    before the clock (learned from its first step), the clock's last one if after. `before` keeps W_before of a
+    recorded step, `after` the layers' inputs, and the row is complete — `after` returns it — once every
+    optimizer has stepped. A recorded step that some optimizer skipped (a GradScaler's inf check is per
+    optimizer) is given up, never completed with another step's tensors: `after` returns it, `unfinished` the
+    last ones at close."""
 
     group = "optimizer"
     live = True  # M and W_after: the next step changes them in place
     defer = False
     paused = False
 
-    def __init__(self, optimizer: torch.optim.Optimizer, layers: Sequence[Layer], adapter: Adapter, every: int,
-                 measurer: Measurer, optimizer_name: str, note: Callable[[str, str], None], takes: bool = True):
-        self.optimizer, self.layers, self.adapter, self.every = optimizer, list(layers), adapter, every
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], layers: Sequence[Layer],
+                 adapters: Sequence[Adapter], every: int, measurer: Measurer, names: Sequence[str],
+                 note: Callable[[str, str], None], takes: bool = True):
+        self.optimizers, self.layers, self.adapters = list(optimizers), list(layers), list(adapters)
+        self.every, self.names, self._note, self.takes = every, list(names), note, takes
         self.finisher: Any = measurer
         self.measurer = measurer
-        self.optimizer_name, self._note, self.takes = optimizer_name, note, takes
-        self._group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        self._before: dict[int, Tensor] | None = None
+        self._group_of = {id(p): g for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
+        self._mine = [[i for i, lay in enumerate(self.layers) if lay.optimizer == j] for j in range(len(optimizers))]
+        self._clock = self._start = 0  # training steps done (optimizer 0's step() calls); the first of this run
+        self._ahead: dict[int, bool] = {}  # optimizer j → it steps before the clock in a training step
+        self._before: list[dict[int, Tensor] | None] = [None] * len(self.optimizers)
+        self._parts: dict[int, dict[int, list[LayerInputs]]] = {}  # step → {optimizer: its layers' inputs}
         self._said_no_momentum = False
         self._inconsistent: set[str] = set()
 
+    def start(self, step: int) -> None:
+        """A resumed run goes on from training step ``step``."""
+        self._clock = self._start = step
+
     def spec(self) -> GroupSpec:
-        coords = {**layer_coords(self.layers),
+        coords = {**layer_coords(self.layers, self.names),
                   "quantile": ("quantile", np.array(self.measurer.quantiles, dtype=np.float64)),
                   "sv_method": ("layer", np.array([self.measurer.methods[lay.name] for lay in self.layers]))}
         variables = {v: ("step", "layer", "quantile") if q else ("step", "layer")
@@ -95,7 +125,8 @@ class OptimizerRecord:
         return GroupSpec(self.group, coords, variables)
 
     def remove(self) -> None:
-        self._before = None
+        self._before = [None] * len(self.optimizers)
+        self._parts.clear()
 
     def inspect(self, step: int, row: Mapping[str, Any]) -> None:
         """The self-check of a finished row: a layer whose ``ns_consistency`` is below `CONSISTENCY_TOLERANCE` is
@@ -106,60 +137,93 @@ class OptimizerRecord:
         for lay, v in zip(self.layers, np.asarray(values, dtype=np.float64), strict=True):
             if np.isfinite(v) and v < CONSISTENCY_TOLERANCE and lay.name not in self._inconsistent:
                 self._inconsistent.add(lay.name)
+                name = self.names[lay.optimizer]
                 log.warning("spectralscope: at step %d the recorded momentum of %s does not reproduce the update %s "
                             "applied (ns_consistency %.4f < %.2f): the adapter for %s is probably wrong, or its "
                             "Newton–Schulz is not the optimizer's (register orthogonalize=); warned once per layer",
-                            step, lay.name, self.optimizer_name, v, CONSISTENCY_TOLERANCE, self.optimizer_name)
+                            step, lay.name, name, v, CONSISTENCY_TOLERANCE, name)
                 self._note("consistency", f"the recorded momentum does not reproduce the applied update for "
                                           f"{len(self._inconsistent)} layer(s), e.g. {lay.name} (ns_consistency "
-                                          f"{v:.4f} < {CONSISTENCY_TOLERANCE}): check the adapter for "
-                                          f"{self.optimizer_name}")
+                                          f"{v:.4f} < {CONSISTENCY_TOLERANCE}): check the adapter for {name}")
 
-    def before_step(self, step: int) -> None:
-        """Keep W_before of a recorded step (a failed snapshot only costs this step's update metrics: raised,
-        and counted by the caller)."""
-        self._before = None
-        if step % self.every == 0 and self.takes:
+    def _step_of(self, j: int) -> int:
+        """The training step optimizer ``j`` is stepping in."""
+        if j == 0:
+            return self._clock
+        ahead = self._ahead.setdefault(j, self._clock == self._start)  # its first step came before the clock's
+        return self._clock if ahead else self._clock - 1
+
+    def before(self, j: int) -> None:
+        """Before optimizer ``j`` steps: keep its layers' W_before when its step is recorded (a failed snapshot
+        only costs this step's update metrics: raised, and counted by the caller)."""
+        self._before[j] = None
+        if self._step_of(j) % self.every == 0 and self.takes:
             with torch.no_grad():
-                self._before = {id(lay.param): lay.param.detach().clone() for lay in self.layers}
+                self._before[j] = {id(self.layers[i].param): self.layers[i].param.detach().clone()
+                                   for i in self._mine[j]}
 
-    def take(self, step: int) -> list[LayerInputs] | None:
-        """Each layer's inputs after the step (references to the live M and W_after: ``live``), or None when the
-        step is not recorded here."""
+    def after(self, j: int) -> tuple[tuple[int, list[LayerInputs]] | None, list[int]]:
+        """After optimizer ``j`` stepped: ((training step, the whole row's inputs) once every optimizer has stepped
+        in a recorded step, else None; the recorded steps given up). The inputs are references to the live M and
+        W_after (``live``)."""
+        step = self._step_of(j)
+        if j == 0:
+            self._clock += 1
+        before, self._before[j] = self._before[j], None
+        # an optimizer stepping in step s has every optimizer's step s-1 behind it: what is still open is dead,
+        # and so is a step j already gave its part to (j stepped twice in it: the clock skipped one)
+        given_up = [s for s, parts in self._parts.items() if s < step or (s == step and j in parts)]
+        for s in given_up:
+            del self._parts[s]
         if step % self.every != 0 or not self.takes:
-            self._before = None
-            return None
+            return None, given_up
         with torch.no_grad():
-            inputs = [self._inputs(lay) for lay in self.layers]
-        self._before = None
-        return inputs
+            part = [self._inputs(self.layers[i], before) for i in self._mine[j]]
+        parts = self._parts.setdefault(step, {})
+        parts[j] = part
+        if len(parts) < len(self.optimizers):
+            return None, given_up
+        del self._parts[step]
+        inputs: list[Any] = [None] * len(self.layers)
+        for k, indices in enumerate(self._mine):
+            for i, x in zip(indices, parts[k], strict=True):
+                inputs[i] = x
+        return (step, inputs), given_up
 
-    def _inputs(self, lay: Layer) -> LayerInputs:
-        p = lay.param
-        group = self._group_of.get(id(p), self.optimizer.param_groups[0])
+    def unfinished(self) -> list[int]:
+        """The recorded steps still waiting for an optimizer (given up at close)."""
+        steps = sorted(self._parts)
+        self._parts.clear()
+        return steps
+
+    def _inputs(self, lay: Layer, snapshot: Mapping[int, Tensor] | None) -> LayerInputs:
+        p, opt, adapter = lay.param, self.optimizers[lay.optimizer], self.adapters[lay.optimizer]
+        name = self.names[lay.optimizer]
+        group = self._group_of.get(id(p), opt.param_groups[0])
+        state = opt.state.get(p, {})
         m, why = None, None
         try:
-            m = self.adapter.momentum(p, group, self.optimizer.state.get(p, {}))
+            m = adapter.momentum(p, group, state)
             if m is not None and not (isinstance(m, Tensor) and m.is_floating_point() and m.shape == p.shape):
                 got = (f"a {m.dtype} tensor of shape {tuple(m.shape)}" if isinstance(m, Tensor)
                        else f"a {type(m).__name__}")
                 m = None
-                raise ValueError(f"the adapter for {self.optimizer_name} returned {got} as the momentum of a parameter "
+                raise ValueError(f"the adapter for {name} returned {got} as the momentum of a parameter "
                                  f"of shape {tuple(p.shape)}; it must return a floating tensor of the parameter's shape")
         except Exception as exc:
             why = portable(exc)  # it may travel to the worker process
-        if m is None and why is None and self.adapter.known and p.grad is not None and not self._said_no_momentum:
+        if m is None and why is None and adapter.known and p.grad is not None and not self._said_no_momentum:
             self._said_no_momentum = True
-            self._note("momentum", f"not recorded for {lay.name} and any layer like it ({self.optimizer_name} keeps "
+            self._note("momentum", f"not recorded for {lay.name} and any layer like it ({name} keeps "
                                    "no momentum for it, e.g. SGD with momentum=0)")
             log.warning("spectralscope: momentum_sv and momentum_norm of %s are NaN: %s keeps no momentum for it "
-                        "(warned once)", lay.name, self.optimizer_name)
-        before = self._before.get(id(p)) if self._before is not None else None
+                        "(warned once)", lay.name, name)
+        before = snapshot.get(id(p)) if snapshot is not None else None
         hyper = {k: v for k, v in group.items() if k != "params"}
         extra = None
-        if self.adapter.extra is not None:
+        if adapter.extra is not None:
             try:
-                extra = self.adapter.extra(p, group, self.optimizer.state.get(p, {}))
+                extra = adapter.extra(p, group, state)
             except Exception:  # the self-check of this layer comes out NaN, counted where it is measured
                 extra = None
         return LayerInputs(None if m is None else m.detach(), p.detach(), before, why, hyper, p.grad is not None,

@@ -13,11 +13,12 @@ construction (no adapter, no momentum, no NS) is said in the run's ``notes``.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import math
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,30 @@ from .estimate import choose_method
 from .layers import Layer, select_layers
 from .ledger import Ledger
 from .measure import Measurer
-from .optimizer_record import OptimizerRecord, coverage_notes, ns_of
+from .optimizer_record import OptimizerRecord, all_coverage_notes, ns_of
 from .runners import InlineRunner, make_runner
 from .store import DiscardWriter, GroupSpec, RunWriter
 
 log = logging.getLogger("spectralscope")
+
+
+def _names(classes: Sequence[str]) -> list[str]:
+    """The watched optimizers' names: their qualified classes, ``#2``, ``#3`` … added where two share one."""
+    return [c if classes.count(c) == 1 else f"{c}#{classes[:i].count(c) + 1}" for i, c in enumerate(classes)]
+
+
+def _describe(optimizer: torch.optim.Optimizer, adapter: Any, name: str) -> dict[str, Any]:
+    """One entry of the root attribute ``optimizer``: the class and the hyper-parameters the adapter describes, of
+    the first param group with Newton–Schulz (an aux-Adam group may come first)."""
+    groups = optimizer.param_groups
+    group0 = next((g for g in groups if ns_of(adapter, g) is not None), groups[0])
+    ns0 = ns_of(adapter, group0)
+    entry = {"class": name, **{k: _jsonable(group0[k]) for k in adapter.describe if k in group0}}
+    entry.setdefault("ns_steps", ns0.steps if ns0 else None)
+    entry.setdefault("ns_coefficients", _jsonable(ns0.coefficients) if ns0 else None)
+    entry.setdefault("nesterov", group0.get("nesterov"))
+    entry.setdefault("momentum", _jsonable(group0.get("momentum", group0.get("betas"))))
+    return entry
 
 
 def _jsonable(x: Any) -> Any:
@@ -58,15 +78,23 @@ def _jsonable(x: Any) -> Any:
 class Recorder:
     """Records one optimizer's watched layers into a run store. Made by `watch`; see there for the options."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module | None, path: str | Path, **given: Any):
-        optimizer = arguments.unwrap(optimizer)  # AcceleratedOptimizer, LightningOptimizer: the one that steps
-        arguments.check_optimizer_and_model(optimizer, model)
+    def __init__(self, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], model: nn.Module | None,
+                 path: str | Path, **given: Any):
+        given_list = isinstance(optimizer, (list, tuple))
+        arguments.check(not given_list or len(optimizer) > 0, "optimizer", "an optimizer or a non-empty list of them",
+                        optimizer)
+        # AcceleratedOptimizer, LightningOptimizer: the one that steps
+        self.optimizers = [arguments.unwrap(o) for o in (optimizer if given_list else [optimizer])]
+        for opt in self.optimizers:
+            arguments.check_optimizer_and_model(opt, model)
         arguments.check(isinstance(path, (str, Path)) and str(path) != "", "path", "a non-empty str or Path", path)
         opts = arguments.options(given)
-        arguments.check_model_holds(optimizer, model)
-        self.optimizer, self.every, self.quantiles, self.ns_floor = optimizer, opts.every, opts.quantiles, opts.ns_floor
-        self.adapter = adapter_for(optimizer)
-        self.layers: list[Layer] = select_layers(optimizer, model, opts.layers, opts.kind_rules)
+        arguments.check_model_holds(self.optimizers, model)
+        self.optimizer = self.optimizers[0]  # the clock: its steps are the run's training steps
+        self.every, self.quantiles, self.ns_floor = opts.every, opts.quantiles, opts.ns_floor
+        self.adapters = [adapter_for(o) for o in self.optimizers]
+        self.adapter = self.adapters[0]
+        self.layers: list[Layer] = select_layers(self.optimizers, model, opts.layers, opts.kind_rules)
         if not self.layers:
             raise ValueError("watch(): no parameter to watch — the optimizer updates no parameter with ndim >= 2"
                              + (f" whose name matches layers={opts.layers!r}" if opts.layers is not None else ""))
@@ -76,8 +104,9 @@ class Recorder:
                              f"{sorted({str(lay.param.device) for lay in self.layers})} (use True or 'thread')")
         self._step = 0
         self.ledger = Ledger(step=lambda: self._step)
-        self.optimizer_name = qualified_name(type(optimizer))
-        self._notes = coverage_notes(self.adapter, optimizer, self.optimizer_name)
+        self.optimizer_names = _names([qualified_name(type(o)) for o in self.optimizers])
+        self.optimizer_name = self.optimizer_names[0]
+        self._notes = all_coverage_notes(self.adapters, self.optimizers, self.optimizer_names)
         # Under torch.distributed only rank 0 measures the optimizer and writes; every rank keeps the same step
         # count and runs the instruments' hooks, whose collectives must line up. FSDP2 (DTensor parameters):
         # every rank measures the layers it owns from gathered full matrices.
@@ -97,6 +126,7 @@ class Recorder:
 
             self._tb = TensorBoardSink(opts.tensorboard)
         self._step = start
+        self.record.start(start)
         finishers = {inst.group: inst.finisher for inst in self._all()}
         self.runner = make_runner(
             opts.background, on_cpu=on_cpu, distributed=distributed.active(),
@@ -107,18 +137,20 @@ class Recorder:
         self.background = not isinstance(self.runner, InlineRunner)
         for inst in self.instruments:  # hooks copy what is finished elsewhere (not what must be reduced here)
             inst.defer = self.runner.finishes_elsewhere(inst.group, inst.finisher) and getattr(inst, "may_defer", True)
-        self._handles = [optimizer.register_step_pre_hook(self._before_step),
-                         optimizer.register_step_post_hook(self._after_step)]
+        self._handles = [h for j, opt in enumerate(self.optimizers)
+                         for h in (opt.register_step_pre_hook(functools.partial(self._before_step, j)),
+                                   opt.register_step_post_hook(functools.partial(self._after_step, j)))]
         self._atexit = _close_at_exit(self)
         _register_exit(self._atexit)
 
     # ---- layout -------------------------------------------------------------------------------------
     def _optimizer_record(self, opts: arguments.Options) -> OptimizerRecord:
         methods = {lay.name: choose_method(lay.rows, lay.cols, opts.exact_max, opts.sv_method) for lay in self.layers}
-        measurer = Measurer([lay.name for lay in self.layers], methods, self.quantiles, self.ns_floor, self.adapter,
+        measurer = Measurer([lay.name for lay in self.layers], methods, self.quantiles, self.ns_floor,
+                            {lay.name: self.adapters[lay.optimizer] for lay in self.layers},
                             {lay.name: lay.view for lay in self.layers})
-        record = OptimizerRecord(self.optimizer, self.layers, self.adapter, self.every, measurer, self.optimizer_name,
-                                 self._note, takes=self.writes or self.sharded)
+        record = OptimizerRecord(self.optimizers, self.layers, self.adapters, self.every, measurer,
+                                 self.optimizer_names, self._note, takes=self.writes or self.sharded)
         if self.sharded:  # the gathers are collectives of the training thread
             record.finisher = distributed.ShardedMeasurer(measurer, self.writes)
         return record
@@ -148,22 +180,14 @@ class Recorder:
     def _attributes(self, opts: arguments.Options, model: nn.Module | None) -> dict[str, Any]:
         size = opts.model_size
         if size is None:
-            params = model.parameters() if model is not None else (p for g in self.optimizer.param_groups
+            params = model.parameters() if model is not None else (p for o in self.optimizers for g in o.param_groups
                                                                    for p in g["params"])
             size = sum(p.numel() for p in {id(p): p for p in params}.values())
-        # the first group with Newton–Schulz describes the optimizer (an aux-Adam group may come first)
-        groups = self.optimizer.param_groups
-        group0 = next((g for g in groups if ns_of(self.adapter, g) is not None), groups[0])
-        ns0 = ns_of(self.adapter, group0)
-        opt = {"class": self.optimizer_name, **{k: _jsonable(group0[k]) for k in self.adapter.describe if k in group0}}
-        opt.setdefault("ns_steps", ns0.steps if ns0 else None)
-        opt.setdefault("ns_coefficients", _jsonable(ns0.coefficients) if ns0 else None)
-        opt.setdefault("nesterov", group0.get("nesterov"))
-        opt.setdefault("momentum", _jsonable(group0.get("momentum", group0.get("betas"))))
         return {
             "name": opts.name or Path(self.path.rstrip("/")).name.removesuffix(".zarr"),
             "model_size": int(size),
-            "optimizer": opt,
+            "optimizer": [_describe(o, a, n) for o, a, n in zip(self.optimizers, self.adapters, self.optimizer_names,
+                                                                 strict=True)],
             "meta": dict(opts.meta or {}),
             "every": self.every,
             "ns_floor": self.ns_floor,  # the f_k floor behind ns_fail_frac, so readers can draw its threshold
@@ -249,6 +273,8 @@ class Recorder:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for gone in self.record.unfinished():
+            self.ledger.lost(self.record.group, "lost: not every watched optimizer stepped in it", gone)
         for inst in self._all():
             inst.remove()
         atexit.unregister(self._atexit)
@@ -273,28 +299,48 @@ class Recorder:
         for inst in self.instruments:
             inst.paused = flag
 
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for inst in self._all():
+    def _before_step(self, j: int, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Before optimizer ``j`` steps (0: the clock, which also drives the module instruments)."""
+        try:
+            self.record.before(j)
+        except Exception as exc:  # out of memory for a snapshot: that record's update part is skipped
+            self.ledger.failed("update", "*", exc)
+        if j != 0:
+            return
+        for inst in self.instruments:
             if hasattr(inst, "before_step"):
                 try:
                     inst.before_step(self._step)
-                except Exception as exc:  # out of memory for a snapshot: that record's update part is skipped
-                    self.ledger.failed("update" if inst is self.record else inst.group, "*", exc)
+                except Exception as exc:
+                    self.ledger.failed(inst.group, "*", exc)
 
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _after_step(self, j: int, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """After optimizer ``j`` stepped: its part of the optimizer record (submitted once every optimizer has
+        stepped), and for the clock the module instruments' records and the next training step."""
         step = self._step
         try:
-            for inst in self._all():
+            try:
+                done, given_up = self.record.after(j)
+                for gone in given_up:
+                    self.ledger.lost(self.record.group, "lost: not every watched optimizer stepped in it", gone)
+                if done is not None:
+                    self.runner.submit(self.record.group, done[0], done[1], self.record.finisher, self.record.live)
+            except Exception as exc:  # never into the training loop: that record is lost
+                self.ledger.lost(self.record.group, f"failed ({type(exc).__name__}: {exc})", step)
+            if j != 0:
+                return
+            for inst in self.instruments:
                 try:
                     payload = inst.take(step)
                     if payload is not None:
                         self.runner.submit(inst.group, step, payload, inst.finisher, inst.live)
-                except Exception as exc:  # never into the training loop: that record is lost
+                except Exception as exc:
                     self.ledger.lost(inst.group, f"failed ({type(exc).__name__}: {exc})", step)
             if any(step % inst.every == 0 for inst in self._all()):
                 self.writer.update_attrs(steps=step + 1, errors=self.errors)
         finally:
-            self._step += 1
+            if j == 0:
+                self._step += 1
 
     # ---- rows back from the runner ---------------------------------------------------------------------
     def _emit(self, group: str, step: int, row: Mapping[str, Any] | None, problems: list, stored: bool) -> None:

@@ -105,6 +105,9 @@ GROUPS: dict[str, Group] = {g.name: g for g in (OPTIMIZER, ACTIVATIONS, GRADIENT
 SCALARS = "scalars"
 #: Every sub-group a run may hold, in the order readers list them.
 GROUP_NAMES = (*GROUPS, SCALARS)
+#: The coordinates along a group's ``layer``/``module`` dimension besides its names (each where it applies: ``width``
+#: on activations, ``sv_method`` on the optimizer group, ``optimizer`` where several optimizers are watched).
+UNIT_COORDS = ("kind", "depth", "rows", "cols", "width", "sv_method", "optimizer")
 
 _BY_NAME = {v.name: (g, v) for g in GROUPS.values() for v in g.variables}
 

@@ -12,6 +12,7 @@ data along ``step`` and trimmed to ``n_rows`` on close, so a finished run opens 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -23,7 +24,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -657,6 +658,20 @@ class DiscardWriter:
         return None
 
 
+def optimizer_entries(attrs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The run's ``optimizer`` root attribute as a list, one entry per watched optimizer (runs written before
+    several optimizers could be watched hold a single dict)."""
+    value = attrs.get("optimizer")
+    entries = value if isinstance(value, list) else [value] if isinstance(value, dict) else []
+    return [e for e in entries if isinstance(e, dict)]
+
+
+def ns_entry(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The entry of the first watched optimizer that applies Newton–Schulz (``ns_steps``), else the first (or {})."""
+    entries = optimizer_entries(attrs)
+    return next((e for e in entries if e.get("ns_steps")), entries[0] if entries else {})
+
+
 def check_run(root: zarr.Group, path: str) -> dict[str, Any]:
     """The run's root attributes, or ``ValueError`` naming ``path`` when it is not a spectralscope run
     of a schema this version reads."""
@@ -699,6 +714,15 @@ def _open_group(store, group: zarr.Group, name: str, chunks: Any = None) -> xr.D
     return ds
 
 
+@contextlib.contextmanager
+def beside_a_writer() -> Iterator[None]:
+    """Listing a group while a writer is live: its temporary files (``*.partial``, renamed into place when
+    written) are not part of the hierarchy, and Zarr's warning about each is noise to a reader."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is not recognized as a component of a Zarr hierarchy")
+        yield
+
+
 def open_run(path: str | Path, storage_options: Mapping[str, Any] | None = None, chunks: Any = None,
              check: str = "keys") -> xr.DataTree:
     """The committed prefix of a run as an ``xarray.DataTree``: the root holds the run's attributes,
@@ -719,7 +743,8 @@ def open_run(path: str | Path, storage_options: Mapping[str, Any] | None = None,
     try:
         root = zarr.open_group(store, mode="r")
         attrs = check_run(root, str(path))
-        names = sorted(root.group_keys())
+        with beside_a_writer():
+            names = sorted(root.group_keys())
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise FileNotFoundError(f"{path}: no spectralscope run there") from exc
     except ValueError as exc:
@@ -731,9 +756,7 @@ def open_run(path: str | Path, storage_options: Mapping[str, Any] | None = None,
     except ValueError as exc:  # a metadata document that does not decode
         raise ValueError(f"{path}: {damaged_metadata(path, storage_options) or exc}") from None
     tree: dict[str, xr.Dataset] = {"/": xr.Dataset(attrs=attrs)}
-    with warnings.catch_warnings():
-        # a live writer's temporary files (*.partial) are not part of the hierarchy
-        warnings.filterwarnings("ignore", message=".*is not recognized as a component of a Zarr hierarchy")
+    with beside_a_writer():
         for name in names:
             for attempt in range(100):
                 try:

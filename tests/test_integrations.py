@@ -41,7 +41,7 @@ def test_the_hf_trainer_callback_records_the_run_and_its_loss(tmp_path):
     callback = SpectralscopeCallback(tmp_path / "hf.zarr", every=2, activations=ss.ActivationSpectra(every=2))
     Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[callback]).train()
     tree = ss.open_run(tmp_path / "hf.zarr")
-    assert tree.attrs["status"] == "finished" and tree.attrs["optimizer"]["class"] == "torch.optim.AdamW"
+    assert tree.attrs["status"] == "finished" and tree.attrs["optimizer"][0]["class"] == "torch.optim.AdamW"
     assert list(tree["optimizer"]["step"].values) == [0, 2, 4]
     assert tree["activations"].sizes["step"] == 3
     assert np.isfinite(tree["optimizer"]["momentum_sv"].values).all()
@@ -75,7 +75,7 @@ def test_the_lightning_callback_records_the_run_and_its_loss(tmp_path):
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
     trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=8))
     tree = ss.open_run(tmp_path / "pl.zarr")
-    assert tree.attrs["status"] == "finished" and tree.attrs["optimizer"]["class"] == "torch.optim.Muon"
+    assert tree.attrs["status"] == "finished" and tree.attrs["optimizer"][0]["class"] == "torch.optim.Muon"
     assert list(tree["optimizer"]["step"].values) == [0, 1, 2, 3, 4]
     assert tree["activations"].sizes["step"] == 1
     assert np.isfinite(tree["optimizer"]["ns_consistency"].values).all()

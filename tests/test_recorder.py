@@ -128,8 +128,8 @@ def test_sgd_and_adamw_record_their_momentum(tmp_path):
                                    rtol=1e-5, atol=1e-6)
         assert np.isnan(opt.ns_fail_frac.values).all() and np.isnan(opt.ns_polar_err.values).all()
         assert np.isfinite(opt.update_rms.values).all()
-        assert tree.attrs["optimizer"]["class"] == f"torch.optim.{type(factory([nn.Parameter(torch.zeros(1))])).__name__}"
-        assert tree.attrs["notes"] == {"newton_schulz": f"not applicable ({tree.attrs['optimizer']['class']} applies "
+        assert tree.attrs["optimizer"][0]["class"] == f"torch.optim.{type(factory([nn.Parameter(torch.zeros(1))])).__name__}"
+        assert tree.attrs["notes"] == {"newton_schulz": f"not applicable ({tree.attrs['optimizer'][0]['class']} applies "
                                                         "no Newton–Schulz)"}
 
 
@@ -677,8 +677,8 @@ def test_register_adapter_for_a_custom_optimizer(tmp_path):
     sv = np.linalg.svd(g.astype(np.float32).astype(np.float64), compute_uv=False)
     np.testing.assert_allclose(tree["optimizer"].momentum_sv.values[0, 0], np_quantile(sv / np.linalg.norm(sv), QS),
                                rtol=1e-5, atol=1e-6)
-    assert tree.attrs["optimizer"] == {"class": f"{__name__}.SignMomentum", "lr": 0.01, "beta": 0.8, "ns_steps": None,
-                                       "ns_coefficients": None, "nesterov": None, "momentum": None}
+    assert tree.attrs["optimizer"] == [{"class": f"{__name__}.SignMomentum", "lr": 0.01, "beta": 0.8, "ns_steps": None,
+                                        "ns_coefficients": None, "nesterov": None, "momentum": None}]
 
 
 def test_every_and_scalars(tmp_path):
@@ -859,7 +859,7 @@ def test_an_optimizer_without_adapter_is_said_not_silently_nan(tmp_path, caplog)
                                 "ns_out_sv, ns_polar_err, ns_orth_err and ns_fail_frac will be NaN")
     assert "ss.register_adapter(Lion, momentum=" in warned[0]
     tree = ss.open_run(rec.path)
-    assert tree.attrs["optimizer"]["class"] == "pytorch_optimizer.Lion"
+    assert tree.attrs["optimizer"][0]["class"] == "pytorch_optimizer.Lion"
     assert tree.attrs["notes"]["momentum"] == "not recorded (no adapter for pytorch_optimizer.Lion)"
     opt_ds = tree["optimizer"]
     assert np.isnan(opt_ds.momentum_sv.values).all() and np.isfinite(opt_ds.update_rms.values).all()
@@ -921,3 +921,73 @@ def test_a_diverged_deep_model_logs_a_line_per_family_and_reason_and_a_summary(t
     assert len(summary) == 1 and len(lines) == len(per_family) + 1
     assert summary[0].startswith(f"spectralscope: {rec.path}: {counted} values recorded as NaN or lost: ")
     assert "momentum " in summary[0] and "(14 layers)" in summary[0]
+
+
+def muon_and_adamw() -> tuple[nn.Module, torch.optim.Muon, torch.optim.AdamW]:
+    """The split people train with: the hidden matrices under Muon, the embedding and the head under AdamW."""
+    torch.manual_seed(0)
+    model = Tiny()
+    hidden = [b["mlp"][k].weight for b in model.blocks for k in ("c_fc", "c_proj")]
+    rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+    return model, torch.optim.Muon(hidden, lr=0.02), torch.optim.AdamW(rest, lr=1e-3)
+
+
+@pytest.mark.parametrize("order", ["muon first", "adamw first"])
+def test_several_optimizers_are_recorded_into_one_store(tmp_path, order):
+    # the hidden matrices with Muon, the embedding and the head with AdamW, as people train: one row per step
+    # holds every matrix, the layer coordinate optimizer says whose each is, whatever order they step in
+    model, muon, adamw = muon_and_adamw()
+    g = torch.Generator().manual_seed(1)
+    background = False if order == "muon first" else "auto"  # inline, and the worker process
+    with ss.watch([muon, adamw], model, tmp_path / "two.zarr", every=2, background=background) as rec:
+        for _ in range(5):
+            model(torch.randn(8, 12, generator=g)).square().mean().backward()
+            for opt in ((muon, adamw) if order == "muon first" else (adamw, muon)):
+                opt.step()
+            muon.zero_grad()
+            adamw.zero_grad()
+            rec.log(loss=1.0)
+    tree = ss.open_run(rec.path)
+    ds = tree["optimizer"].dataset
+    assert list(ds["step"].values) == [0, 2, 4] and list(tree["scalars"]["step"].values) == list(range(5))
+    whose = dict(zip(ds["layer"].values, ds["optimizer"].values, strict=True))
+    assert whose == {"blocks.0.mlp.c_fc.weight": "torch.optim.Muon", "blocks.0.mlp.c_proj.weight": "torch.optim.Muon",
+                     "blocks.1.mlp.c_fc.weight": "torch.optim.Muon", "blocks.1.mlp.c_proj.weight": "torch.optim.Muon",
+                     "embed.weight": "torch.optim.AdamW", "head.weight": "torch.optim.AdamW"}
+    assert [o["class"] for o in tree.attrs["optimizer"]] == ["torch.optim.Muon", "torch.optim.AdamW"]
+    assert np.isfinite(ds["momentum_sv"].values).all() and np.isfinite(ds["update_rms"].values).all()
+    muon_layers = [n for n, o in whose.items() if o == "torch.optim.Muon"]
+    assert (ds["ns_consistency"].sel(layer=muon_layers).values > 1 - 1e-9).all()
+    assert np.isnan(ds["ns_out_sv"].sel(layer=["embed.weight", "head.weight"]).values).all()
+    assert "the layers of torch.optim.AdamW: not applicable" in tree.attrs["notes"]["newton_schulz"]
+    # AdamW's momentum is its exp_avg at the last recorded step
+    sv = np.linalg.svd(adamw.state[model.head.weight]["exp_avg"].double().numpy(), compute_uv=False)
+    np.testing.assert_allclose(ds["momentum_sv"].sel(layer="head.weight").values[-1],
+                               np_quantile(sv / np.linalg.norm(sv), QS), rtol=1e-9)
+    assert rec.errors == {}
+
+
+@pytest.mark.parametrize("order", ["muon first", "adamw first"])
+def test_a_step_one_optimizer_skipped_is_given_up_and_said(tmp_path, order, caplog):
+    # a GradScaler skips optimizers one by one: the step AdamW skipped must not be completed with its next
+    # step's tensors, later steps stay aligned, and the lost row is counted with its cause
+    model, muon, adamw = muon_and_adamw()
+    g = torch.Generator().manual_seed(1)
+    head_after = {}
+    with caplog.at_level(logging.WARNING, "spectralscope"), \
+            ss.watch([muon, adamw], model, tmp_path / "skip.zarr", every=2, background=False) as rec:
+        for step in range(7):
+            model(torch.randn(8, 12, generator=g)).square().mean().backward()
+            for opt in ((muon, adamw) if order == "muon first" else (adamw, muon)):
+                if not (opt is adamw and step in (2, 6)):
+                    opt.step()
+            head_after[step] = model.head.weight.detach().double().clone()
+            muon.zero_grad()
+            adamw.zero_grad()
+    ds = ss.open_run(rec.path)["optimizer"].dataset
+    assert list(ds["step"].values) == [0, 4]
+    # step 4's head row is AdamW's step 4 (its W_after), not a neighbour's
+    norm = np.linalg.norm(head_after[4].numpy(), 2)
+    np.testing.assert_allclose(ds["weight_spectral_norm"].sel(layer="head.weight").values[-1], norm, rtol=1e-6)
+    assert rec.errors["optimizer"]["*"] == 2  # step 2 at once, step 6 at close
+    assert "not every watched optimizer stepped in it" in caplog.text

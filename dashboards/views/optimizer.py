@@ -7,6 +7,7 @@ import streamlit as st
 
 from spectralscope.dashboards import charts, common, data
 from spectralscope.newton_schulz import MUON_COEFFICIENTS, ns_threshold
+from spectralscope.store import ns_entry
 
 common.header("Optimizer spectra", "σ(M̃) of the matrix each optimizer step orthogonalises, M̃ = M/‖M‖_F. "
               "Below the dashed NS threshold, Newton–Schulz cannot lift σ to its floor in the configured steps.")
@@ -15,7 +16,7 @@ runs = common.selected_runs()
 
 def threshold(entry: data.RunEntry) -> tuple[float, str] | None:
     """ns_threshold(k, coefficients, floor) of the run's optimizer, or None for an optimizer without NS."""
-    opt = entry.attrs.get("optimizer") or {}
+    opt = ns_entry(entry.attrs)
     k = opt.get("ns_steps")
     if not k:
         return None

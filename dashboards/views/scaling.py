@@ -11,6 +11,7 @@ import streamlit as st
 from spectralscope import schema
 from spectralscope.dashboards import charts, common, data
 from spectralscope.fit import fit_scaling, group_label, group_of, recommend_ns_steps
+from spectralscope.store import ns_entry
 
 common.header("Scaling laws", "Settled value = median over the chosen window of each run's committed steps; "
               "groups = layer kind @ relative depth; bands = slope within its 95% t-interval.")
@@ -76,7 +77,7 @@ else:
         st.subheader("Fits")
         st.dataframe(shown, hide_index=True)
         if metric == "momentum_sv":
-            steps = {(e.attrs.get("optimizer") or {}).get("ns_steps") for e in runs} - {None}
+            steps = {ns_entry(e.attrs).get("ns_steps") for e in runs} - {None}
             fits.attrs["current_steps"] = steps.pop() if len(steps) == 1 else None
             st.subheader(f"Newton–Schulz steps for {target:.3g} parameters")
             try:
