@@ -1,5 +1,5 @@
 """The optimizer record as an instrument (the protocol of `spectralscope.hooks.modules`): before a recorded step
-it keeps W_before; after it, `take` gathers each layer's inputs — M as the adapter reads it from the optimizer,
+it keeps W_before; after it, `after` gathers each layer's inputs — M as the adapter reads it from the optimizer,
 W_after, W_before, the param group's hyper-parameters — and the `Measurer` (its finisher) makes the row.
 
 It also says what the optimizer leaves unrecorded by construction (`coverage_notes`): an optimizer without an
@@ -108,6 +108,8 @@ class OptimizerRecord:
         self._clock = self._start = 0  # training steps done (optimizer 0's step() calls); the first of this run
         self._ahead: dict[int, bool] = {}  # optimizer j → it steps before the clock in a training step
         self._before: list[dict[int, Tensor] | None] = [None] * len(self.optimizers)
+        # the parameters with a gradient as optimizer j starts a recorded step (some clear p.grad as they step)
+        self._graded: list[set[int]] = [set() for _ in self.optimizers]
         self._parts: dict[int, dict[int, list[LayerInputs]]] = {}  # step → {optimizer: its layers' inputs}
         self._said_no_momentum = False
         self._inconsistent: set[str] = set()
@@ -158,6 +160,7 @@ class OptimizerRecord:
         only costs this step's update metrics: raised, and counted by the caller)."""
         self._before[j] = None
         if self._step_of(j) % self.every == 0 and self.takes:
+            self._graded[j] = {id(self.layers[i].param) for i in self._mine[j] if self.layers[i].param.grad is not None}
             with torch.no_grad():
                 self._before[j] = {id(self.layers[i].param): self.layers[i].param.detach().clone()
                                    for i in self._mine[j]}
@@ -178,7 +181,8 @@ class OptimizerRecord:
         if step % self.every != 0 or not self.takes:
             return None, given_up
         with torch.no_grad():
-            part = [self._inputs(self.layers[i], before) for i in self._mine[j]]
+            part = [self._inputs(self.layers[i], before, self._graded[j]) for i in self._mine[j]]
+        self._graded[j] = set()
         parts = self._parts.setdefault(step, {})
         parts[j] = part
         if len(parts) < len(self.optimizers):
@@ -196,8 +200,9 @@ class OptimizerRecord:
         self._parts.clear()
         return steps
 
-    def _inputs(self, lay: Layer, snapshot: Mapping[int, Tensor] | None) -> LayerInputs:
+    def _inputs(self, lay: Layer, snapshot: Mapping[int, Tensor] | None, graded: set[int]) -> LayerInputs:
         p, opt, adapter = lay.param, self.optimizers[lay.optimizer], self.adapters[lay.optimizer]
+        stepped = p.grad is not None or id(p) in graded
         name = self.names[lay.optimizer]
         group = self._group_of.get(id(p), opt.param_groups[0])
         state = opt.state.get(p, {})
@@ -212,7 +217,7 @@ class OptimizerRecord:
                                  f"of shape {tuple(p.shape)}; it must return a floating tensor of the parameter's shape")
         except Exception as exc:
             why = portable(exc)  # it may travel to the worker process
-        if m is None and why is None and adapter.known and p.grad is not None and not self._said_no_momentum:
+        if m is None and why is None and adapter.known and stepped and not self._said_no_momentum:
             self._said_no_momentum = True
             self._note("momentum", f"not recorded for {lay.name} and any layer like it ({name} keeps "
                                    "no momentum for it, e.g. SGD with momentum=0)")
@@ -226,5 +231,5 @@ class OptimizerRecord:
                 extra = adapter.extra(p, group, state)
             except Exception:  # the self-check of this layer comes out NaN, counted where it is measured
                 extra = None
-        return LayerInputs(None if m is None else m.detach(), p.detach(), before, why, hyper, p.grad is not None,
+        return LayerInputs(None if m is None else m.detach(), p.detach(), before, why, hyper, stepped,
                            None if extra is None else extra.detach())

@@ -991,3 +991,32 @@ def test_a_step_one_optimizer_skipped_is_given_up_and_said(tmp_path, order, capl
     np.testing.assert_allclose(ds["weight_spectral_norm"].sel(layer="head.weight").values[-1], norm, rtol=1e-6)
     assert rec.errors["optimizer"]["*"] == 2  # step 2 at once, step 6 at close
     assert "not every watched optimizer stepped in it" in caplog.text
+
+
+class GradConsumingMuon(torch.optim.Muon):
+    """Muon that clears each gradient as it steps, as heavyball's optimizers do (consume_grad=True)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        return loss
+
+
+def test_an_optimizer_that_clears_grads_as_it_steps_still_counts_as_stepped(tmp_path):
+    # "stepped" is whether the parameter had a gradient as the step began, not after it: the self-check and the
+    # momentum note must not go quiet for optimizers that consume gradients
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = GradConsumingMuon([p for p in model.parameters() if p.ndim == 2], lr=0.02, nesterov=False)
+    g = torch.Generator().manual_seed(1)
+    with ss.watch(opt, model, tmp_path / "c.zarr", background=False) as rec:
+        for _ in range(3):
+            model(torch.randn(8, 12, generator=g)).square().mean().backward()
+            opt.step()
+            assert all(p.grad is None for group in opt.param_groups for p in group["params"])
+    ds = ss.open_run(rec.path)["optimizer"].dataset
+    assert (ds["ns_consistency"].values > 1 - 1e-6).all()
+    assert np.isfinite(ds["momentum_sv"].values).all() and rec.errors == {}
