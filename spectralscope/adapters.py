@@ -26,6 +26,7 @@ OrthogonalizeFn = Callable[[Tensor, Mapping[str, Any]], Tensor]  # (M as a matri
 DirectionFn = Callable[[Tensor, Mapping[str, Any], Tensor | None], Tensor]  # (O, group, extra) -> the applied direction
 ExtraFn = Callable[[Tensor, Mapping[str, Any], Mapping[str, Any]], Tensor | None]  # (param, group, state) -> extra
 DecayFn = Callable[[Mapping[str, Any]], float]  # group -> the factor W_before is multiplied by before the update
+KeepFn = Callable[[Tensor, Mapping[str, Any], Mapping[str, Any]], Any]  # (param, group, state) before the step -> kept
 
 
 def decoupled_decay(group: Mapping[str, Any]) -> float:
@@ -72,7 +73,14 @@ class Adapter:
     default: `newton_schulz.newton_schulz` with ``ns(group)``), ``direction(O, group, extra)`` what it applies
     after NS (NorMuon's row normalisation, AdaMuon's scaling; default O itself), with ``extra(param, group,
     state)`` the state that takes (default none), and ``decay(group)`` the factor W_before is multiplied by before
-    the update (default `decoupled_decay`)."""
+    the update (default `decoupled_decay`).
+
+    ``keep(param, group, state)``, for optimizers that consume what M is built from (heavyball clears ``p.grad``
+    as it steps), is called as a recorded step begins, for each parameter with a gradient; what it returns
+    (copies: the step changes the originals in place) is passed to ``momentum`` as a fourth argument,
+    ``momentum(param, group, state, kept)`` (None for a parameter it was not called for). ``stochastic``: the
+    optimizer's NS rounds stochastically (heavyball), so the self-check compares within M's leading singular
+    subspace (`optimizer_metrics.direction_cosine`)."""
 
     momentum: MomentumFn
     ns: NSFn = no_ns
@@ -83,6 +91,8 @@ class Adapter:
     direction: DirectionFn | None = None
     extra: ExtraFn | None = None
     decay: DecayFn = decoupled_decay
+    keep: KeepFn | None = None
+    stochastic: bool = False
 
 
 _REGISTRY: dict[type, Adapter] = {}
@@ -106,6 +116,8 @@ def register_adapter(
     direction: DirectionFn | None = None,
     extra: ExtraFn | None = None,
     decay: DecayFn = decoupled_decay,
+    keep: KeepFn | None = None,
+    stochastic: bool = False,
 ) -> Adapter:
     """Teach spectralscope a new optimizer class.
 
@@ -115,17 +127,21 @@ def register_adapter(
     w_before)`` (optional) returns the NS output the step applied, read back from the parameter's values
     before and after the step (see `spectralscope.newton_schulz.recover_applied`), or None to have it
     recomputed from M. ``orthogonalize``, ``direction``, ``extra`` and ``decay`` (optional) describe the step for
-    the self-check ``ns_consistency`` (see `Adapter`).
+    the self-check ``ns_consistency`` (see `Adapter`). ``keep(param, group, state)`` (optional) copies, as a
+    recorded step begins, what the step consumes (e.g. ``param.grad.clone()`` for an optimizer that clears the
+    gradient); ``momentum`` is then called as ``momentum(param, group, state, kept)``. ``stochastic=True``: its NS
+    rounds stochastically, and the self-check compares within M's leading singular subspace.
     """
     if not isinstance(optimizer_class, type):
         raise TypeError(f"optimizer_class must be a class, got {optimizer_class!r}")
     if not callable(momentum):
         raise TypeError("momentum must be callable (param, group, state) -> Tensor | None")
     for arg, fn in (("ns", ns), ("applied", applied), ("orthogonalize", orthogonalize), ("direction", direction),
-                    ("extra", extra), ("decay", decay)):
+                    ("extra", extra), ("decay", decay), ("keep", keep)):
         if fn is not None and not callable(fn):
             raise TypeError(f"register_adapter: {arg} must be callable or None, got {type(fn).__name__}")
-    adapter = Adapter(momentum, ns or no_ns, tuple(describe), applied, True, orthogonalize, direction, extra, decay)
+    adapter = Adapter(momentum, ns or no_ns, tuple(describe), applied, True, orthogonalize, direction, extra, decay,
+                      keep, bool(stochastic))
     _REGISTRY[optimizer_class] = adapter
     return adapter
 

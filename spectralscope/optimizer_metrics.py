@@ -97,11 +97,33 @@ def update_metrics(dw: Tensor, qs: Sequence[float] = DEFAULT_QUANTILES,
     }
 
 
-def direction_cosine(applied: Tensor, implied: Tensor) -> dict[str, Tensor]:
+#: The self-check within M's leading subspace keeps the singular directions with σ_i ≥ this × ‖M‖_F: below it a
+#: bf16 NS output is rounding noise (about two bf16 ulps of the normalised M).
+SUBSPACE_FLOOR = 1e-2
+
+
+def direction_cosine(applied: Tensor, implied: Tensor, within: Tensor | None = None,
+                     floor: float = SUBSPACE_FLOOR) -> dict[str, Tensor]:
     """``ns_consistency`` = ⟨A, D⟩ / (‖A‖_F·‖D‖_F) in float64: A the step the optimizer applied (W_before·decay −
     W_after, weight decay removed), D the direction its adapter implies (NS_k of the recorded momentum, as the
-    optimizer transforms it). 1 when the recorded momentum reproduces the update; NaN for a zero A or D."""
+    optimizer transforms it). 1 when the recorded momentum reproduces the update; NaN for a zero A or D.
+
+    With ``within`` = M (for an NS that rounds stochastically, whose output cannot be reproduced bit for bit),
+    both are first taken into M's leading singular subspace, A ← U_kᵀ·A·V_k and D ← U_kᵀ·D·V_k, with U_k, V_k the
+    singular vectors of M whose σ_i ≥ ``floor``·‖M‖_F (from the float64 Gram of the smaller side): where M is
+    below the rounding noise, NS's output is that noise amplified, in the applied step and in any
+    recomputation alike, and says nothing about M."""
     a, d = as_matrix(applied).to(torch.float64), as_matrix(implied).to(torch.float64)
+    if within is not None:
+        m = as_matrix(within).to(torch.float64)
+        wide = m.shape[0] <= m.shape[1]
+        evals, evecs = torch.linalg.eigh(m @ m.T if wide else m.T @ m)
+        sigma = evals.clamp(min=0).sqrt()
+        keep = sigma >= floor * torch.linalg.vector_norm(m)
+        small, sig = evecs[:, keep], sigma[keep]
+        other = (m.T @ small if wide else m @ small) / sig  # the matching singular vectors of the other side
+        u, v = (small, other) if wide else (other, small)
+        a, d = u.T @ a @ v, u.T @ d @ v
     scale = _unit_scale(torch.linalg.vector_norm(a) * torch.linalg.vector_norm(d))
     return {"ns_consistency": (a * d).sum() / scale}
 

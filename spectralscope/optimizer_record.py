@@ -110,6 +110,7 @@ class OptimizerRecord:
         self._before: list[dict[int, Tensor] | None] = [None] * len(self.optimizers)
         # the parameters with a gradient as optimizer j starts a recorded step (some clear p.grad as they step)
         self._graded: list[set[int]] = [set() for _ in self.optimizers]
+        self._kept: list[dict[int, Any]] = [{} for _ in self.optimizers]  # adapter.keep's copies, by parameter
         self._parts: dict[int, dict[int, list[LayerInputs]]] = {}  # step → {optimizer: its layers' inputs}
         self._said_no_momentum = False
         self._inconsistent: set[str] = set()
@@ -128,6 +129,7 @@ class OptimizerRecord:
 
     def remove(self) -> None:
         self._before = [None] * len(self.optimizers)
+        self._kept = [{} for _ in self.optimizers]
         self._parts.clear()
 
     def inspect(self, step: int, row: Mapping[str, Any]) -> None:
@@ -162,8 +164,26 @@ class OptimizerRecord:
         if self._step_of(j) % self.every == 0 and self.takes:
             self._graded[j] = {id(self.layers[i].param) for i in self._mine[j] if self.layers[i].param.grad is not None}
             with torch.no_grad():
+                self._kept[j] = self._keep(j)
                 self._before[j] = {id(self.layers[i].param): self.layers[i].param.detach().clone()
                                    for i in self._mine[j]}
+
+    def _keep(self, j: int) -> dict[int, Any]:
+        """What optimizer ``j``'s adapter keeps of each graded parameter as its recorded step begins (a failure
+        becomes that layer's momentum NaN reason)."""
+        keep = self.adapters[j].keep
+        if keep is None:
+            return {}
+        kept: dict[int, Any] = {}
+        opt = self.optimizers[j]
+        for i in self._mine[j]:
+            p = self.layers[i].param
+            if id(p) in self._graded[j] and id(p) not in kept:
+                try:
+                    kept[id(p)] = keep(p, self._group_of.get(id(p), opt.param_groups[0]), opt.state.get(p, {}))
+                except Exception as exc:
+                    kept[id(p)] = portable(exc)
+        return kept
 
     def after(self, j: int) -> tuple[tuple[int, list[LayerInputs]] | None, list[int]]:
         """After optimizer ``j`` stepped: ((training step, the whole row's inputs) once every optimizer has stepped
@@ -181,8 +201,8 @@ class OptimizerRecord:
         if step % self.every != 0 or not self.takes:
             return None, given_up
         with torch.no_grad():
-            part = [self._inputs(self.layers[i], before, self._graded[j]) for i in self._mine[j]]
-        self._graded[j] = set()
+            part = [self._inputs(self.layers[i], before, self._graded[j], self._kept[j]) for i in self._mine[j]]
+        self._graded[j], self._kept[j] = set(), {}
         parts = self._parts.setdefault(step, {})
         parts[j] = part
         if len(parts) < len(self.optimizers):
@@ -200,7 +220,8 @@ class OptimizerRecord:
         self._parts.clear()
         return steps
 
-    def _inputs(self, lay: Layer, snapshot: Mapping[int, Tensor] | None, graded: set[int]) -> LayerInputs:
+    def _inputs(self, lay: Layer, snapshot: Mapping[int, Tensor] | None, graded: set[int],
+                kept: Mapping[int, Any]) -> LayerInputs:
         p, opt, adapter = lay.param, self.optimizers[lay.optimizer], self.adapters[lay.optimizer]
         stepped = p.grad is not None or id(p) in graded
         name = self.names[lay.optimizer]
@@ -208,7 +229,13 @@ class OptimizerRecord:
         state = opt.state.get(p, {})
         m, why = None, None
         try:
-            m = adapter.momentum(p, group, state)
+            if adapter.keep is None:
+                m = adapter.momentum(p, group, state)
+            else:
+                held = kept.get(id(p))
+                if isinstance(held, BaseException):
+                    raise held
+                m = adapter.momentum(p, group, state, held)
             if m is not None and not (isinstance(m, Tensor) and m.is_floating_point() and m.shape == p.shape):
                 got = (f"a {m.dtype} tensor of shape {tuple(m.shape)}" if isinstance(m, Tensor)
                        else f"a {type(m).__name__}")

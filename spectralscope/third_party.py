@@ -16,6 +16,12 @@ back exactly). The facts each relies on, from the packages' code:
   group's ``ns_coeffs`` (one triple or a per-step list, the last reused), ``ns_steps``, ``ns_method``;
   decoupled decay W·(1 − wd·lr) when ``weight_decouple``; the bf16 O applied with lr·ratio, ratio
   ``sqrt(max(1, rows/cols))`` or Moonlight's 0.2·sqrt(max(rows, cols)) (``use_adjusted_lr``).
+- heavyball's ``Muon``, ``MuonAdamW``, ``MuonLaProp``: a chain of transforms, each keeping its state under
+  ``optimizer.state[p][view]["<transform>_<name>_<index>"]``; the momentum transform (``nesterov_ema`` by default)
+  then ``orthogonalize_update``, which views the update (out, −1), runs ``utils.zeropower_via_newtonschulz5``
+  (X/max(‖X‖_F, 1e-7), five different quintics, bf16 stochastically rounded) and multiplies by
+  sqrt(max(1, rows/cols)); W ← W·(1 − wd·lr_t) − lr_t·update in float32. The step sets ``p.grad`` to None, so the
+  adapter keeps the gradient as the step begins (``Adapter.keep``).
 """
 
 from __future__ import annotations
@@ -109,3 +115,94 @@ PYTORCH_OPTIMIZER = Adapter(po_momentum, po_ns, ("lr", "momentum", "nesterov", "
                                                  "ns_method", "use_adjusted_lr", "betas", "eps"),
                             applied=po_applied, orthogonalize=po_orthogonalize, decay=po_decay)
 register_by_name("pytorch_optimizer.optimizer.muon.muon.Muon", PYTORCH_OPTIMIZER)
+
+
+# ---- heavyball ----------------------------------------------------------------------------------------------
+#: heavyball's ``zeropower_via_newtonschulz5``: a quintic per step, 5 steps, in bf16 (stochastically rounded)
+HEAVYBALL_COEFFICIENTS = ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+                          (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012))
+#: the state key prefix of each momentum transform heavyball's Muons chain before ``orthogonalize_update``, and
+#: whether NS is given g + (β·)m_t (Nesterov: the gradient is needed) or the state itself
+_HEAVYBALL_MOMENTA = {"nesterov_ema_momentum_": 1.0, "nesterov_momentum_momentum_": "beta",
+                      "exp_avg_exp_avg_": None, "heavyball_momentum_momentum_": None,
+                      "scale_by_laprop_exp_avg_": None}
+
+
+def _heavyball_view(p: Tensor, state: Mapping[str, Any]) -> tuple[str, Tensor]:
+    """(key prefix, tensor) of the momentum transform in a parameter's state (``optimizer.state[p]`` holds one
+    dict per view of it: a parameter heavyball does not split has one, view 0)."""
+    views = [v for v in state.values() if isinstance(v, Mapping)]
+    if len(views) != 1:
+        raise ValueError(f"heavyball keeps {len(views)} views of this parameter; the adapter reads one")
+    for key, value in views[0].items():
+        for prefix in _HEAVYBALL_MOMENTA:
+            if key.startswith(prefix) and key[len(prefix):].isdigit():
+                return prefix, value
+    raise ValueError("no momentum transform heavyball's Muon chains (nesterov_ema, exp_avg, heavyball/nesterov "
+                     f"momentum, laprop) in its state ({', '.join(map(str, views[0]))})")
+
+
+def heavyball_keep(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor:
+    """The gradient, as the step begins: heavyball's step consumes ``p.grad`` (sets it to None)."""
+    return p.grad.detach().clone()
+
+
+def heavyball_momentum(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any], grad: Tensor | None
+                       ) -> Tensor | None:
+    """What ``orthogonalize_update`` is given, rebuilt from the state after the step (heavyball keeps the
+    parameter's shape; it flattens a kernel to (out, −1) only for NS):
+
+    - ``nesterov_ema`` (the default): m_t = m_{t−1} + (1 − β)(g − m_{t−1}), NS input g + m_t;
+    - ``nesterov_momentum`` (heavyball_momentum=True): m_t = β·m_{t−1} + g, NS input g + β·m_t;
+    - ``exp_avg``, ``heavyball_momentum``, ``scale_by_laprop`` (MuonLaProp): the NS input is m_t itself.
+
+    β = ``betas[0]``. ``mars`` and ``caution`` change what the step uses: not read."""
+    if group.get("mars") or group.get("caution"):
+        raise ValueError("heavyball's mars and caution variants change the step's input; the adapter does not "
+                         "rebuild them")
+    if not state:
+        return None
+    prefix, m = _heavyball_view(p, state)
+    m = m.reshape(p.shape)
+    weight = _HEAVYBALL_MOMENTA[prefix]
+    if weight is None:
+        return m
+    if grad is None:
+        return None
+    beta = 1.0 if weight == 1.0 else float(group["betas"][0] if "betas" in group else group["beta"])
+    return grad.to(torch.float32).reshape(p.shape) + beta * m.to(torch.float32)
+
+
+def heavyball_ns(group: Mapping[str, Any]) -> NSConfig:
+    return NSConfig(HEAVYBALL_COEFFICIENTS, 5, 1e-7, torch.bfloat16)
+
+
+def _heavyball_lr(group: Mapping[str, Any]) -> Tensor:
+    """The lr the step applied, as heavyball forms it: base_lr·t / max(t, warmup_steps + 1) (t = the group's
+    step count after the step), in float32."""
+    t = torch.as_tensor(group.get("step_count", 1), dtype=torch.int64).cpu()
+    lr = float(group.get("base_lr", group["lr"]))
+    return (lr * t / t.clamp(min=int(group.get("warmup_steps", 0)) + 1)).to(torch.float32)
+
+
+def heavyball_decay(group: Mapping[str, Any]) -> float:
+    """1 − wd·lr_t: heavyball's decoupled decay, W ← W·(1 − wd·lr_t) − lr_t·u."""
+    return float(1 - float(group.get("weight_decay", 0.0)) * _heavyball_lr(group))
+
+
+def heavyball_applied(after: Tensor, group: Mapping[str, Any], before: Tensor) -> Tensor | None:
+    """The bf16 O its NS returned, read back: the update is O·sqrt(max(1, rows/cols)) applied with lr_t."""
+    if group.get("caution") or group.get("cautious_weight_decay") or group.get("mars"):
+        return None
+    lr = _heavyball_lr(group)
+    factor = 1 - float(group.get("weight_decay", 0.0)) * lr  # float32, as heavyball's p·(1 − d·lr)
+    decayed = before * factor.to(before.device, before.dtype)
+    rows, cols = after.shape[0], math.prod(after.shape[1:])
+    return recover_applied(decayed, after, float(lr) * math.sqrt(max(1.0, rows / cols)))
+
+
+HEAVYBALL = Adapter(heavyball_momentum, heavyball_ns, ("lr", "betas", "weight_decay", "nesterov",
+                                                       "heavyball_momentum", "warmup_steps", "caution", "mars"),
+                    applied=heavyball_applied, decay=heavyball_decay, keep=heavyball_keep, stochastic=True)
+for _name in ("Muon", "MuonAdamW", "MuonLaProp"):
+    register_by_name(f"heavyball.{_name}", HEAVYBALL)

@@ -7,6 +7,7 @@ from conftest import np_quantile, prescribed
 
 from spectralscope.newton_schulz import NSConfig
 from spectralscope.optimizer_metrics import (
+    direction_cosine,
     momentum_metrics,
     newton_schulz_metrics,
     update_metrics,
@@ -104,3 +105,22 @@ def test_nonfinite_input_gives_nan_never_raises(bad, shape):
                 weight_metrics(m)[0]):
         for name, value in out.items():
             assert torch.isnan(value).all(), name
+
+
+@pytest.mark.parametrize("shape", [(12, 7), (7, 12)])
+def test_direction_cosine_within_the_leading_subspace_of_m_matches_numpy(shape):
+    # M of rank 3 plus a little noise: only its 3 large directions are kept; A and D differ by noise in the
+    # others (what a stochastically rounded NS adds there) and by a small part inside
+    rng = np.random.default_rng(1)
+    r, c = shape
+    m = rng.normal(size=(r, 3)) @ rng.normal(size=(3, c)) + 1e-4 * rng.normal(size=shape)
+    a, d = rng.normal(size=shape), rng.normal(size=shape)
+    u, s, vt = np.linalg.svd(m, full_matrices=False)
+    k = int((s >= 1e-2 * np.linalg.norm(m)).sum())
+    assert k == 3
+    pa, pd = u[:, :k].T @ a @ vt[:k].T, u[:, :k].T @ d @ vt[:k].T
+    want = (pa * pd).sum() / np.linalg.norm(pa) / np.linalg.norm(pd)
+    got = direction_cosine(torch.tensor(a), torch.tensor(d), torch.tensor(m))["ns_consistency"]
+    np.testing.assert_allclose(float(got), want, rtol=1e-10)
+    plain = direction_cosine(torch.tensor(a), torch.tensor(d))["ns_consistency"]
+    np.testing.assert_allclose(float(plain), (a * d).sum() / np.linalg.norm(a) / np.linalg.norm(d), rtol=1e-12)

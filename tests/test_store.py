@@ -228,7 +228,9 @@ def test_sigkill_at_random_moments_leaves_an_intact_store(tmp_path):
             assert np.isfinite(sc["loss"].values).all()
         # every step finished more than one flush interval before the kill is committed
         must = [s for s, t in done.items() if t < killed - flush - slack]
-        assert not must or len(steps) > max(must), (trial, len(steps), max(must))
+        assert not must or len(steps) > max(must), (
+            f"trial {trial}: {len(steps)} rows committed; steps done at (s before the kill): "
+            + ", ".join(f"{s}: {killed - t:.3f}" for s, t in sorted(done.items())))
         newest = done.get(len(steps) - 1, killed) if len(steps) else killed
         lost.append(killed - newest)
         # the run can be resumed after the crash and continues the step axis
