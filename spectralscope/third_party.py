@@ -16,6 +16,9 @@ back exactly). The facts each relies on, from the packages' code:
   group's ``ns_coeffs`` (one triple or a per-step list, the last reused), ``ns_steps``, ``ns_method``;
   decoupled decay W·(1 − wd·lr) when ``weight_decouple``; the bf16 O applied with lr·ratio, ratio
   ``sqrt(max(1, rows/cols))`` or Moonlight's 0.2·sqrt(max(rows, cols)) (``use_adjusted_lr``).
+- pytorch-optimizer's ``AdaMuon``: NS input its first moment ``m`` (m ← lerp(m, g, 1 − β1), no Nesterov), then
+  O/(sqrt(v_t/(1 − β2^t)) + eps) with v_t the element-wise EMA of O²; ``NorMuon``: the input as its ``Muon``, then
+  each row of O divided by sqrt(s_t) + eps, s_t the EMA of the row's mean O². Both rescale to a norm and apply lr.
 - heavyball's ``Muon``, ``MuonAdamW``, ``MuonLaProp``: a chain of transforms, each keeping its state under
   ``optimizer.state[p][view]["<transform>_<name>_<index>"]``; the momentum transform (``nesterov_ema`` by default)
   then ``orthogonalize_update``, which views the update (out, −1), runs ``utils.zeropower_via_newtonschulz5``
@@ -115,6 +118,52 @@ PYTORCH_OPTIMIZER = Adapter(po_momentum, po_ns, ("lr", "momentum", "nesterov", "
                                                  "ns_method", "use_adjusted_lr", "betas", "eps"),
                             applied=po_applied, orthogonalize=po_orthogonalize, decay=po_decay)
 register_by_name("pytorch_optimizer.optimizer.muon.muon.Muon", PYTORCH_OPTIMIZER)
+
+
+def adamuon_momentum(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor | None:
+    """AdaMuon's NS input: its first moment ``m`` after m ← m + (1 − β1)(g − m) (no Nesterov); AdamW groups:
+    ``exp_avg``."""
+    return state.get("m") if _muon_group(group) else state.get("exp_avg")
+
+
+def adamuon_direction(o: Tensor, group: Mapping[str, Any], v: Tensor | None) -> Tensor:
+    """What AdaMuon applies after NS, up to its positive scale: O / (sqrt(v_t / (1 − β2^t)) + eps), v_t ← β2·v + (1 −
+    β2)·O² element by element (``state["v"]``, flat); then ×sqrt(min(rows, cols))/‖·‖ and lr."""
+    if v is None:
+        raise ValueError("AdaMuon keeps no second moment v for this parameter")
+    beta2, t = float(group["betas"][1]), int(group["step"])
+    denom = (v.to(torch.float64).reshape(o.shape) / (1.0 - beta2**t)).sqrt() + float(group["eps"])
+    return o.to(torch.float64) / denom
+
+
+def normuon_direction(o: Tensor, group: Mapping[str, Any], s: Tensor | None) -> Tensor:
+    """What NorMuon applies after NS, up to its positive scale: each output neuron's row of O divided by
+    sqrt(s_t) + eps, with s_t ← s + (1 − β2)(mean_j O_ij² − s) (``state["second_momentum_buffer"]``, (rows, 1))."""
+    if s is None:
+        raise ValueError("NorMuon keeps no second_momentum_buffer for this parameter")
+    o = o.to(torch.float64)
+    rows = o.reshape(o.shape[0], -1)
+    return (rows / (s.to(torch.float64).reshape(-1, 1).sqrt() + float(group["eps"]))).reshape(o.shape)
+
+
+def adamuon_v(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor | None:
+    return state.get("v") if _muon_group(group) else None
+
+
+def normuon_s(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor | None:
+    return state.get("second_momentum_buffer") if _muon_group(group) else None
+
+
+# the step divides O by its second moment: the applied O cannot be read back, so it is recomputed by the
+# package's own MuonBase._orthogonalize (what AdaMuon's and NorMuon's steps call, batched or not)
+ADAMUON = Adapter(adamuon_momentum, po_ns, ("lr", "betas", "weight_decay", "ns_steps", "ns_coeffs", "use_adjusted_lr",
+                                            "eps"),
+                  orthogonalize=po_orthogonalize, direction=adamuon_direction, extra=adamuon_v, decay=po_decay)
+NORMUON = Adapter(po_momentum, po_ns, ("lr", "momentum", "beta2", "nesterov", "weight_decay", "ns_steps", "ns_coeffs",
+                                       "update_scale", "use_adjusted_lr", "eps"),
+                  orthogonalize=po_orthogonalize, direction=normuon_direction, extra=normuon_s, decay=po_decay)
+register_by_name("pytorch_optimizer.optimizer.muon.adamuon.AdaMuon", ADAMUON)
+register_by_name("pytorch_optimizer.optimizer.muon.normuon.NorMuon", NORMUON)
 
 
 # ---- heavyball ----------------------------------------------------------------------------------------------
