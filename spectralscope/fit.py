@@ -7,6 +7,7 @@ y = A·x^b + c by nonlinear least squares instead.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -245,7 +246,8 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
     Stores are opened lazily (``chunks`` as `open_run` takes it: None, or ``{}`` for dask arrays), and only
     the window's chunks of ``metric`` are read. Returns a DataFrame: the ``by`` columns, ``group``,
     ``quantile``, ``slope``, ``intercept``, ``r2``, ``stderr``, ``ci_low``, ``ci_high``, ``n_sizes``;
-    ``.attrs["current_steps"]`` holds the runs' NS steps.
+    ``.attrs["current_steps"]`` and ``["current_coefficients"]`` hold the runs' NS steps and coefficients (None
+    where the runs differ).
     """
     import pandas as pd
     import xarray as xr
@@ -253,7 +255,7 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
     from .store import expand_runs, ns_entry, open_run
 
     given = [by] if isinstance(by, str) else None if by is None else list(by)
-    current_steps = None
+    current_steps = current_coefficients = None
     if not isinstance(runs, pd.DataFrame):
         group_of(metric)  # an unknown metric is reported before any run is opened
     if isinstance(runs, pd.DataFrame):
@@ -280,16 +282,19 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
             if not paths:
                 raise ValueError(f"fit_scaling: no run matches {text!r}")
             trees += [(p, open_run(p, storage_options, chunks)) for p in paths]
-        frames, steps = [], set()
+        frames, steps, schedules = [], set(), set()
         for i, (where, tree) in enumerate(trees):
             frame = settled_values(tree, metric, quantile, size, window, where)
             frame["run"] = i
             frames.append(frame)
-            ns = ns_entry(dict(tree.attrs)).get("ns_steps")
-            if ns is not None:
-                steps.add(int(ns))
+            entry = ns_entry(dict(tree.attrs))
+            if entry.get("ns_steps") is not None:
+                steps.add(int(entry["ns_steps"]))
+            if entry.get("ns_coefficients") is not None:
+                schedules.add(json.dumps(entry["ns_coefficients"]))
         tidy = combine_runs(frames, round_depth="depth" in (given or ["depth"]))
         current_steps = steps.pop() if len(steps) == 1 else None
+        current_coefficients = json.loads(schedules.pop()) if len(schedules) == 1 else None
     by, note = resolve_by(tidy, given)
     if quantile is not None:
         tidy = tidy[np.isclose(tidy["quantile"], quantile) | tidy["quantile"].isna()]
@@ -319,22 +324,24 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
                          + (f" (sizes per group: {', '.join(too_few[:6])}{', …' if len(too_few) > 6 else ''})"
                             if too_few else "") + (f"; {note}" if note else ""))
     out = pd.DataFrame(rows)
-    out.attrs.update(current_steps=current_steps, by=by, note=note)
+    out.attrs.update(current_steps=current_steps, current_coefficients=current_coefficients, by=by, note=note)
     return out
 
 
 def recommend_ns_steps(fits, model_size: float, quantile: float = 0.5, floor: float = 0.5,
-                       coefficients: tuple[float, float, float] | None = None):
+                       coefficients=None):
     """Per group: ``sigma`` = the fitted settled σ_q extrapolated to ``model_size`` (exp(intercept)·size^slope),
     ``ns_steps`` = the fewest k with ns_threshold(k, coefficients, floor) ≤ sigma, ``current_steps`` = the k
-    of the recorded optimizer (from ``fits.attrs``)."""
+    of the recorded optimizer (from ``fits.attrs``). ``coefficients``: one (a, b, c) triple or a per-step
+    schedule (run for k steps as `newton_schulz.run_for` says); by default the recorded optimizer's
+    (``fits.attrs["current_coefficients"]``, when the runs agree on one), else Muon's quintic."""
     import pandas as pd
 
     from .newton_schulz import MUON_COEFFICIENTS, fewest_ns_steps
 
     if not model_size > 0:
         raise ValueError(f"recommend_ns_steps: model_size must be > 0, got {model_size!r}")
-    coefficients = coefficients or MUON_COEFFICIENTS
+    coefficients = coefficients or fits.attrs.get("current_coefficients") or MUON_COEFFICIENTS
     sel = fits[np.isclose(fits["quantile"], quantile)] if fits["quantile"].notna().any() else fits
     if sel.empty:
         raise ValueError(f"recommend_ns_steps: the fits hold no quantile {quantile} "

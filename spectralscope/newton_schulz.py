@@ -40,6 +40,19 @@ def step_coefficients(coefficients: Coefficients, steps: int) -> list[tuple[floa
     return triples  # type: ignore[return-value]
 
 
+def run_for(coefficients: Coefficients, steps: int) -> list[tuple[float, float, float]]:
+    """The (a, b, c) of each step when ``coefficients`` is run for ``steps`` steps, its own count or not: one triple
+    repeated; a per-step schedule (Polar Express, heavyball's five quintics) cut to its first ``steps``, or run to
+    its end and then its last triple repeated (as pytorch-optimizer runs a schedule shorter than ``ns_steps``)."""
+    coeffs = list(coefficients)
+    if len(coeffs) == 3 and all(isinstance(c, (int, float)) for c in coeffs):
+        return step_coefficients(coeffs, steps)  # type: ignore[arg-type]
+    if not coeffs:
+        raise ValueError("a per-step coefficient schedule needs at least one (a, b, c) triple")
+    triples = step_coefficients(coeffs, len(coeffs))
+    return [triples[min(i, len(triples) - 1)] for i in range(steps)]
+
+
 @dataclass(frozen=True)
 class NSConfig:
     """How an optimizer orthogonalises: coefficients (one triple or per step), steps, eps and dtype."""
@@ -151,16 +164,16 @@ def ns_threshold(steps: int, coefficients: Coefficients = MUON_COEFFICIENTS, flo
     return _threshold(int(steps), triples, float(floor))
 
 
-def fewest_ns_steps(sigma: float, coefficients: tuple[float, float, float] = MUON_COEFFICIENTS, floor: float = 0.5,
+def fewest_ns_steps(sigma: float, coefficients: Coefficients = MUON_COEFFICIENTS, floor: float = 0.5,
                     max_steps: int = 100) -> int:
-    """The fewest k ≥ 1 with ``ns_threshold(k, coefficients, floor)`` ≤ ``sigma``: how many NS steps lift every
-    normalised singular value in [σ, 1] to at least ``floor``. ``ValueError`` if none up to ``max_steps`` does
-    (or σ is not in (0, 1])."""
+    """The fewest k ≥ 1 with ``ns_threshold(k, run_for(coefficients, k), floor)`` ≤ ``sigma``: how many NS steps
+    lift every normalised singular value in [σ, 1] to at least ``floor`` (a per-step schedule run for k steps as
+    `run_for` says). ``ValueError`` if none up to ``max_steps`` does (or σ is not in (0, 1])."""
     if not (0 < sigma <= 1):
         raise ValueError(f"sigma must be in (0, 1], got {sigma!r}")
     for k in range(1, max_steps + 1):
         try:
-            if ns_threshold(k, coefficients, floor) <= sigma:
+            if ns_threshold(k, run_for(coefficients, k), floor) <= sigma:
                 return k
         except ValueError:  # this k cannot reach the floor at all; more steps may
             continue

@@ -50,7 +50,7 @@ def test_too_few_points_raise():
 
 
 def _write_run(path, size: float, layers: list[tuple[str, str, float]], law, steps: int = 40, ns_steps: int = 5,
-               optimizer: str = "torch.optim.Muon", meta: dict | None = None):
+               optimizer: str = "torch.optim.Muon", meta: dict | None = None, ns_coefficients=None):
     """A run store written by spectralscope's own writer: momentum_sv follows law(kind, depth, q, size) after a
     burn-in (the first half of the steps hold a different, larger value)."""
     from spectralscope.store import GroupSpec, RunWriter
@@ -63,7 +63,8 @@ def _write_run(path, size: float, layers: list[tuple[str, str, float]], law, ste
         "quantile": ("quantile", qs),
     }
     w = RunWriter(path, [GroupSpec("optimizer", coords, {"momentum_sv": ("step", "layer", "quantile")})],
-                  {"name": path.name, "model_size": int(size), "optimizer": {"class": optimizer, "ns_steps": ns_steps},
+                  {"name": path.name, "model_size": int(size), "optimizer": {"class": optimizer, "ns_steps": ns_steps,
+                                                                   "ns_coefficients": ns_coefficients},
                    "meta": {"width": size / 100, **(meta or {})}})
     for s in range(steps):
         settled = np.array([[law(k, d, q, size) for q in qs] for _, k, d in layers])
@@ -107,6 +108,26 @@ def test_fit_scaling_recovers_known_exponents_from_real_stores(tmp_path):
         grid = np.geomspace(sigma, 1, 5001)
         assert np.all(ss.scalar_map(grid, steps=int(r["ns_steps"])) >= 0.5)
         assert r["ns_steps"] == 1 or not np.all(ss.scalar_map(grid, steps=int(r["ns_steps"]) - 1) >= 0.5)
+
+
+def test_recommend_ns_steps_takes_the_recorded_per_step_schedule(tmp_path):
+    # runs recorded with a per-step schedule (heavyball's five quintics): the recommendation runs that schedule
+    sched = [[4.0848, -6.8946, 2.9270], [3.9505, -6.3029, 2.6377], [3.7418, -5.5913, 2.3037],
+             [2.8769, -3.1427, 1.2046], [2.8366, -3.0525, 1.2012]]
+    layers = [("h.0.attn.o_proj.weight", "attn_o", 0.0)]
+    for size in (1e6, 4e6, 1.6e7):
+        _write_run(tmp_path / f"m{int(size)}.zarr", size, layers, _law, optimizer="heavyball.Muon",
+                   ns_coefficients=sched)
+    fits = ss.fit_scaling([str(tmp_path / "*.zarr")], metric="momentum_sv", quantile=0.1)
+    assert fits.attrs["current_coefficients"] == sched
+    rec = ss.recommend_ns_steps(fits, model_size=100, quantile=0.1)  # σ ≈ 0.016: 4 steps of it, 3 of Muon's
+    sigma = float(rec["sigma"].iloc[0])
+    k = int(rec["ns_steps"].iloc[0])
+    grid = np.geomspace(sigma, 1, 5001)
+    lifted = lambda n: np.all(ss.scalar_map(grid, [tuple(sched[min(i, 4)]) for i in range(n)], n) >= 0.5)  # noqa: E731
+    assert lifted(k) and not lifted(k - 1)
+    assert k != int(ss.recommend_ns_steps(fits, model_size=100, quantile=0.1,
+                                          coefficients=(3.4445, -4.7750, 2.0315))["ns_steps"].iloc[0])
 
 
 def test_depths_are_rounded_when_runs_differ_in_depth(tmp_path):

@@ -155,3 +155,22 @@ def test_a_muon_subclass_with_its_own_step_gets_ns_recomputed():
     assert adapter_for(Clipped([w])).applied is None
     assert adapter_for(Plain([w])).applied is not None
     assert adapter_for(torch.optim.Muon([w])).ns is not None
+
+
+HEAVYBALL_SCHEDULE = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+                      (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)]
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1e-3, 2e-5, 1e-7])
+def test_fewest_ns_steps_of_a_per_step_schedule_against_direct_iteration(sigma):
+    # a schedule run for k steps: its first k triples, then its last one repeated
+    k = fewest_ns_steps(sigma, HEAVYBALL_SCHEDULE)
+    grid = np.geomspace(sigma, 1.0, 20001)
+
+    def lifted(steps):
+        triples = [HEAVYBALL_SCHEDULE[min(i, 4)] for i in range(steps)]
+        return np.all(_ref_map(grid, triples) >= 0.5)
+
+    assert lifted(k) and (k == 1 or not lifted(k - 1))
+    if sigma == 1e-7:
+        assert k > 5  # beyond the schedule's own length: the last quintic repeated
