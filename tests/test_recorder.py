@@ -589,7 +589,7 @@ def test_a_worker_process_needs_functions_it_can_import(tmp_path, caplog):
     ss.register_adapter(Mine, lambda p, g, s: s.get("momentum_buffer"), ns=ns)
     model = Tiny()
     opt = Mine(model.parameters(), lr=0.01, momentum=0.9)
-    with caplog.at_level(logging.INFO, logger="spectralscope"):
+    with caplog.at_level(logging.WARNING, logger="spectralscope"):  # said at once, not only in a debug log
         with ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=True) as rec:
             for _ in range(3):
                 model(torch.randn(8, 12)).square().mean().backward()
@@ -597,10 +597,11 @@ def test_a_worker_process_needs_functions_it_can_import(tmp_path, caplog):
                 opt.zero_grad()
     # the optimizer records on the thread; the activations, whose finisher the child can load, go to the child
     assert "optimizer" not in rec.runner.groups and "activations" in rec.runner.groups and thread_of(rec) is not None
-    assert "optimizer records are finished on a worker thread, not in a worker process" in caplog.text
+    assert "optimizer records are finished on a worker thread, not in a worker process, and that costs training " \
+           "time" in caplog.text and "in a module your script imports" in caplog.text
     assert np.isfinite(ss.open_run(tmp_path / "r.zarr")["optimizer"]["momentum_sv"].values).all()
     # the default ("auto") measures such records inline: a thread would contend with training for the GIL
-    with caplog.at_level(logging.INFO, logger="spectralscope"):
+    with caplog.at_level(logging.WARNING, logger="spectralscope"):
         with ss.watch(opt, model, tmp_path / "auto.zarr", every=1) as rec:
             assert [i.defer for i in rec.instruments] == [True]  # the activations' hooks copy, for the child
             for _ in range(3):

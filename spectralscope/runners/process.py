@@ -117,15 +117,19 @@ class ProcessRunner:
                 runner.sink = self._sink_here
 
     def _portable(self, finishers: Mapping[str, Any]) -> dict[str, Any]:
-        """The finishers the child can load; the others' records are finished here (logged)."""
+        """The finishers the child can load; the others' records are finished here, which costs training time:
+        said at once, with the way out."""
         out = {}
         for group, fin in finishers.items():
             why = can_pickle(fin)
             if why is None:
                 out[group] = fin
-            else:  # a lambda or a class of __main__: e.g. the sharpness probe stays on the training thread
-                log.info("spectralscope: %s records are finished %s, not in a worker process (%s)", group,
-                         self._fallback_name if getattr(fin, "threadable", True) else "on the training thread", why)
+            else:  # a lambda or a function of __main__ (an adapter's, a loss): a fresh interpreter cannot load it
+                log.warning("spectralscope: %s records are finished %s, not in a worker process, and that costs "
+                            "training time: %s. Define the adapter's functions (or the loss) with def in a module "
+                            "your script imports, not in __main__ and not as lambdas, to have them measured there",
+                            group, self._fallback_name if getattr(fin, "threadable", True) else "on the training thread",
+                            why)
         return out
 
     def _start(self, storage_options: Mapping[str, Any] | None, required: bool) -> WorkerProcess | None:
@@ -156,7 +160,7 @@ class ProcessRunner:
         if proc is not None and proc.ready and group in self.groups:
             if self._to_child(Job("finish", group), step, payload):
                 return
-        if self.process is not None and not self.process.ready:  # starting: here, not queued
+        if self.process is not None and not self.process.ready and group in self.groups:  # starting: here, not queued
             self.inline.submit(group, step, payload, finisher, live)
         else:  # the child is gone, could not take this record, or does not take this group
             if self.process is not None and group in self.groups:
