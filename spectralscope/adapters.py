@@ -27,6 +27,7 @@ DirectionFn = Callable[[Tensor, Mapping[str, Any], Tensor | None], Tensor]  # (O
 ExtraFn = Callable[[Tensor, Mapping[str, Any], Mapping[str, Any]], Tensor | None]  # (param, group, state) -> extra
 DecayFn = Callable[[Mapping[str, Any]], float]  # group -> the factor W_before is multiplied by before the update
 KeepFn = Callable[[Tensor, Mapping[str, Any], Mapping[str, Any]], Any]  # (param, group, state) before the step -> kept
+SettingsFn = Callable[[Tensor, Mapping[str, Any], Mapping[str, Any]], Mapping[str, Any]]  # -> what applies to param
 
 
 def decoupled_decay(group: Mapping[str, Any]) -> float:
@@ -80,7 +81,10 @@ class Adapter:
     (copies: the step changes the originals in place) is passed to ``momentum`` as a fourth argument,
     ``momentum(param, group, state, kept)`` (None for a parameter it was not called for). ``stochastic``: the
     optimizer's NS rounds stochastically (heavyball), so the self-check compares within M's leading singular
-    subspace (`optimizer_metrics.direction_cosine`)."""
+    subspace (`optimizer_metrics.direction_cosine`). ``settings(param, group, state)``: the hyper-parameters that
+    apply to one parameter, for optimizers that keep per-parameter switches in its state (Moonlight's
+    ``use_muon``); what ``ns``, ``applied``, ``orthogonalize``, ``direction`` and ``decay`` are given as their group
+    (default: the parameter's param group)."""
 
     momentum: MomentumFn
     ns: NSFn = no_ns
@@ -93,11 +97,21 @@ class Adapter:
     decay: DecayFn = decoupled_decay
     keep: KeepFn | None = None
     stochastic: bool = False
+    settings: SettingsFn | None = None
 
 
 _REGISTRY: dict[type, Adapter] = {}
 #: adapters of classes named "module.QualName", for packages that need not be installed (`third_party`)
 _BY_NAME: dict[str, Adapter] = {}
+#: adapters of optimizers people copy into their own code (no importable name): (name, matches(optimizer), adapter)
+_LAYOUTS: list[tuple[str, Callable[[Any], bool], Adapter]] = []
+
+
+def register_layout(name: str, matches: Callable[[Any], bool], adapter: Adapter) -> None:
+    """Register ``adapter`` for optimizers ``matches(optimizer)`` recognises by their class name and the
+    hyper-parameters they declare (``optimizer.defaults``): the reference implementations that live as a file
+    in each user's project, under any module name. Asked only when no class along the MRO has an adapter."""
+    _LAYOUTS.append((name, matches, adapter))
 
 
 def register_by_name(qualified: str, adapter: Adapter) -> None:
@@ -156,6 +170,12 @@ def adapter_for(optimizer: torch.optim.Optimizer) -> Adapter:
                 # a subclass with its own step() may apply something else: recompute NS instead
                 adapter = replace(adapter, applied=None)
             return adapter
+    for _, matches, adapter in _LAYOUTS:
+        try:
+            if matches(optimizer):
+                return adapter
+        except Exception:  # a predicate that cannot read this optimizer does not match it
+            continue
     return Adapter(no_momentum, known=False)
 
 

@@ -45,6 +45,15 @@ def coverage_notes(adapter: Adapter, optimizer: torch.optim.Optimizer, name: str
             "it orthogonalises it (update_*, neuron_* and weight_spectral_norm are recorded). Teach it with "
             "ss.register_adapter(%s, momentum=lambda param, group, state: <the matrix it orthogonalises>, "
             "ns=lambda group: ss.NSConfig(...) or None)", why, type(optimizer).__qualname__)
+    elif adapter.settings is not None:  # per parameter: the optimizer switches NS on and off in their state
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        without = [p for g in optimizer.param_groups for p in g["params"]
+                   if ns_of(adapter, _settings_of(adapter, p, g, optimizer.state.get(p, {}))) is None]
+        if len(without) == len(params):
+            notes["newton_schulz"] = f"not applicable ({name} applies no Newton–Schulz)"
+        elif without:
+            notes["newton_schulz"] = (f"not applicable to {len(without)} of {len(params)} parameters ({name} "
+                                      "applies no Newton–Schulz to them, e.g. its AdamW parameters)")
     else:
         without = [g for g in optimizer.param_groups if ns_of(adapter, g) is None]
         if len(without) == len(optimizer.param_groups):
@@ -64,6 +73,13 @@ def all_coverage_notes(adapters: Sequence[Adapter], optimizers: Sequence[torch.o
     families = dict.fromkeys(f for notes in each for f in notes)
     return {f: "; ".join(f"the layers of {n}: {notes[f]}" for n, notes in zip(names, each, strict=True) if f in notes)
             for f in families}
+
+
+def _settings_of(adapter: Adapter, p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Mapping[str, Any]:
+    try:
+        return adapter.settings(p, group, state) if adapter.settings is not None else group
+    except Exception:
+        return group
 
 
 def ns_of(adapter: Adapter, group: Mapping[str, Any]) -> Any:
@@ -252,6 +268,11 @@ class OptimizerRecord:
                         "(warned once)", lay.name, name)
         before = snapshot.get(id(p)) if snapshot is not None else None
         hyper = {k: v for k, v in group.items() if k != "params"}
+        if adapter.settings is not None:
+            try:
+                hyper = {k: v for k, v in adapter.settings(p, group, state).items() if k != "params"}
+            except Exception as exc:  # its momentum and NS come out NaN, with the reason
+                m, why = None, why or portable(exc)
         extra = None
         if adapter.extra is not None:
             try:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adapters import Adapter, register_by_name
+from .adapters import Adapter, register_by_name, register_layout
 from .newton_schulz import MUON_COEFFICIENTS, NSConfig, recover_applied
 
 
@@ -255,3 +255,109 @@ HEAVYBALL = Adapter(heavyball_momentum, heavyball_ns, ("lr", "betas", "weight_de
                     applied=heavyball_applied, decay=heavyball_decay, keep=heavyball_keep, stochastic=True)
 for _name in ("Muon", "MuonAdamW", "MuonLaProp"):
     register_by_name(f"heavyball.{_name}", HEAVYBALL)
+
+
+
+# ---- reference implementations copied into projects (no package: matched by layout) ---------------------
+def keller_newton_schulz(m: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = MUON_COEFFICIENTS
+                         ) -> Tensor:
+    """NS_k as Keller Jordan's reference writes it, which the copies of it (Moonlight's, the NorMuon reference's)
+    keep: X = bf16(M), transposed when tall, X ← X/(‖X‖_F + 1e-7), then per step A = X·Xᵀ, B = b·A + (c·A)·A,
+    X ← a·X + B·X. The same operations in the same order (bf16 rounds each), so its output is theirs bit for bit;
+    `newton_schulz` is torch.optim.Muon's order (addmm), which rounds differently."""
+    a, b, c = coefficients
+    x = m.bfloat16()
+    tall = m.size(-2) > m.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = b * gram + c * gram @ gram
+        x = a * x + poly @ x
+    return x.mT if tall else x
+
+
+def _keller_ns_of_group(m: Tensor, group: Mapping[str, Any]) -> Tensor:
+    return keller_newton_schulz(m.reshape(m.shape[0], -1), int(group.get("ns_steps", 5)))
+
+
+# Moonlight's Muon (MoonshotAI's examples): one class for both, ``state[p]["use_muon"]`` set per parameter;
+# SGD momentum buf ← μ·buf + g, NS input g + μ·buf (Nesterov) or buf, Keller's NS, W ← W·(1 − lr·wd) −
+# lr·0.2·sqrt(max(A, B))·O; its AdamW parameters keep ``moment1``/``moment2``.
+def moonlight_settings(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Mapping[str, Any]:
+    return {**group, "use_muon": bool(state.get("use_muon", True))}
+
+
+def moonlight_momentum(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor | None:
+    if not state.get("use_muon", True):
+        return state.get("moment1")
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        return None
+    buf = buf.reshape(p.shape)
+    if not group.get("nesterov", True):
+        return buf
+    # g.add(buf, alpha=μ): the same fused kernel as its step, so the same rounding
+    return None if p.grad is None else p.grad.add(buf, alpha=group["momentum"])
+
+
+def moonlight_ns(group: Mapping[str, Any]) -> NSConfig | None:
+    return NSConfig(MUON_COEFFICIENTS, int(group.get("ns_steps", 5)), 1e-7, torch.bfloat16) \
+        if group.get("use_muon", True) else None
+
+
+def moonlight_decay(group: Mapping[str, Any]) -> float:
+    return 1.0 - float(group["lr"]) * float(group.get("wd", 0.0))
+
+
+def moonlight_applied(after: Tensor, group: Mapping[str, Any], before: Tensor) -> Tensor | None:
+    if not group.get("use_muon", True):
+        return None
+    ratio = 0.2 * math.sqrt(max(after.shape[0], after.shape[1]))
+    return recover_applied(before * moonlight_decay(group), after, float(group["lr"]) * ratio)
+
+
+MOONLIGHT = Adapter(moonlight_momentum, moonlight_ns, ("lr", "wd", "momentum", "nesterov", "ns_steps", "adamw_betas",
+                                                       "adamw_eps"),
+                    applied=moonlight_applied, orthogonalize=_keller_ns_of_group, decay=moonlight_decay,
+                    settings=moonlight_settings)
+
+
+def _is_moonlight(optimizer: Any) -> bool:
+    return type(optimizer).__name__ == "Muon" and {"wd", "momentum", "nesterov", "ns_steps", "adamw_betas"} <= set(
+        optimizer.defaults)
+
+
+register_layout("Moonlight's Muon", _is_moonlight, MOONLIGHT)
+
+
+# The NorMuon reference (normuon.py of the paper's repository: NorMuon, SingleDeviceNorMuon): Keller's in-place
+# Nesterov (p.grad is the NS input after the step), Keller's NS, then each output neuron's row of O divided by
+# sqrt(s_t) + 1e-10, s_t ← lerp(s, mean_j O_ij², 1 − β2) (``second_momentum_buffer``), the norm of O restored,
+# × sqrt(max(1, rows/cols)); W ← W·(1 − lr·wd) − lr·update.
+def normuon_reference_momentum(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor | None:
+    return p.grad if "momentum_buffer" in state else None
+
+
+def normuon_reference_ns(group: Mapping[str, Any]) -> NSConfig:
+    return NSConfig(MUON_COEFFICIENTS, 5, 1e-7, torch.bfloat16)
+
+
+def normuon_reference_direction(o: Tensor, group: Mapping[str, Any], s: Tensor | None) -> Tensor:
+    if s is None:
+        raise ValueError("the NorMuon reference keeps no second_momentum_buffer for this parameter")
+    rows = o.to(torch.float64).reshape(o.shape[0], -1)
+    return (rows / (s.to(torch.float64).reshape(-1, 1).sqrt() + 1e-10)).reshape(o.shape)
+
+
+NORMUON_REFERENCE = Adapter(normuon_reference_momentum, normuon_reference_ns, ("lr", "weight_decay", "momentum", "beta2"),
+                            orthogonalize=_keller_ns_of_group, direction=normuon_reference_direction, extra=normuon_s)
+
+
+def _is_normuon_reference(optimizer: Any) -> bool:
+    return type(optimizer).__name__ in ("NorMuon", "SingleDeviceNorMuon") and set(optimizer.defaults) == {
+        "lr", "weight_decay", "momentum", "beta2"}
+
+
+register_layout("the NorMuon reference", _is_normuon_reference, NORMUON_REFERENCE)

@@ -411,3 +411,59 @@ def test_pytorch_optimizer_adamuon_and_normuon_record_what_their_newton_schulz_i
     ds = ss.open_run(rec.path)["optimizer"].dataset
     assert rec.errors == {}
     assert _check_matched(ds, model, hidden, captured, deltas) < 1e-6
+
+
+def test_keller_newton_schulz_is_the_muon_packages_bit_for_bit():
+    # the copies of Keller's reference (Moonlight's, the NorMuon reference's) are recomputed with this function
+    import muon
+
+    from spectralscope.third_party import keller_newton_schulz
+
+    g = torch.Generator().manual_seed(3)
+    for shape in [(24, 40), (40, 24), (17, 17)]:
+        m = torch.randn(shape, generator=g) * torch.logspace(0, -3, shape[1])
+        assert torch.equal(keller_newton_schulz(m, 5), muon.zeropower_via_newtonschulz5(m, 5))
+
+
+@pytest.mark.parametrize("layout", ["moonlight", "moonlight-plain", "normuon-reference"])
+def test_layouts_of_copied_reference_optimizers_record_what_their_newton_schulz_is_given(tmp_path, layout):
+    # no package to import: recognised by class name and hyper-parameters, whatever module they were copied into
+    import reference_optimizers as ref
+
+    torch.manual_seed(0)
+    model = Net(conv=False)
+    hidden = model.hidden()
+    rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+    if layout.startswith("moonlight"):
+        opt = ref.Muon(lr=0.02, wd=0.1, muon_params=hidden, adamw_params=rest, nesterov=layout == "moonlight")
+    else:
+        opt = ref.NorMuon(hidden, lr=0.02, weight_decay=0.1)
+    ref.CALLS.clear()
+    rec, captured, deltas = _train(opt, model, tmp_path / "l.zarr", 4, ref.CALLS, {1, 3})
+    tree = ss.open_run(rec.path)
+    ds = tree["optimizer"].dataset
+    assert rec.errors == {} and tree.attrs["optimizer"][0]["class"].endswith(("reference_optimizers.Muon",
+                                                                              "reference_optimizers.NorMuon"))
+    assert _check_matched(ds, model, hidden, captured, deltas) < 1e-6
+    if layout.startswith("moonlight"):  # its AdamW parameters: moment1, no NS, and said so
+        j = list(ds["layer"].values).index("head.weight")
+        sv = _np_sv(opt.state[model.head.weight]["moment1"])
+        np.testing.assert_allclose(ds["momentum_sv"].values[-1, j], np_quantile(sv / np.linalg.norm(sv), QS), rtol=1e-9)
+        assert np.isnan(ds["ns_out_sv"].values[:, j]).all()
+        assert "not applicable to 8 of 12 parameters" in tree.attrs["notes"]["newton_schulz"]
+
+
+def test_a_layout_matches_only_its_own_hyper_parameters():
+    import reference_optimizers as ref
+
+    from spectralscope.adapters import adapter_for
+    from spectralscope.third_party import MOONLIGHT, NORMUON_REFERENCE
+
+    w = torch.nn.Parameter(torch.zeros(3, 4))
+    assert adapter_for(ref.NorMuon([w])) is NORMUON_REFERENCE and adapter_for(ref.Muon(muon_params=[w])) is MOONLIGHT
+
+    class NorMuon(torch.optim.Optimizer):  # a user's own class of that name, with other hyper-parameters
+        def __init__(self, params):
+            super().__init__(params, dict(lr=0.1, weight_decay=0, momentum=0.9, beta2=0.95, eps=1e-8))
+
+    assert not adapter_for(NorMuon([w])).known
