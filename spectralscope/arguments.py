@@ -49,21 +49,36 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def steps_by_hand(optimizer: Any) -> bool:
+    """An optimizer that is not a ``torch.optim.Optimizer`` (so has no step hooks) but holds ``param_groups`` (a list
+    of dicts with "params"), a ``state`` mapping and ``step()``, as modded-nanogpt's do: its steps are recorded
+    where the user wraps them, ``with rec.stepping(): opt.step()``."""
+    groups = getattr(optimizer, "param_groups", None)
+    return (not isinstance(optimizer, torch.optim.Optimizer) and isinstance(groups, list)
+            and all(isinstance(g, Mapping) and "params" in g for g in groups)
+            and isinstance(getattr(optimizer, "state", None), Mapping) and callable(getattr(optimizer, "step", None)))
+
+
+def is_optimizer(optimizer: Any) -> bool:
+    return isinstance(optimizer, torch.optim.Optimizer) or steps_by_hand(optimizer)
+
+
 def unwrap(optimizer: Any) -> Any:
     """The optimizer inside wrappers that hold it as ``.optimizer`` (HF accelerate's ``AcceleratedOptimizer``,
     Lightning's ``LightningOptimizer``): the one whose ``step`` updates the parameters and keeps the state."""
     for _ in range(8):  # wrappers of wrappers, not a cycle
         inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+        if not is_optimizer(inner) or inner is optimizer:
             return optimizer
         optimizer = inner
     return optimizer
 
 
 def check_optimizer_and_model(optimizer: Any, model: Any) -> None:
-    if isinstance(optimizer, nn.Module) and isinstance(model, torch.optim.Optimizer):
+    if isinstance(optimizer, nn.Module) and is_optimizer(model):
         raise ValueError("watch(): optimizer and model are swapped: the call is watch(optimizer, model, path)")
-    check(isinstance(optimizer, torch.optim.Optimizer), "optimizer", "a torch.optim.Optimizer", optimizer)
+    check(is_optimizer(optimizer), "optimizer", "a torch.optim.Optimizer (or an object with param_groups, state and "
+          "step(), stepped as `with rec.stepping(): opt.step()`)", optimizer)
     check(model is None or isinstance(model, nn.Module), "model", "an nn.Module or None", model)
 
 
@@ -149,7 +164,7 @@ def check_model_holds(optimizers: torch.optim.Optimizer | Sequence[torch.optim.O
     if model is None:
         return
     ours = {id(p) for p in model.parameters()}
-    optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers
+    optimizers = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
     params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
     if params and not any(id(p) in ours for p in params):
         raise ValueError(f"watch(): model holds none of the optimizer's {len(params)} parameters: pass the model "

@@ -207,7 +207,7 @@ def select_layers(
     the layers `matrix_views` gives; ``kinds`` (from `check_kinds`) overrides the kind of the layers whose name
     a pattern matches (the first that does). A parameter two optimizers hold is the first's; depth is over all
     of them."""
-    optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     owners = _owners(model)
     if isinstance(layers, str):
         pattern = re.compile(layers)

@@ -13,12 +13,13 @@ construction (no adapter, no momentum, no NS) is said in the run's ``notes``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import logging
 import math
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,10 @@ class Recorder:
         self.background = not isinstance(self.runner, InlineRunner)
         for inst in self.instruments:  # hooks copy what is finished elsewhere (not what must be reduced here)
             inst.defer = self.runner.finishes_elsewhere(inst.group, inst.finisher) and getattr(inst, "may_defer", True)
-        self._handles = [h for j, opt in enumerate(self.optimizers)
+        # optimizers without torch's step hooks are stepped by hand: `stepping`
+        self._by_hand = {j for j, opt in enumerate(self.optimizers) if arguments.steps_by_hand(opt)}
+        self._stepped_by_hand: set[int] = set()
+        self._handles = [h for j, opt in enumerate(self.optimizers) if j not in self._by_hand
                          for h in (opt.register_step_pre_hook(functools.partial(self._before_step, j)),
                                    opt.register_step_post_hook(functools.partial(self._after_step, j)))]
         self._atexit = _close_at_exit(self)
@@ -275,6 +279,9 @@ class Recorder:
         self._handles = []
         for gone in self.record.unfinished():
             self.ledger.lost(self.record.group, "lost: not every watched optimizer stepped in it", gone)
+        for j in sorted(self._by_hand - self._stepped_by_hand):
+            log.warning("spectralscope: %s has no step hooks and none of its steps went through rec.stepping(): "
+                        "nothing of it was recorded (write `with rec.stepping(): opt.step()`)", self.optimizer_names[j])
         for inst in self._all():
             inst.remove()
         atexit.unregister(self._atexit)
@@ -290,6 +297,24 @@ class Recorder:
 
     def __enter__(self) -> Recorder:
         return self
+
+    @contextlib.contextmanager
+    def stepping(self, optimizer: Any = None) -> Iterator[None]:
+        """For an optimizer without torch's step hooks (not a ``torch.optim.Optimizer`` subclass, e.g.
+        modded-nanogpt's): ``with rec.stepping(): opt.step()`` records that step as the hooks record a torch
+        optimizer's (what is read before the step, then after it). ``optimizer``: which of the watched ones (default
+        the first). A step that raises is not recorded, as torch's post-step hook would not run."""
+        j = 0 if optimizer is None else next((i for i, o in enumerate(self.optimizers)
+                                              if o is optimizer or o is arguments.unwrap(optimizer)), None)
+        if j is None:
+            raise ValueError("stepping(): that optimizer is not one this recorder watches")
+        if j not in self._by_hand:
+            raise ValueError(f"stepping(): {self.optimizer_names[j]} has torch's step hooks, which record its steps; "
+                             "call its step() as usual")
+        self._stepped_by_hand.add(j)
+        self._before_step(j, self.optimizers[j], (), {})
+        yield
+        self._after_step(j, self.optimizers[j], (), {})
 
     def __exit__(self, *exc: Any) -> None:
         self.close()

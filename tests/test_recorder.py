@@ -1021,3 +1021,75 @@ def test_an_optimizer_that_clears_grads_as_it_steps_still_counts_as_stepped(tmp_
     ds = ss.open_run(rec.path)["optimizer"].dataset
     assert (ds["ns_consistency"].values > 1 - 1e-6).all()
     assert np.isfinite(ds["momentum_sv"].values).all() and rec.errors == {}
+
+
+class HandStepped:
+    """An optimizer that is not a torch.optim.Optimizer (as modded-nanogpt's are): param_groups, state and step(),
+    with no step hooks. Its rule: buf ← μ·buf + g, W ← W − lr·buf."""
+
+    def __init__(self, params, lr=0.05, momentum=0.9):
+        self.param_groups = [{"params": list(params), "lr": lr, "momentum": momentum}]
+        self.defaults = {"lr": lr, "momentum": momentum}
+        self.state: dict = {}
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    buf = self.state.setdefault(p, {}).setdefault("buf", torch.zeros_like(p))
+                    buf.mul_(g["momentum"]).add_(p.grad)
+                    p.add_(buf, alpha=-g["lr"])
+
+    def zero_grad(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                p.grad = None
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_an_optimizer_without_step_hooks_is_recorded_through_stepping(tmp_path, caplog, background):
+    ss.register_adapter(HandStepped, lambda p, g, s: s.get("buf"), describe=("lr", "momentum"))
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = HandStepped(model.parameters())
+    bufs, deltas = {}, {}
+    with ss.watch(opt, model, tmp_path / "h.zarr", every=1, background=background) as rec:
+        for step in range(3):
+            model(torch.randn(8, 12)).square().mean().backward()
+            before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+            with rec.stepping():
+                opt.step()
+            opt.zero_grad()
+            bufs[step] = {n: opt.state[p]["buf"].double().clone() for n, p in model.named_parameters()}
+            deltas[step] = {n: p.detach().double() - before[n] for n, p in model.named_parameters()}
+        with pytest.raises(ValueError, match="not one this recorder watches"):
+            with rec.stepping(torch.optim.SGD(model.parameters(), lr=0.1)):
+                pass
+    ds = ss.open_run(tmp_path / "h.zarr")["optimizer"].dataset
+    assert list(ds["step"].values) == [0, 1, 2] and rec.errors == {}
+    for step in range(3):
+        for j, name in enumerate(ds["layer"].values):
+            sv = np.linalg.svd(bufs[step][name].numpy(), compute_uv=False)
+            np.testing.assert_allclose(ds["momentum_sv"].values[step, j], np_quantile(sv / np.linalg.norm(sv), QS),
+                                       rtol=1e-9, atol=1e-12)
+            d = deltas[step][name].numpy()
+            np.testing.assert_allclose(ds["update_rms"].values[step, j], np.sqrt(np.mean(d ** 2)), rtol=1e-9)
+
+
+def test_stepping_is_refused_for_a_hooked_optimizer_and_its_absence_is_said(tmp_path, caplog):
+    model = Tiny()
+    torch_opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ss.watch(torch_opt, model, tmp_path / "t.zarr") as rec:
+        with pytest.raises(ValueError, match="has torch's step hooks"):
+            with rec.stepping():
+                pass
+    ss.register_adapter(HandStepped, lambda p, g, s: s.get("buf"))
+    opt = HandStepped(model.parameters())
+    with caplog.at_level(logging.WARNING, logger="spectralscope"):
+        with ss.watch(opt, model, tmp_path / "n.zarr", background=False):
+            model(torch.randn(8, 12)).square().mean().backward()
+            opt.step()  # not through rec.stepping()
+    assert "none of its steps went through rec.stepping()" in caplog.text
+    with pytest.raises(ValueError, match="or an object with param_groups, state and step"):
+        ss.watch(object(), model, tmp_path / "x.zarr")
