@@ -159,9 +159,12 @@ def test_keller_jordans_muon_records_what_its_newton_schulz_is_given(tmp_path, m
     assert max(errors) < 1e-6
 
 
-@pytest.mark.parametrize("foreach", [None, False])  # None: pytorch-optimizer's default, batching equal shapes
-def test_pytorch_optimizer_muon_records_what_its_newton_schulz_is_given(tmp_path, monkeypatch, foreach):
+# foreach None: pytorch-optimizer's default, batching equal shapes; polar_express: its 8-step schedule with the
+# safety divisors built in, run for ns_steps=5 (the first five)
+@pytest.mark.parametrize("foreach,coeffs", [(None, "original"), (False, "original"), (None, "polar_express")])
+def test_pytorch_optimizer_muon_records_what_its_newton_schulz_is_given(tmp_path, monkeypatch, foreach, coeffs):
     from pytorch_optimizer.optimizer.muon import base
+    from pytorch_optimizer.optimizer.utils.matrix import NS_COEFFICIENTS
 
     torch.manual_seed(0)
     model = Net()
@@ -169,28 +172,14 @@ def test_pytorch_optimizer_muon_records_what_its_newton_schulz_is_given(tmp_path
     rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
     opt = __import__("pytorch_optimizer").Muon(
         [dict(params=hidden, use_muon=True, weight_decay=0.05), dict(params=rest, use_muon=False)],
-        lr=0.02, ns_coeffs="original", foreach=foreach)
+        lr=0.02, ns_coeffs=coeffs, foreach=foreach)
     calls = _capture(monkeypatch, base, "zero_power_via_newton_schulz_5")
     rec, captured, deltas = _train(opt, model, tmp_path / "p.zarr", 4, calls, {1, 3})
-    ds = ss.open_run(rec.path)["optimizer"].dataset
-    names = list(ds["layer"].values)
-    errors: list[float] = []
-    for step, got in captured.items():
-        row = ds.sel(step=step)
-        left = list(got)
-        for p in hidden:  # each hidden matrix's call: its NS input is p.grad after the step, lerped in place
-            name = next(n for n, q in model.named_parameters() if q is p)
-            g = p.grad if p.grad is not None else None
-            j = names.index(name)
-            # match by content: under foreach, equal shapes were stacked into one batched call
-            k = next(i for i, (g_in, _) in enumerate(left)
-                     if g_in.shape == p.reshape(p.shape[0], -1).shape
-                     and np.isclose(float(g_in.double().norm()), row["momentum_norm"].values[j], rtol=1e-6))
-            g_in, o_out = left.pop(k)
-            _check(row, j, g_in, o_out, deltas[step][id(p)], errors)
-            del g
-    print(f"largest relative error: {max(errors):.2e}")
-    assert max(errors) < 1e-6 and rec.errors == {}
+    tree = ss.open_run(rec.path)
+    assert _check_matched(tree["optimizer"].dataset, model, hidden, captured, deltas) < 1e-6 and rec.errors == {}
+    recorded = tree.attrs["optimizer"][0]["ns_coefficients"]
+    schedule = [list(t) for t in NS_COEFFICIENTS[coeffs]]
+    assert recorded == (schedule[0] if len(schedule) == 1 else schedule[:5])
 
 
 def test_a_wrong_adapter_is_caught_by_the_self_check(tmp_path, caplog):
