@@ -209,13 +209,21 @@ def _muon_applied(after: Tensor, group: Mapping[str, Any], before: Tensor) -> Te
     return recover_applied(decayed, after, lr * muon_lr_ratio(group.get("adjust_lr_fn"), tuple(after.shape)))
 
 
-register_adapter(
-    torch.optim.SGD,
-    lambda p, g, s: s.get("momentum_buffer"),
-    describe=("lr", "momentum", "nesterov", "weight_decay", "dampening"),
-)
-register_adapter(torch.optim.Adam, lambda p, g, s: s.get("exp_avg"), describe=("lr", "betas", "eps", "weight_decay"))
-register_adapter(torch.optim.AdamW, lambda p, g, s: s.get("exp_avg"), describe=("lr", "betas", "eps", "weight_decay"))
+def momentum_buffer(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor | None:
+    """SGD's M: its ``momentum_buffer`` (absent with momentum=0). Named functions, not lambdas, throughout: the
+    worker process is handed the adapters, and a lambda cannot be pickled (the records would be measured in the
+    training process)."""
+    return state.get("momentum_buffer")
+
+
+def exp_avg(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor | None:
+    """Adam's and AdamW's M: the first moment ``exp_avg``."""
+    return state.get("exp_avg")
+
+
+register_adapter(torch.optim.SGD, momentum_buffer, describe=("lr", "momentum", "nesterov", "weight_decay", "dampening"))
+register_adapter(torch.optim.Adam, exp_avg, describe=("lr", "betas", "eps", "weight_decay"))
+register_adapter(torch.optim.AdamW, exp_avg, describe=("lr", "betas", "eps", "weight_decay"))
 if hasattr(torch.optim, "Muon"):
     register_adapter(
         torch.optim.Muon,
