@@ -132,6 +132,7 @@ def register_adapter(
     decay: DecayFn = decoupled_decay,
     keep: KeepFn | None = None,
     stochastic: bool = False,
+    settings: SettingsFn | None = None,
 ) -> Adapter:
     """Teach spectralscope a new optimizer class.
 
@@ -144,18 +145,20 @@ def register_adapter(
     the self-check ``ns_consistency`` (see `Adapter`). ``keep(param, group, state)`` (optional) copies, as a
     recorded step begins, what the step consumes (e.g. ``param.grad.clone()`` for an optimizer that clears the
     gradient); ``momentum`` is then called as ``momentum(param, group, state, kept)``. ``stochastic=True``: its NS
-    rounds stochastically, and the self-check compares within M's leading singular subspace.
+    rounds stochastically, and the self-check compares within M's leading singular subspace. ``settings(param,
+    group, state)`` (optional): the hyper-parameters of one parameter, for optimizers that switch per parameter
+    in its state (what ``ns`` and the others are then given as their group).
     """
     if not isinstance(optimizer_class, type):
         raise TypeError(f"optimizer_class must be a class, got {optimizer_class!r}")
     if not callable(momentum):
         raise TypeError("momentum must be callable (param, group, state) -> Tensor | None")
     for arg, fn in (("ns", ns), ("applied", applied), ("orthogonalize", orthogonalize), ("direction", direction),
-                    ("extra", extra), ("decay", decay), ("keep", keep)):
+                    ("extra", extra), ("decay", decay), ("keep", keep), ("settings", settings)):
         if fn is not None and not callable(fn):
             raise TypeError(f"register_adapter: {arg} must be callable or None, got {type(fn).__name__}")
     adapter = Adapter(momentum, ns or no_ns, tuple(describe), applied, True, orthogonalize, direction, extra, decay,
-                      keep, bool(stochastic))
+                      keep, bool(stochastic), settings)
     _REGISTRY[optimizer_class] = adapter
     return adapter
 

@@ -53,7 +53,7 @@ def coverage_notes(adapter: Adapter, optimizer: torch.optim.Optimizer, name: str
             notes["newton_schulz"] = f"not applicable ({name} applies no Newton–Schulz)"
         elif without:
             notes["newton_schulz"] = (f"not applicable to {len(without)} of {len(params)} parameters ({name} "
-                                      "applies no Newton–Schulz to them, e.g. its AdamW parameters)")
+                                      "applies no Newton–Schulz to them)")
     else:
         without = [g for g in optimizer.param_groups if ns_of(adapter, g) is None]
         if len(without) == len(optimizer.param_groups):

@@ -1077,6 +1077,33 @@ def test_an_optimizer_without_step_hooks_is_recorded_through_stepping(tmp_path, 
             np.testing.assert_allclose(ds["update_rms"].values[step, j], np.sqrt(np.mean(d ** 2)), rtol=1e-9)
 
 
+def test_a_users_adapter_can_switch_newton_schulz_per_parameter_with_settings(tmp_path):
+    # an optimizer that marks in each parameter's state whether it is orthogonalised (as Moonlight's does)
+    class Marked(HandStepped):
+        pass
+
+    def settings(p, group, state):
+        return {**group, "orthogonal": state.get("orthogonal", False)}
+
+    ss.register_adapter(Marked, lambda p, g, s: s.get("buf"),
+                        ns=lambda group: ss.NSConfig(steps=5) if group["orthogonal"] else None, settings=settings)
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = Marked(model.parameters())
+    opt.state[model.head.weight] = {"orthogonal": True}
+    with ss.watch(opt, model, tmp_path / "s.zarr", every=1, background=False) as rec:
+        for _ in range(2):
+            model(torch.randn(8, 12)).square().mean().backward()
+            with rec.stepping():
+                opt.step()
+            opt.zero_grad()
+    tree = ss.open_run(tmp_path / "s.zarr")
+    ns_out = tree["optimizer"]["ns_out_sv"]
+    assert np.isfinite(ns_out.sel(layer="head.weight").values).all()
+    assert np.isnan(ns_out.sel(layer="embed.weight").values).all()
+    assert "not applicable to 9 of 10 parameters" in tree.attrs["notes"]["newton_schulz"]
+
+
 def test_stepping_is_refused_for_a_hooked_optimizer_and_its_absence_is_said(tmp_path, caplog):
     model = Tiny()
     torch_opt = torch.optim.SGD(model.parameters(), lr=0.1)
