@@ -256,7 +256,7 @@ class Measurer:
             implied = a.direction(o, x.group, x.extra) if a.direction is not None else o
             w_after, w_before = view.whole(x.w_after), view.whole(x.w_before)
             applied = w_before.to(torch.float64) * a.decay(x.group) - w_after.to(torch.float64)
-            within = view.part(view.whole(x.m)) if a.stochastic else None
+            within = view(x.m) if a.stochastic else None
             out.update(direction_cosine(view.part(applied), view.part(implied), within))
         except Exception as exc:
             out["ns_consistency"] = torch.tensor(float("nan"))

@@ -234,9 +234,14 @@ def _heavyball_lr(group: Mapping[str, Any]) -> Tensor:
     return (lr * t / t.clamp(min=int(group.get("warmup_steps", 0)) + 1)).to(torch.float32)
 
 
+def _heavyball_factor(group: Mapping[str, Any]) -> Tensor:
+    """1 − wd·lr_t in float32, as heavyball forms it for p·(1 − d·lr)."""
+    return 1 - float(group.get("weight_decay", 0.0)) * _heavyball_lr(group)
+
+
 def heavyball_decay(group: Mapping[str, Any]) -> float:
     """1 − wd·lr_t: heavyball's decoupled decay, W ← W·(1 − wd·lr_t) − lr_t·u."""
-    return float(1 - float(group.get("weight_decay", 0.0)) * _heavyball_lr(group))
+    return float(_heavyball_factor(group))
 
 
 def heavyball_applied(after: Tensor, group: Mapping[str, Any], before: Tensor) -> Tensor | None:
@@ -244,8 +249,7 @@ def heavyball_applied(after: Tensor, group: Mapping[str, Any], before: Tensor) -
     if group.get("caution") or group.get("cautious_weight_decay") or group.get("mars"):
         return None
     lr = _heavyball_lr(group)
-    factor = 1 - float(group.get("weight_decay", 0.0)) * lr  # float32, as heavyball's p·(1 − d·lr)
-    decayed = before * factor.to(before.device, before.dtype)
+    decayed = before * _heavyball_factor(group).to(before.device, before.dtype)
     rows, cols = after.shape[0], math.prod(after.shape[1:])
     return recover_applied(decayed, after, float(lr) * math.sqrt(max(1.0, rows / cols)))
 
