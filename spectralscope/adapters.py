@@ -103,14 +103,17 @@ class Adapter:
 _REGISTRY: dict[type, Adapter] = {}
 #: adapters of classes named "module.QualName", for packages that need not be installed (`third_party`)
 _BY_NAME: dict[str, Adapter] = {}
-#: adapters of optimizers people copy into their own code (no importable name): (name, matches(optimizer), adapter)
-_LAYOUTS: list[tuple[str, Callable[[Any], bool], Adapter]] = []
+#: adapters of optimizers people copy into their own code (no importable name): (name, matches(optimizer), adapter or
+#: a factory of one)
+_LAYOUTS: list[tuple[str, Callable[[Any], bool], Adapter | Callable[[Any], Adapter]]] = []
 
 
-def register_layout(name: str, matches: Callable[[Any], bool], adapter: Adapter) -> None:
+def register_layout(name: str, matches: Callable[[Any], bool], adapter: Adapter | Callable[[Any], Adapter]) -> None:
     """Register ``adapter`` for optimizers ``matches(optimizer)`` recognises by their class name and the
     hyper-parameters they declare (``optimizer.defaults``): the reference implementations that live as a file
-    in each user's project, under any module name. Asked only when no class along the MRO has an adapter."""
+    in each user's project, under any module name. Asked only when no class along the MRO has an adapter.
+    ``adapter`` may be a factory, ``adapter(optimizer)`` → `Adapter`, for optimizers whose step depends on what
+    they hold beyond their param groups (Dion's keeps its Newton–Schulz function on the instance)."""
     _LAYOUTS.append((name, matches, adapter))
 
 
@@ -173,12 +176,13 @@ def adapter_for(optimizer: torch.optim.Optimizer) -> Adapter:
                 # a subclass with its own step() may apply something else: recompute NS instead
                 adapter = replace(adapter, applied=None)
             return adapter
-    for _, matches, adapter in _LAYOUTS:
+    for _, matches, layout in _LAYOUTS:
         try:
-            if matches(optimizer):
-                return adapter
+            if not matches(optimizer):
+                continue
         except Exception:  # a predicate that cannot read this optimizer does not match it
             continue
+        return layout if isinstance(layout, Adapter) else layout(optimizer)
     return Adapter(no_momentum, known=False)
 
 

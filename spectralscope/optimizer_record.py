@@ -55,6 +55,12 @@ def coverage_notes(adapter: Adapter, optimizer: torch.optim.Optimizer, name: str
             notes["newton_schulz"] = (f"not applicable to {len(without)} of {len(params)} parameters ({name} "
                                       "applies no Newton–Schulz to them)")
     else:
+        errors = [_ns_error(adapter, g) for g in optimizer.param_groups]
+        if any(errors):
+            why = next(e for e in errors if e)
+            notes["newton_schulz"] = (f"not recorded for the layers of {sum(map(bool, errors))} of "
+                                      f"{len(errors)} param groups ({why})")
+            return notes
         without = [g for g in optimizer.param_groups if ns_of(adapter, g) is None]
         if len(without) == len(optimizer.param_groups):
             notes["newton_schulz"] = f"not applicable ({name} applies no Newton–Schulz)"
@@ -80,6 +86,15 @@ def _settings_of(adapter: Adapter, p: Tensor, group: Mapping[str, Any], state: M
         return adapter.settings(p, group, state) if adapter.settings is not None else group
     except Exception:
         return group
+
+
+def _ns_error(adapter: Adapter, group: Mapping[str, Any]) -> str:
+    """Why the adapter cannot give a param group's NS configuration ("" when it can)."""
+    try:
+        adapter.ns(group)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
 
 
 def ns_of(adapter: Adapter, group: Mapping[str, Any]) -> Any:

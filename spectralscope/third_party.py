@@ -19,18 +19,22 @@ back exactly). The facts each relies on, from the packages' code:
 - pytorch-optimizer's ``AdaMuon``: NS input its first moment ``m`` (m ← lerp(m, g, 1 − β1), no Nesterov), then
   O/(sqrt(v_t/(1 − β2^t)) + eps) with v_t the element-wise EMA of O²; ``NorMuon``: the input as its ``Muon``, then
   each row of O divided by sqrt(s_t) + eps, s_t the EMA of the row's mean O². Both rescale to a norm and apply lr.
+  ``AdaGO``: the input as its ``Muon`` (Nesterov off by default), O times one positive step per matrix.
 - heavyball's ``Muon``, ``MuonAdamW``, ``MuonLaProp``: a chain of transforms, each keeping its state under
   ``optimizer.state[p][view]["<transform>_<name>_<index>"]``; the momentum transform (``nesterov_ema`` by default)
   then ``orthogonalize_update``, which views the update (out, −1), runs ``utils.zeropower_via_newtonschulz5``
   (X/max(‖X‖_F, 1e-7), five different quintics, bf16 stochastically rounded) and multiplies by
   sqrt(max(1, rows/cols)); W ← W·(1 − wd·lr_t) − lr_t·update in float32. The step sets ``p.grad`` to None, so the
   adapter keeps the gradient as the step begins (``Adapter.keep``).
+- Dion's ``Muon`` and ``NorMuon`` (microsoft/dion, installed from its repository): matched by layout, with the
+  adapter built per instance around the NS function it keeps (``_newton_schulz_func``); see its section below.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -162,7 +166,13 @@ ADAMUON = Adapter(adamuon_momentum, po_ns, ("lr", "betas", "weight_decay", "ns_s
 NORMUON = Adapter(po_momentum, po_ns, ("lr", "momentum", "beta2", "nesterov", "weight_decay", "ns_steps", "ns_coeffs",
                                        "update_scale", "use_adjusted_lr", "eps"),
                   orthogonalize=po_orthogonalize, direction=normuon_direction, extra=normuon_s, decay=po_decay)
+#: AdaGO: the NS input as its Muon's (``nesterov`` off by default: ``momentum_buffer``), O applied with one positive
+#: AdaGrad-style step per matrix, max(eps, lr·min(‖g‖, γ)/v_t): the direction is O itself, recomputed
+ADAGO = Adapter(po_momentum, po_ns, ("lr", "momentum", "nesterov", "weight_decay", "ns_steps", "ns_coeffs", "gamma",
+                                     "eps", "v", "use_adjusted_lr"),
+                orthogonalize=po_orthogonalize, decay=po_decay)
 register_by_name("pytorch_optimizer.optimizer.muon.adamuon.AdaMuon", ADAMUON)
+register_by_name("pytorch_optimizer.optimizer.muon.adago.AdaGO", ADAGO)
 register_by_name("pytorch_optimizer.optimizer.muon.normuon.NorMuon", NORMUON)
 
 
@@ -365,3 +375,120 @@ def _is_normuon_reference(optimizer: Any) -> bool:
 
 
 register_layout("the NorMuon reference", _is_normuon_reference, NORMUON_REFERENCE)
+
+
+# ---- Dion's Muon and NorMuon (microsoft/dion: installed from its repository, matched by layout) ----------------
+# Its step keeps state["momentum"] M ← μ·M + G (SGD-style, no dampening; μ = ``mu``), forms U = μ·M + G under
+# Nesterov (off by default) or U = M, casts U to bf16 and hands it to the function on the instance,
+# ``optimizer._newton_schulz_func(U, epsilon=ε)``, chosen at construction: its five quintics
+# (``zeropower_via_newtonschulz5``, X/(‖X‖_F + ε)), Polar Express (``polar_express``, X/(1.02·‖X‖_F + ε), the default
+# of the newer classes), their Triton twins, Gram-NS or the user's own. NorMuon then divides each output neuron's row
+# of O (in float32) by sqrt(v_t) + 1e-8, v_t ← lerp(v, mean_j O_ij², 1 − muon_beta2) (``variance_neuron``, (rows, 1))
+# and restores ‖O‖_F. W ← W·(1 − lr·wd) − lr'·O with lr' = lr·sqrt(fan_out/fan_in) ("spectral_norm", the default),
+# lr·0.2·sqrt(max(fan_out, fan_in)) ("rms_norm") or lr; the product lr'·O is rounded to bf16 before it is applied,
+# so O cannot be read back from the weights: it is recomputed by the instance's own function. Param groups with
+# ``algorithm`` "adamw" or "lion" keep their first moment in the same ``momentum`` key (no NS).
+#: the five quintics of Dion's ``zeropower_via_newtonschulz5`` (heavyball's too)
+DION_QUINTICS = HEAVYBALL_COEFFICIENTS
+#: Polar Express (Amsel, Persson, Musco & Gower 2025) for 5 steps, safety 2·10⁻², cushion 2: Dion's ``polar_express``
+POLAR_EXPRESS_COEFFICIENTS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+
+
+def _divided(triples: tuple[tuple[float, float, float], ...], s: float) -> tuple[tuple[float, float, float], ...]:
+    """The schedule whose first step is p(x/s): an input divided by s before the first polynomial, folded into it as
+    (a/s, b/s³, c/s⁵), so that σ(M/‖M‖_F) maps as the optimizer maps it (SPEC's ns_fail_frac is of σ(M/‖M‖_F))."""
+    (a, b, c), *rest = triples
+    return ((a / s, b / s**3, c / s**5), *rest)
+
+
+#: Dion's functions by name → (the per-step schedule of the map σ(M/‖M‖_F) ↦ σ(O), as its input scaling folds in)
+DION_NS_FUNCTIONS = {"zeropower_via_newtonschulz5": DION_QUINTICS, "newton_schulz_triton": DION_QUINTICS,
+                     "polar_express": _divided(POLAR_EXPRESS_COEFFICIENTS, 1.02),
+                     "polar_express_triton": _divided(POLAR_EXPRESS_COEFFICIENTS, 1.02)}
+_DION_MATRIX = ("muon", "normuon")
+
+
+def _dion_matrix_group(group: Mapping[str, Any]) -> bool:
+    return group.get("algorithm") in _DION_MATRIX
+
+
+def dion_momentum(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor | None:
+    """What Dion's NS is given, bf16(μ·M_t + G) (Nesterov) or bf16(M_t), formed as its step forms it (μ a float32
+    0-dim tensor); AdamW and Lion groups: their ``momentum`` (the first moment)."""
+    m = state.get("momentum")
+    if m is None or not _dion_matrix_group(group):
+        return m
+    if group.get("num_heads") not in (None, 1) or group.get("split_sizes"):
+        raise ValueError("Dion orthogonalises this parameter per head or row block (num_heads/split_sizes); the "
+                         "adapter reads whole matrices")
+    if p.ndim > 2 and not group.get("flatten"):
+        raise ValueError(f"Dion orthogonalises a {p.ndim}-D parameter without flatten as a batch of matrices; the "
+                         "adapter reads one matrix per parameter (flatten=True)")
+    if not group.get("nesterov"):
+        return m.to(torch.bfloat16)
+    if p.grad is None:
+        return None
+    return torch.mul(m, torch.tensor(group["mu"])).add_(p.grad.to(m.dtype)).to(torch.bfloat16)
+
+
+def dion_ns(kind: str, group: Mapping[str, Any]) -> NSConfig | None:
+    """The schedule of Dion's NS function named ``kind`` (`DION_NS_FUNCTIONS`); its other functions (Gram-NS, a
+    user's own) are recomputed but their coefficients are unknown: ns_* and ns_fail_frac say so."""
+    if not _dion_matrix_group(group):
+        return None
+    schedule = DION_NS_FUNCTIONS.get(kind)
+    if schedule is None:
+        raise ValueError(f"Dion's newton_schulz_func {kind!r} is not one spectralscope knows the coefficients of "
+                         f"({', '.join(DION_NS_FUNCTIONS)})")
+    return NSConfig(schedule, 5, float(group["epsilon"]), torch.bfloat16)
+
+
+def dion_orthogonalize(fn: Any, m: Tensor, group: Mapping[str, Any]) -> Tensor:
+    """O as Dion's step computes it: the instance's own function on the bf16 input, with ε as a float32 tensor."""
+    return fn(m.to(torch.bfloat16), epsilon=torch.tensor(group["epsilon"]))
+
+
+def dion_decay(group: Mapping[str, Any]) -> float:
+    if group.get("cautious_wd"):
+        raise ValueError("cautious weight decay decays only where update and weight agree in sign: the self-check "
+                         "cannot remove it")
+    return 1.0 - float(group["lr"]) * float(group["weight_decay"])
+
+
+def dion_normuon_direction(o: Tensor, group: Mapping[str, Any], v: Tensor | None) -> Tensor:
+    """What Dion's NorMuon applies after NS, up to its positive scale: each output neuron's row of O divided by
+    sqrt(v_t) + 1e-8 (``variance_neuron`` after the step)."""
+    if v is None:
+        raise ValueError("Dion's NorMuon keeps no variance_neuron for this parameter")
+    rows = o.to(torch.float64).reshape(o.shape[0], -1)
+    return (rows / (v.to(torch.float64).reshape(-1, 1).sqrt() + 1e-8)).reshape(o.shape)
+
+
+def dion_variance(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor | None:
+    return state.get("variance_neuron") if _dion_matrix_group(group) else None
+
+
+_DION_DESCRIBE = ("lr", "mu", "weight_decay", "epsilon", "nesterov", "adjust_lr", "flatten", "algorithm")
+
+
+def dion_adapter(optimizer: Any) -> Adapter:
+    """The adapter of one Dion Muon or NorMuon, bound to its NS function (``_newton_schulz_func``)."""
+    fn = optimizer._newton_schulz_func
+    kind = getattr(fn, "__name__", type(fn).__name__)
+    common = dict(ns=partial(dion_ns, kind), orthogonalize=partial(dion_orthogonalize, fn), decay=dion_decay)
+    if type(optimizer).__name__ == "NorMuon":
+        return Adapter(dion_momentum, describe=(*_DION_DESCRIBE, "muon_beta2", "cautious_wd"),
+                       direction=dion_normuon_direction, extra=dion_variance, **common)
+    return Adapter(dion_momentum, describe=_DION_DESCRIBE, **common)
+
+
+def _is_dion(optimizer: Any) -> bool:
+    return type(optimizer).__name__ in ("Muon", "NorMuon") and hasattr(optimizer, "_newton_schulz_func") and {
+        "mu", "algorithm", "epsilon", "flatten", "adjust_lr"} <= set(optimizer.defaults)
+
+
+register_layout("Dion's Muon and NorMuon", _is_dion, dion_adapter)

@@ -379,13 +379,14 @@ def test_a_wrong_heavyball_adapter_is_caught_despite_its_stochastic_rounding(tmp
 
 
 @pytest.mark.parametrize("name,foreach", [("AdaMuon", False), ("AdaMuon", True), ("NorMuon", None),
-                                          ("NorMuon", False)])
-def test_pytorch_optimizer_adamuon_and_normuon_record_what_their_newton_schulz_is_given(tmp_path, monkeypatch,
+                                          ("NorMuon", False), ("AdaGO", None), ("AdaGO", False)])
+def test_pytorch_optimizer_adamuon_normuon_and_adago_record_what_their_newton_schulz_is_given(tmp_path, monkeypatch,
                                                                                        name, foreach):
-    # both divide O by a second moment after NS (AdaMuon element-wise, NorMuon per output neuron), so the applied O
-    # cannot be read back: it is recomputed by MuonBase._orthogonalize, and the self-check applies their division
+    # AdaMuon and NorMuon divide O by a second moment after NS (element-wise, per output neuron), AdaGO scales it by
+    # a step from its gradient-norm accumulator, so the applied O cannot be read back: it is recomputed by
+    # MuonBase._orthogonalize, and the self-check applies their division
     import pytorch_optimizer
-    from pytorch_optimizer.optimizer.muon import adamuon, base, normuon
+    from pytorch_optimizer.optimizer.muon import adago, adamuon, base, normuon
 
     torch.manual_seed(0)
     model = Net()
@@ -394,7 +395,7 @@ def test_pytorch_optimizer_adamuon_and_normuon_record_what_their_newton_schulz_i
     opt = getattr(pytorch_optimizer, name)([dict(params=hidden, use_muon=True, weight_decay=0.05),
                                             dict(params=rest, use_muon=False)], lr=0.02, foreach=foreach)
     calls = _capture(monkeypatch, base, "zero_power_via_newton_schulz_5")
-    module = adamuon if name == "AdaMuon" else normuon
+    module = {"AdaMuon": adamuon, "NorMuon": normuon, "AdaGO": adago}[name]
     _capture(monkeypatch, module, "zero_power_via_newton_schulz_5", calls=calls)  # its per-tensor path's import
     rec, captured, deltas = _train(opt, model, tmp_path / "a.zarr", 4, calls, {1, 3})
     ds = ss.open_run(rec.path)["optimizer"].dataset
@@ -456,15 +457,115 @@ def test_a_layout_matches_only_its_own_hyper_parameters():
             super().__init__(params, dict(lr=0.1, weight_decay=0, momentum=0.9, beta2=0.95, eps=1e-8))
 
     assert not adapter_for(NorMuon([w])).known
+    import reference_dion as dion
+
+    from spectralscope.third_party import dion_normuon_direction
+
+    # Dion's, beside Moonlight's Muon of the same class name: matched by its hyper-parameters and NS function
+    muon, normuon = adapter_for(dion.Muon([w], use_polar_express=True)), adapter_for(dion.NorMuon([w]))
+    assert muon.known and muon.direction is None and normuon.direction is dion_normuon_direction
+    assert muon.ns.args == ("polar_express",) and muon.orthogonalize.args == (dion.polar_express,)
+    assert adapter_for(dion.Muon([w])).ns.args == ("zeropower_via_newtonschulz5",)
 
 
 def test_every_built_in_adapter_can_be_handed_to_the_worker_process():
     # a lambda anywhere in an adapter keeps every record of its optimizer in the training process (SGD's and
     # Adam's were, until this test)
+    import reference_dion as dion
+
     from spectralscope import adapters
     from spectralscope.worker import can_pickle
 
-    registered = [*adapters._REGISTRY.values(), *adapters._BY_NAME.values(), *(a for _, _, a in adapters._LAYOUTS)]
+    w = torch.nn.Parameter(torch.zeros(3, 4))
+    built = [adapters.adapter_for(dion.Muon([w])), adapters.adapter_for(dion.NorMuon([w]))]  # from a factory
+    registered = [*adapters._REGISTRY.values(), *adapters._BY_NAME.values(), *built,
+                  *(a for _, _, a in adapters._LAYOUTS if isinstance(a, adapters.Adapter))]
     built_in = [a for a in registered if (getattr(a.momentum, "__module__", None) or "").startswith("spectralscope")]
-    assert len(built_in) >= 10
+    assert len(built_in) >= 12
     assert [(a, can_pickle(a)) for a in built_in if can_pickle(a) is not None] == []
+
+
+@pytest.mark.parametrize("cls,ns,nesterov", [("Muon", "quintics", False), ("Muon", "polar_express", True),
+                                             ("NorMuon", "polar_express", False), ("NorMuon", "quintics", True)])
+def test_dions_muon_and_normuon_record_what_their_newton_schulz_is_given(tmp_path, caplog, cls, ns, nesterov):
+    # Dion keeps its NS function on the instance: the layout's adapter is built per optimizer and recomputes O with
+    # that very function (its step rounds lr'·O to bf16, so O cannot be read back)
+    import reference_dion as dion
+
+    from spectralscope.third_party import DION_NS_FUNCTIONS
+
+    torch.manual_seed(0)
+    model = Net(conv=False)
+    hidden = model.hidden()
+    rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+    opt = getattr(dion, cls)([dict(params=hidden, weight_decay=0.1), dict(params=rest, algorithm="adamw")], lr=0.02,
+                             nesterov=nesterov, use_polar_express=ns == "polar_express")
+    dion.CALLS.clear()
+    with caplog.at_level(logging.WARNING, logger="spectralscope"):
+        rec, captured, deltas = _train(opt, model, tmp_path / "d.zarr", 4, dion.CALLS, {1, 3})
+    tree = ss.open_run(rec.path)
+    ds = tree["optimizer"].dataset
+    assert rec.errors == {} and caplog.text == ""  # no warning: measured in the worker process, self-check passed
+    assert all(len(got) == len(hidden) for got in captured.values())
+    assert _check_matched(ds, model, hidden, captured, deltas) < 1e-6
+    name = "polar_express" if ns == "polar_express" else "zeropower_via_newtonschulz5"
+    assert tree.attrs["optimizer"][0]["ns_coefficients"] == [list(t) for t in DION_NS_FUNCTIONS[name]]
+    j = list(ds["layer"].values).index("head.weight")  # AdamW group: its first moment, no NS, said so
+    sv = _np_sv(opt.state[model.head.weight]["momentum"])
+    np.testing.assert_allclose(ds["momentum_sv"].values[-1, j], np_quantile(sv / np.linalg.norm(sv), QS), rtol=1e-9)
+    assert np.isnan(ds["ns_out_sv"].values[:, j]).all()
+    assert "not applicable to the layers of 1 of 2 param groups" in tree.attrs["notes"]["newton_schulz"]
+
+
+def test_dions_polar_express_schedule_folds_its_input_scaling_into_the_first_step():
+    # ns_fail_frac is of σ(M/‖M‖_F); Dion's polar_express first divides by 1.02·‖X‖_F: the recorded schedule's map
+    # must be the polynomials composed on x/1.02 (composed here in float64 from the published coefficients)
+    import reference_dion as dion
+
+    from spectralscope.newton_schulz import scalar_map
+    from spectralscope.third_party import DION_NS_FUNCTIONS
+
+    x = np.linspace(1e-4, 1.0, 2001)
+    y = x / 1.02
+    for a, b, c in dion._POLAR_EXPRESS:
+        y = a * y + b * y**3 + c * y**5
+    np.testing.assert_allclose(scalar_map(x, DION_NS_FUNCTIONS["polar_express"], 5), y, rtol=1e-12)
+
+
+def test_dion_with_a_newton_schulz_function_of_the_users_is_recomputed_and_its_unknown_map_said(tmp_path):
+    import reference_dion as dion
+
+    torch.manual_seed(0)
+    model = Net(conv=False)
+    opt = dion.Muon(model.hidden(), lr=0.02, newton_schulz_func=dion.my_orthogonalise)
+    dion.CALLS.clear()
+    rec, captured, deltas = _train(opt, model, tmp_path / "u.zarr", 3, dion.CALLS, {2})
+    tree = ss.open_run(rec.path)
+    ds = tree["optimizer"].dataset.sel(step=2)
+    j = list(ds["layer"].values).index("fc1.weight")
+    g_in, _ = captured[2][0]  # fc1: the first matrix it stepped
+    sv = _np_sv(g_in)
+    np.testing.assert_allclose(ds["momentum_sv"].values[j], np_quantile(sv / np.linalg.norm(sv), QS), rtol=1e-6)
+    assert np.isnan(ds["ns_fail_frac"].values[j]) and np.isnan(ds["ns_out_sv"].values[j]).all()
+    assert "'my_orthogonalise' is not one spectralscope knows" in tree.attrs["notes"]["newton_schulz"]
+
+
+def test_dion_variants_the_adapter_does_not_rebuild_are_nan_with_the_reason(tmp_path, caplog):
+    # per-head NS (num_heads) is not NS of the whole matrix; cautious decay is not a factor the self-check removes
+    import reference_dion as dion
+
+    torch.manual_seed(0)
+    model = Net(conv=False)
+    fc1, fc2, fc3, fc4 = model.hidden()
+    opt = dion.NorMuon([dict(params=[fc1, fc2], num_heads=4), dict(params=[fc3, fc4], cautious_wd=True)], lr=0.02)
+    with caplog.at_level(logging.WARNING, logger="spectralscope"):
+        rec, _, _ = _train(opt, model, tmp_path / "v.zarr", 2, [], set())
+    assert rec.errors == {"momentum_sv": {"fc1.weight": 2, "fc2.weight": 2},
+                          "momentum_norm": {"fc1.weight": 2, "fc2.weight": 2},
+                          "ns_fail_frac": {"fc1.weight": 2, "fc2.weight": 2},
+                          "ns_consistency": {"fc3.weight": 2, "fc4.weight": 2}}
+    assert "per head or row block (num_heads/split_sizes)" in caplog.text
+    assert "cautious weight decay" in caplog.text
+    ds = ss.open_run(rec.path)["optimizer"].dataset
+    names = list(ds["layer"].values)
+    assert np.isfinite(ds["momentum_sv"].values[:, names.index("fc3.weight")]).all()
