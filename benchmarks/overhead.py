@@ -27,8 +27,22 @@ the writer's threads); `--thread` measures on a worker thread (what a GPU gets),
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # SciPy's BLAS on one thread, like torch below
+
+def _threads_argument(argv: list[str]) -> int | None:
+    """``--threads N`` read before numpy is imported: its BLAS pool takes its size from the environment then."""
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+    return None
+
+
+THREADS = _threads_argument(sys.argv)
+if THREADS is not None:  # the old setting (--threads 1): SciPy's BLAS on as many threads as torch below
+    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -137,6 +151,11 @@ def paired_ratios(run_a, run_b, pairs: int, block: int, group: int) -> tuple[lis
     return ratios, ta, tb
 
 
+def child_process(rec):
+    """The recorder's worker process (`spectralscope.worker.WorkerProcess`), None when it has none."""
+    return getattr(rec.runner, "process", None)
+
+
 class Account:
     """The recorder's own CPU time, counted where it is spent rather than as a difference of two noisy totals:
     main-thread time (time.thread_time) inside the recorder's work — the optimizer record, each instrument's
@@ -147,11 +166,15 @@ class Account:
     def __init__(self, rec) -> None:
         self.main = 0.0
         self._rec = rec
-        self._wrap(rec, "_measure")
-        self._wrap(rec, "_emit")
-        self._wrap(rec, "_hand_over")  # background=True: the copies and the hand-over to the worker
+        # what the step hooks call: the optimizer record's snapshot and inputs, the hand-over of every record to
+        # its runner (measured there inline; copied for a worker), the row's attributes, each instrument's work
+        self._wrap(rec.record, "before")
+        self._wrap(rec.record, "after")
+        self._wrap(rec.runner, "submit")
+        self._wrap(rec.writer, "update_attrs")
+        self._wrap(rec, "_emit")  # rows coming back (a worker thread's are not counted here)
         for inst in rec.instruments:
-            for name in ("_add", "row", "before_step"):  # a sharpness probe runs inside its row
+            for name in ("_add", "take", "before_step"):
                 if hasattr(inst, name):
                     self._wrap(inst, name)
         if any(isinstance(inst, ss.GradientSpectra) for inst in rec.instruments):
@@ -175,21 +198,37 @@ class Account:
 
     def _child(self) -> float:
         """CPU seconds of the recorder's worker process (background=True on the CPU), 0 without one."""
-        proc = getattr(self._rec, "_process", None)
+        proc = child_process(self._rec)
         if proc is None:
             return 0.0
         with open(f"/proc/{proc.proc.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
+    @staticmethod
+    def _threads() -> dict[int, float]:
+        """CPU seconds of each Python thread other than the main one, by native id: the writer, zarr's and the
+        worker's reader. torch's intra-op threads (not Python threads) train both runs and are left out."""
+        tick, cpu = os.sysconf("SC_CLK_TCK"), {}
+        for t in threading.enumerate():
+            if t is threading.main_thread() or t.native_id is None:
+                continue
+            try:
+                with open(f"/proc/self/task/{t.native_id}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # it ended
+                continue
+            cpu[t.native_id] = (int(fields[11]) + int(fields[12])) / tick
+        return cpu
+
     def start(self) -> None:
         self.main = 0.0
-        self._process, self._thread, self._child0 = time.process_time(), time.thread_time(), self._child()
+        self._threads0, self._child0 = self._threads(), self._child()
 
     def stop(self) -> tuple[float, float, float]:
-        """(main-thread seconds inside the recorder, other threads' seconds, worker process seconds) since
+        """(main-thread seconds inside the recorder, other Python threads' seconds, worker process seconds) since
         `start`."""
-        others = (time.process_time() - self._process) - (time.thread_time() - self._thread)
+        others = sum(cpu - self._threads0.get(tid, 0.0) for tid, cpu in self._threads().items())
         return self.main, others, self._child() - self._child0
 
 
@@ -247,8 +286,11 @@ def main() -> None:
     ap.add_argument("--clock", choices=("process", "wall"), default=None,
                     help="time blocks by process CPU time (default with --inline) or by the wall clock (default "
                          "otherwise)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch's (and BLAS's) thread count; default: torch's own default, as users train")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.all_instruments and not args.demo:
         ap.error("--all-instruments needs --demo")
@@ -280,8 +322,8 @@ def main() -> None:
         if args.inline or args.thread:
             extra["background"] = False if args.inline else "thread"
         rec = None if args.control else ss.watch(opts_b[0], watched, f"{tmp}/bench.zarr", every=args.every, **extra)
-        if rec is not None and rec._process is not None:
-            rec._process.wait_ready(120)  # records wait for no one while it starts: they are measured inline
+        if rec is not None and child_process(rec) is not None:
+            child_process(rec).wait_ready(120)  # records wait for no one while it starts: they are measured inline
         account = Account(rec) if rec is not None else None
         run_a(steps), run_b(steps)  # warm-up, and the watched run starts its next group at a record
         if account is not None:
@@ -300,7 +342,8 @@ def main() -> None:
     print(f"model: {desc}, {n_params / 1e6:.2f}M parameters; "
           + ("CONTROL: B not watched; " if args.control else f"{n_layers} watched matrices; ")
           + f"optimizer record every {args.every} steps {mode}, {what}; "
-          + f"{args.clock} clock; "
+          + f"{args.clock} clock; torch on {torch.get_num_threads()} thread(s)"
+          + ("" if args.threads else " (its default)") + "; "
           f"{args.pairs} ratios, each over {args.group} alternating pairs of {args.block}-step blocks")
     print(f"{'plain step':>11} {'watched/plain':>14} {'IQR':>15} {'min–max':>15} {'sum B/sum A':>12} "
           f"{'records per ' + str(steps) + ' steps':>22}")

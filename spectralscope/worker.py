@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from .threads import WORKER_NICE
+
 log = logging.getLogger("spectralscope")
 
 #: Jobs sent and not yet answered, at most (one being measured, one waiting).
@@ -476,6 +478,10 @@ def serve(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
+    try:  # below training: on a machine whose cores training fills, it takes what training leaves
+        os.nice(WORKER_NICE - os.nice(0))
+    except OSError:
+        pass
     conn = Connection(fd)
     setups: dict[int, Any] = {}
     try:

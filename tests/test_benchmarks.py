@@ -29,3 +29,18 @@ def test_gpu_benchmark_refuses_a_cpu_without_smoke():
         pytest.skip("CUDA available")
     out = subprocess.run([sys.executable, "benchmarks/gpu.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "no CUDA device" in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [[], ["--inline"], ["--threads", "1"]])
+def test_overhead_benchmark_runs_and_states_its_thread_setting(mode):
+    # its tables are docs/benchmarks.md's: it must keep running against the recorder as it is (it once read a
+    # recorder attribute a refactor had removed, and nobody saw)
+    small = ["--pairs", "2", "--group", "1", "--block", "2", "--every", "2", "--width", "32", "--depth", "1",
+             "--batch", "4", "--ctx", "16"]
+    out = subprocess.run([sys.executable, "benchmarks/overhead.py", *small, *mode], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "watched/plain" in out.stdout and "direct account" in out.stdout
+    assert ("torch on 1 thread(s);" if mode == ["--threads", "1"] else "(its default)") in out.stdout
+    assert "failed" not in out.stderr

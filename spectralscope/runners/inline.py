@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from ..threads import one_blas_thread
+
 
 class InlineRunner:
     """Finishes each record at once, where it is submitted. A record that fails is lost, counted in the ledger
@@ -16,7 +18,7 @@ class InlineRunner:
 
     def submit(self, group: str, step: int, payload: Any, finisher: Any, live: bool = False) -> None:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), one_blas_thread():
                 row, problems = finisher.finish(payload)
         except Exception as exc:  # that record is lost, the others are not
             self.ledger.lost(group, f"failed ({type(exc).__name__}: {exc})", step)

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..threads import one_blas_thread
+
 
 def clone_tensors(payload: Any) -> Any:
     """``payload`` with every tensor in it (in lists, tuples, named tuples and dicts) replaced by a copy."""
@@ -71,7 +73,7 @@ class ThreadRunner:
 
     def _finish(self, group: str, step: int, payload: Any, finisher: Any) -> None:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), one_blas_thread():  # limits only on the training thread (see threads)
                 row, problems = finisher.finish(payload)
         except Exception as exc:  # that record is lost, training goes on
             self.ledger.lost(group, f"failed ({type(exc).__name__}: {exc})", step)
