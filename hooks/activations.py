@@ -8,6 +8,7 @@ spectrum is taken and the statistics reset. The formulas live in `spectralscope.
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Sequence
 
@@ -153,7 +154,7 @@ class ActivationSpectra:
         self._names, self._dims, self._stats, self._seen, self._tokens = [], [], [], {}, {}
         self._kinds = module_kinds(chosen, ctx.layers)
         self.defer = False
-        self._step, self._ledger, self._writes = ctx.step, ctx.ledger, ctx.writes
+        self._step, self._ledger, self._writes, self._spend = ctx.step, ctx.ledger, ctx.writes, ctx.spend
         for i, (name, module) in enumerate(chosen):
             self._names.append(name)
             self._dims.append(in_features(module))
@@ -180,10 +181,13 @@ class ActivationSpectra:
         def hook(module: nn.Module, args: tuple) -> None:
             if self.paused or not args or self._step() % self.every != 0:
                 return
+            t = time.perf_counter()
             try:
                 self._add(i, args[0])
             except Exception as exc:  # never into the forward pass
                 self._ledger.failed("act_eig", self._names[i], exc)
+            finally:
+                self._spend(time.perf_counter() - t)
 
         return hook
 

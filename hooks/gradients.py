@@ -14,6 +14,7 @@ record is finished (a worker process or thread); layers beyond the budget are fo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -102,7 +103,7 @@ class GradientSpectra:
         self.remove()  # an instance handed to a second watch() starts afresh
         self._names, self._grams, self._taken = [], [], []
         self._kinds = module_kinds(chosen, ctx.layers)
-        self._step, self._ledger = ctx.step, ctx.ledger
+        self._step, self._ledger, self._spend = ctx.step, ctx.ledger, ctx.spend
         for i, (name, module) in enumerate(chosen):
             self._names.append(name)
             self._grams.append(None)
@@ -131,6 +132,7 @@ class GradientSpectra:
             a = args[0].detach()[: self.max_samples]
 
             def on_grad(delta: torch.Tensor) -> None:
+                t = time.perf_counter()
                 try:
                     with torch.no_grad():
                         d = delta.detach()[: self.max_samples]
@@ -142,6 +144,8 @@ class GradientSpectra:
                             self._grams[i] = per_sample_gram(a, d)
                 except Exception as exc:  # never into the backward pass
                     self._ledger.failed("grad_sv", self._names[i], exc)
+                finally:
+                    self._spend(time.perf_counter() - t)
 
             output.register_hook(on_grad)
 

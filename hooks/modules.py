@@ -33,7 +33,8 @@ from spectralscope.ledger import Ledger
 class Context:
     """What the recorder hands an instrument: the model, the watched layers, the optimizer, the index of the
     optimizer step under way, the run's error `Ledger`, ``pause(flag)``, which stops every instrument's hooks
-    (the sharpness probe's own passes are not recorded), and ``writes``."""
+    (the sharpness probe's own passes are not recorded), ``writes``, and ``spend(seconds)``, told the wall time
+    each module hook took on a recorded step (the overhead budget, `spectralscope.budget`)."""
 
     model: nn.Module | None
     layers: Sequence[Layer]
@@ -42,6 +43,7 @@ class Context:
     ledger: Ledger
     pause: Callable[[bool], None]
     writes: bool = True  # False on the ranks other than 0: take part in collectives, skip what only feeds the store
+    spend: Callable[[float], None] = lambda seconds: None  # noqa: E731  (the module hooks' wall time: the budget)
 
 
 def find_modules(model: nn.Module | None, layers: Sequence[Layer], names: Sequence[str] | None,

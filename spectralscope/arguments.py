@@ -107,9 +107,11 @@ def check_layers(layers: Any) -> None:
 
 def check_options(*, every: Any, meta: Any, name: Any, model_size: Any, ns_floor: Any, flush_seconds: Any,
                   resume: Any, overwrite: Any, storage_options: Any, exact_max: Any, sv_method: Any,
-                  tensorboard: Any, background: Any) -> None:
+                  tensorboard: Any, background: Any, overhead: Any = None) -> None:
     """Every option of `watch` that is a plain value."""
     check(_is_int(every) and every >= 1, "every", "an int >= 1", every)
+    check(overhead is None or (_is_number(overhead) and 0 < overhead < 1), "overhead",
+          "a share of training time in (0, 1), e.g. 0.02, or None (no budget)", overhead)
     check(meta is None or isinstance(meta, Mapping), "meta", "a dict of JSON values or None", meta)
     if meta is not None:
         try:
@@ -195,6 +197,7 @@ class Options:
     sharpness: Any = None
     tensorboard: str | Path | None = None
     background: bool | str = "auto"
+    overhead: float | None = None
 
     def __post_init__(self) -> None:
         from .hooks.activations import ActivationSpectra
@@ -204,7 +207,8 @@ class Options:
         check_options(every=self.every, meta=self.meta, name=self.name, model_size=self.model_size,
                       ns_floor=self.ns_floor, flush_seconds=self.flush_seconds, resume=self.resume,
                       overwrite=self.overwrite, storage_options=self.storage_options, exact_max=self.exact_max,
-                      sv_method=self.sv_method, tensorboard=self.tensorboard, background=self.background)
+                      sv_method=self.sv_method, tensorboard=self.tensorboard, background=self.background,
+                      overhead=self.overhead)
         check_layers(self.layers)
         self.quantiles = check_quantiles(self.quantiles)
         self.kind_rules = check_kinds(self.kinds)

@@ -74,6 +74,13 @@ def info_text(path: str, storage_options: dict | None = None) -> str:
     errors = attrs.get("errors", {})
     n_err = sum(sum(v.values()) for v in errors.values()) if isinstance(errors, dict) else 0
     lines.append(f"{'errors':<10} {n_err}" + (f"  {json.dumps(errors)}" if n_err else ""))
+    budget = attrs.get("overhead")
+    if isinstance(budget, dict):  # watch(overhead=...): what recording cost and the cadence it kept to
+        cadence = ", ".join(f"{g} every {n}" for g, n in (budget.get("cadence") or {}).items())
+        share = budget.get("share")
+        measured = f"{100 * share:.2f}%" if isinstance(share, (int, float)) else "not measured yet"
+        lines.append(f"{'overhead':<10} budget {100 * budget.get('budget', float('nan')):.2f}% of training time, "
+                     f"recording took {measured}; cadence x{budget.get('stretch')} ({cadence})")
     for family, note in (attrs.get("notes") or {}).items():  # what is NaN by construction, and why
         lines.append(f"{'note':<10} {family}: {note}")
     lines.append("")

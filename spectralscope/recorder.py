@@ -18,6 +18,7 @@ import functools
 import logging
 import math
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from spectralscope.hooks.modules import Context
 
 from . import arguments, distributed
 from .adapters import adapter_for, qualified_name
+from .budget import Budget
 from .estimate import choose_method
 from .layers import Layer, select_layers
 from .ledger import Ledger
@@ -113,8 +115,11 @@ class Recorder:
         # every rank measures the layers it owns from gathered full matrices.
         self.writes = distributed.rank() == 0
         self.sharded = distributed.active() and any(distributed.is_sharded(lay.param) for lay in self.layers)
+        self.budget = Budget(float(opts.overhead)) if opts.overhead is not None else None
         self.record = self._optimizer_record(opts)
         self.instruments = self._instruments(opts, model)
+        self._base_every = [obj.every for obj in self._all()]  # the user's cadence, which the budget stretches
+        self._window_from: float | None = None
         self.path, self.writer = str(path), DiscardWriter(path)
         self._tb = None
         self._closed = False
@@ -165,7 +170,8 @@ class Recorder:
         activations = ActivationSpectra() if opts.activations is True else opts.activations
         gradients = GradientSpectra() if opts.gradients is True else opts.gradients
         instruments = [i for i in (activations, gradients, opts.sharpness) if i]
-        ctx = Context(model, self.layers, self.optimizer, lambda: self._step, self.ledger, self._pause, self.writes)
+        ctx = Context(model, self.layers, self.optimizer, lambda: self._step, self.ledger, self._pause, self.writes,
+                      self._spend)
         try:
             for inst in list(instruments):
                 try:
@@ -196,6 +202,7 @@ class Recorder:
             "every": self.every,
             "ns_floor": self.ns_floor,  # the f_k floor behind ns_fail_frac, so readers can draw its threshold
             "notes": dict(self._notes),  # what is not recorded, and why (readers show it beside the NaNs)
+            **({"overhead": self.overhead_report()} if self.budget is not None else {}),
         }
 
     def _open(self, path: str | Path, opts: arguments.Options, model: nn.Module | None) -> int:
@@ -287,6 +294,8 @@ class Recorder:
         atexit.unregister(self._atexit)
         self.runner.close()
         self._push_scalars()
+        if self.budget is not None:
+            self.writer.update_attrs(overhead=self.overhead_report())
         self.writer.update_attrs(steps=self._step, errors=self.errors)
         self.writer.close()
         summary = self.ledger.summary(self.path)
@@ -324,8 +333,21 @@ class Recorder:
         for inst in self.instruments:
             inst.paused = flag
 
+    def _spend(self, seconds: float) -> None:
+        if self.budget is not None:
+            self.budget.spend(seconds)
+
     def _before_step(self, j: int, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Before optimizer ``j`` steps (0: the clock, which also drives the module instruments)."""
+        if self.budget is None:
+            return self._before(j)
+        t = time.perf_counter()
+        try:
+            return self._before(j)
+        finally:
+            self.budget.spend(time.perf_counter() - t)
+
+    def _before(self, j: int) -> None:
         try:
             self.record.before(j)
         except Exception as exc:  # out of memory for a snapshot: that record's update part is skipped
@@ -342,6 +364,50 @@ class Recorder:
     def _after_step(self, j: int, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """After optimizer ``j`` stepped: its part of the optimizer record (submitted once every optimizer has
         stepped), and for the clock the module instruments' records and the next training step."""
+        if self.budget is None:
+            return self._after(j)
+        t = time.perf_counter()
+        try:
+            self._after(j)
+        finally:
+            self.budget.spend(time.perf_counter() - t)
+            if j == 0:
+                self._budget_decision(self._step - 1)
+
+    def _budget_decision(self, step: int) -> None:
+        """At a step that ends a budget window (a multiple of twice the stretched optimizer cadence, where both a
+        doubling and a halving keep every optimizer's part of a record on the same steps): the window's share
+        sets the next stretch, applied to every group from the next step on."""
+        budget = self.budget
+        span = 2 * self._base_every[0] * budget.stretch
+        if step % span != 0:
+            return
+        now = time.perf_counter()
+        if self._window_from is None:  # the first window starts here: the first records carry one-off costs
+            self._window_from = now
+            budget.window_cost = 0.0
+            return
+        old = budget.stretch
+        budget.decide(step, now - self._window_from)
+        self._window_from = now
+        if budget.stretch != old:
+            for obj, base in zip(self._all(), self._base_every, strict=True):
+                obj.every = base * budget.stretch
+        self.writer.update_attrs(overhead=self.overhead_report())
+
+    def overhead_report(self) -> dict[str, Any] | None:
+        """The budget's account (root attribute ``overhead``): the budget, the share of training time recording
+        took (over the run, and since the stretch last changed), the stretch, each group's cadence, and the steps the
+        stretch changed at; None without a budget."""
+        budget = self.budget
+        if budget is None:
+            return None
+        return {"budget": budget.budget, "share": _jsonable(budget.share),
+                "settled_share": _jsonable(budget.settled_share), "stretch": budget.stretch,
+                "cadence": {obj.group: obj.every for obj in self._all()},
+                "changes": [list(c) for c in budget.changes[-100:]]}
+
+    def _after(self, j: int) -> None:
         step = self._step
         try:
             try:
@@ -460,7 +526,14 @@ def watch(
     its own CUDA stream, so the training thread never waits for them; "thread" or "process" chooses. At
     most two records are in flight, beyond that the training thread waits; ``flush`` and ``close`` wait for
     them; a killed training process loses at most the last flush interval, and the worker process commits
-    what it measured when its parent is gone; not under FSDP2; the rows are bit for bit the inline ones).
+    what it measured when its parent is gone; not under FSDP2; the rows are bit for bit the inline ones; the
+    worker process runs at nice 19 on one thread, and a record on the training thread holds the BLAS pools to
+    one thread, `spectralscope.threads`), ``overhead`` (a budget: the share of training time recording may
+    take, e.g. 0.02; None, the default, is no budget. The training thread's wall time in the recorder's hooks,
+    waits for a record in flight included, is measured against the time between decisions, and every group's
+    cadence is stretched ×2 while over budget and relaxed ×½ under a quarter of it, never below the user's:
+    `spectralscope.budget`; the root attribute ``overhead`` and ``spectralscope info`` give the share and the
+    cadence used).
     Under torch.distributed call it on every rank with the same arguments: only rank 0 writes (the path is
     not touched elsewhere); with FSDP2 (DTensor parameters) every rank measures its round-robin share of
     the layers on gathered full matrices.
