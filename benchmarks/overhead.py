@@ -286,6 +286,8 @@ def main() -> None:
     ap.add_argument("--clock", choices=("process", "wall"), default=None,
                     help="time blocks by process CPU time (default with --inline) or by the wall clock (default "
                          "otherwise)")
+    ap.add_argument("--overhead", type=float, default=None,
+                    help="watch with this overhead budget (e.g. 0.02); the stretch it settled on is printed")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch's (and BLAS's) thread count; default: torch's own default, as users train")
     args = ap.parse_args()
@@ -321,6 +323,8 @@ def main() -> None:
             extra = instruments
         if args.inline or args.thread:
             extra["background"] = False if args.inline else "thread"
+        if args.overhead is not None:
+            extra["overhead"] = args.overhead
         rec = None if args.control else ss.watch(opts_b[0], watched, f"{tmp}/bench.zarr", every=args.every, **extra)
         if rec is not None and child_process(rec) is not None:
             child_process(rec).wait_ready(120)  # records wait for no one while it starts: they are measured inline
@@ -330,10 +334,10 @@ def main() -> None:
             account.start()
         ratios, ta, tb = paired_ratios(run_a, run_b, args.pairs, args.block, args.group)
         main_s, others_s, child_s = account.stop() if account is not None else (0.0, 0.0, 0.0)
-        n_layers = 0
+        n_layers, budget = 0, None
         if rec is not None:
             rec.close()
-            n_layers = len(rec.layers)
+            n_layers, budget = len(rec.layers), rec.overhead_report()
     n_params = sum(p.numel() for p in plain.parameters())
     step = statistics.median(ta) / steps
     q = statistics.quantiles(ratios, n=4)
@@ -351,6 +355,10 @@ def main() -> None:
     print(f"{1e3 * step:9.1f}ms {100 * overhead:+13.2f}% {100 * (q[0] - 1):+6.2f}…{100 * (q[2] - 1):+.2f}% "
           f"{100 * (min(ratios) - 1):+6.2f}…{100 * (max(ratios) - 1):+.2f}% {100 * (sum(tb) / sum(ta) - 1):+11.2f}% "
           f"{overhead * steps:17.2f} steps")
+    if budget is not None:
+        print(f"overhead budget {100 * budget['budget']:.1f}%: the recorder's own account {100 * budget['share']:.2f}% "
+              f"of training time (since the cadence settled {budget['settled_share']}); cadence x{budget['stretch']} "
+              f"{budget['cadence']}, changed at {budget['changes']}")
     if not args.control:
         plain = sum(ta)
         child = "" if args.inline or args.thread else f" + worker process {100 * child_s / plain:.2f}%"

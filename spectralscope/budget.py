@@ -2,7 +2,8 @@
 training at most a given share of its time.
 
 The recorder measures its cost on the training thread — the wall time spent in its step hooks (snapshots, copies,
-records measured there, and any wait for a record in flight) and in the instruments' module hooks — against the
+records measured there, and any wait for a record in flight) and in the instruments' module hooks — plus, when
+torch's threads take every core, the worker process's CPU time (cycles training could have had), against the
 wall time between two decisions. At each decision the cadence multiplier s (every group's ``every`` is its
 user-given value × s) is doubled when the window's share was over the budget and halved, never below 1, when it
 was under a quarter of it and the run as a whole is within the budget: a record's cost is about proportional to

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -120,6 +121,7 @@ class Recorder:
         self.instruments = self._instruments(opts, model)
         self._base_every = [obj.every for obj in self._all()]  # the user's cadence, which the budget stretches
         self._window_from: float | None = None
+        self._child_from = 0.0  # the worker process's CPU seconds at the window's start
         self.path, self.writer = str(path), DiscardWriter(path)
         self._tb = None
         self._closed = False
@@ -383,10 +385,13 @@ class Recorder:
         if step % span != 0:
             return
         now = time.perf_counter()
+        child = self._child_cpu()
         if self._window_from is None:  # the first window starts here: the first records carry one-off costs
-            self._window_from = now
+            self._window_from, self._child_from = now, child
             budget.window_cost = 0.0
             return
+        budget.spend(child - self._child_from)
+        self._child_from = child
         old = budget.stretch
         budget.decide(step, now - self._window_from)
         self._window_from = now
@@ -394,6 +399,15 @@ class Recorder:
             for obj, base in zip(self._all(), self._base_every, strict=True):
                 obj.every = base * budget.stretch
         self.writer.update_attrs(overhead=self.overhead_report())
+
+    def _child_cpu(self) -> float:
+        """The worker process's CPU seconds, when it competes with training for the cores: torch's threads take
+        every core (its nice level makes it yield, yet what it runs is then not training's). Counted whole, so
+        the budget errs on the side of training. 0 with a core to spare, or without a worker process."""
+        process = getattr(self.runner, "process", None)
+        if process is None or torch.get_num_threads() < (os.cpu_count() or 1):
+            return 0.0
+        return process.cpu_seconds()
 
     def overhead_report(self) -> dict[str, Any] | None:
         """The budget's account (root attribute ``overhead``): the budget, the share of training time recording
@@ -530,7 +544,8 @@ def watch(
     worker process runs at nice 19 on one thread, and a record on the training thread holds the BLAS pools to
     one thread, `spectralscope.threads`), ``overhead`` (a budget: the share of training time recording may
     take, e.g. 0.02; None, the default, is no budget. The training thread's wall time in the recorder's hooks,
-    waits for a record in flight included, is measured against the time between decisions, and every group's
+    waits for a record in flight included, and the worker process's CPU time when torch's threads take every
+    core, is measured against the time between decisions, and every group's
     cadence is stretched ×2 while over budget and relaxed ×½ under a quarter of it, never below the user's:
     `spectralscope.budget`; the root attribute ``overhead`` and ``spectralscope info`` give the share and the
     cadence used).

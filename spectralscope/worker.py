@@ -268,6 +268,15 @@ class WorkerProcess:
         first recorder; True also once the child is gone, which `submit` then reports)."""
         return self.child.ready.is_set() or not self.alive
 
+    def cpu_seconds(self) -> float:
+        """The child's CPU time so far (user + system, all its recorders' work), 0 where /proc cannot say."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until `ready`; False on timeout."""
         return self.child.ready.wait(timeout) or not self.alive

@@ -86,6 +86,54 @@ def test_a_slow_record_is_stretched_until_recording_fits_the_budget(tmp_path):
     assert "overhead   budget 10.00% of training time" in text and f"cadence x{stretch}" in text
 
 
+def _spin(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def _busy_orthogonalize(m, group):
+    _spin(0.01)  # CPU, not a sleep: what the budget counts of the worker process is its CPU time
+    return ss.newton_schulz.newton_schulz(m, ss.NSConfig())
+
+
+def _buffer(p, group, state):
+    return state.get("momentum_buffer")
+
+
+def _default_ns(group):
+    return ss.NSConfig()
+
+
+class _BusyInTheWorker(torch.optim.SGD):
+    """SGD whose record costs 10 ms of CPU a layer in the worker process (named functions: it travels there)."""
+
+
+def test_the_worker_processs_cpu_counts_when_training_takes_every_core(tmp_path, caplog):
+    import os
+
+    ss.register_adapter(_BusyInTheWorker, momentum=_buffer, ns=_default_ns, orthogonalize=_busy_orthogonalize)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # no core to spare: the worker's cycles are training's
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+        opt = _BusyInTheWorker(model.parameters(), lr=0.01, momentum=0.9)
+        with ss.watch(opt, model, tmp_path / "w.zarr", every=2, activations=None, overhead=0.1) as rec:
+            assert rec.runner.process is not None and rec.runner.process.wait_ready(120)
+            for _ in range(1600):
+                time.sleep(0.005)  # the training thread is idle: only the worker's CPU can be over budget
+                model(torch.randn(32, 8)).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    report = ss.open_run(rec.path).attrs["overhead"]
+    assert 16 <= report["stretch"] < MAX_STRETCH, report
+    assert isinstance(report["settled_share"], float) and report["settled_share"] <= 0.1, report
+    assert "measured in the training process" not in caplog.text and rec.errors == {}
+
+
 def test_without_a_budget_the_cadence_is_the_users(tmp_path):
     model = nn.Linear(8, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
