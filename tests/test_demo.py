@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
+import torch
 
 import spectralscope as ss
 from spectralscope.cli import main
@@ -28,6 +31,8 @@ def test_demo_end_to_end_at_a_tiny_setting(tmp_path, capsys):
     line = next(ln.split() for ln in text.splitlines() if ln.split()[:4] == ["attn_o", "1", "attn_o@1", "0.5"])
     assert float(line[4]) == pytest.approx(row["slope"], rel=1e-3)
     assert "Newton–Schulz steps needed at" in text and "activation hard rank" in text
+    done = re.search(r"demo done in (\d+) s wall time \(training (\d+) s; torch on (\d+) threads\)", text)
+    assert done and int(done[1]) >= int(done[2]) and int(done[3]) == torch.get_num_threads()
 
 
 def test_demo_bad_arguments_exit_2(capsys, tmp_path):
