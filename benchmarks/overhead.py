@@ -56,6 +56,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import spectralscope as ss  # noqa: E402
+from spectralscope.worker import stat_cpu_seconds  # noqa: E402
 
 
 class Block(nn.Module):
@@ -199,26 +200,19 @@ class Account:
     def _child(self) -> float:
         """CPU seconds of the recorder's worker process (background=True on the CPU), 0 without one."""
         proc = child_process(self._rec)
-        if proc is None:
-            return 0.0
-        with open(f"/proc/{proc.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        return 0.0 if proc is None else proc.cpu_seconds()
 
     @staticmethod
     def _threads() -> dict[int, float]:
         """CPU seconds of each Python thread other than the main one, by native id: the writer, zarr's and the
         worker's reader. torch's intra-op threads (not Python threads) train both runs and are left out."""
-        tick, cpu = os.sysconf("SC_CLK_TCK"), {}
+        cpu = {}
         for t in threading.enumerate():
             if t is threading.main_thread() or t.native_id is None:
                 continue
-            try:
-                with open(f"/proc/self/task/{t.native_id}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:  # it ended
-                continue
-            cpu[t.native_id] = (int(fields[11]) + int(fields[12])) / tick
+            seconds = stat_cpu_seconds(f"/proc/self/task/{t.native_id}/stat")
+            if seconds is not None:  # None: it ended
+                cpu[t.native_id] = seconds
         return cpu
 
     def start(self) -> None:

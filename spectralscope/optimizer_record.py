@@ -55,13 +55,13 @@ def coverage_notes(adapter: Adapter, optimizer: torch.optim.Optimizer, name: str
             notes["newton_schulz"] = (f"not applicable to {len(without)} of {len(params)} parameters ({name} "
                                       "applies no Newton–Schulz to them)")
     else:
-        errors = [_ns_error(adapter, g) for g in optimizer.param_groups]
-        if any(errors):
-            why = next(e for e in errors if e)
-            notes["newton_schulz"] = (f"not recorded for the layers of {sum(map(bool, errors))} of "
-                                      f"{len(errors)} param groups ({why})")
+        configs = [_ns_and_error(adapter, g) for g in optimizer.param_groups]
+        errors = [e for _, e in configs if e]
+        if errors:
+            notes["newton_schulz"] = (f"not recorded for the layers of {len(errors)} of {len(configs)} param "
+                                      f"groups ({errors[0]})")
             return notes
-        without = [g for g in optimizer.param_groups if ns_of(adapter, g) is None]
+        without = [c for c, _ in configs if c is None]
         if len(without) == len(optimizer.param_groups):
             notes["newton_schulz"] = f"not applicable ({name} applies no Newton–Schulz)"
         elif without:
@@ -88,22 +88,18 @@ def _settings_of(adapter: Adapter, p: Tensor, group: Mapping[str, Any], state: M
         return group
 
 
-def _ns_error(adapter: Adapter, group: Mapping[str, Any]) -> str:
-    """Why the adapter cannot give a param group's NS configuration ("" when it can)."""
+def _ns_and_error(adapter: Adapter, group: Mapping[str, Any]) -> tuple[Any, str]:
+    """(the adapter's NS configuration of a param group, or None; why it could not be had, "" when it could)."""
     try:
-        adapter.ns(group)
+        return adapter.ns(group), ""
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return ""
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def ns_of(adapter: Adapter, group: Mapping[str, Any]) -> Any:
     """The adapter's NS configuration of a param group; None where it fails (measured per record, where the
     failure is counted with its reason)."""
-    try:
-        return adapter.ns(group)
-    except Exception:
-        return None
+    return _ns_and_error(adapter, group)[0]
 
 
 class OptimizerRecord:

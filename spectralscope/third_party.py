@@ -140,14 +140,19 @@ def adamuon_direction(o: Tensor, group: Mapping[str, Any], v: Tensor | None) -> 
     return o.to(torch.float64) / denom
 
 
+def rows_normalised(o: Tensor, s: Tensor, eps: float) -> Tensor:
+    """NorMuon's step after NS, up to its positive scale, in float64: row i of O (output neuron i) divided by
+    sqrt(s_i) + eps, s the per-row second moment the step just updated ((rows, 1) or (rows,))."""
+    rows = o.to(torch.float64).reshape(o.shape[0], -1)
+    return (rows / (s.to(torch.float64).reshape(-1, 1).sqrt() + eps)).reshape(o.shape)
+
+
 def normuon_direction(o: Tensor, group: Mapping[str, Any], s: Tensor | None) -> Tensor:
-    """What NorMuon applies after NS, up to its positive scale: each output neuron's row of O divided by
-    sqrt(s_t) + eps, with s_t ← s + (1 − β2)(mean_j O_ij² − s) (``state["second_momentum_buffer"]``, (rows, 1))."""
+    """What NorMuon applies after NS: `rows_normalised` by s_t ← s + (1 − β2)(mean_j O_ij² − s)
+    (``state["second_momentum_buffer"]``, (rows, 1)) and the group's eps."""
     if s is None:
         raise ValueError("NorMuon keeps no second_momentum_buffer for this parameter")
-    o = o.to(torch.float64)
-    rows = o.reshape(o.shape[0], -1)
-    return (rows / (s.to(torch.float64).reshape(-1, 1).sqrt() + float(group["eps"]))).reshape(o.shape)
+    return rows_normalised(o, s, float(group["eps"]))
 
 
 def adamuon_v(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor | None:
@@ -361,8 +366,7 @@ def normuon_reference_ns(group: Mapping[str, Any]) -> NSConfig:
 def normuon_reference_direction(o: Tensor, group: Mapping[str, Any], s: Tensor | None) -> Tensor:
     if s is None:
         raise ValueError("the NorMuon reference keeps no second_momentum_buffer for this parameter")
-    rows = o.to(torch.float64).reshape(o.shape[0], -1)
-    return (rows / (s.to(torch.float64).reshape(-1, 1).sqrt() + 1e-10)).reshape(o.shape)
+    return rows_normalised(o, s, 1e-10)
 
 
 NORMUON_REFERENCE = Adapter(normuon_reference_momentum, normuon_reference_ns, ("lr", "weight_decay", "momentum", "beta2"),
@@ -460,12 +464,11 @@ def dion_decay(group: Mapping[str, Any]) -> float:
 
 
 def dion_normuon_direction(o: Tensor, group: Mapping[str, Any], v: Tensor | None) -> Tensor:
-    """What Dion's NorMuon applies after NS, up to its positive scale: each output neuron's row of O divided by
-    sqrt(v_t) + 1e-8 (``variance_neuron`` after the step)."""
+    """What Dion's NorMuon applies after NS: `rows_normalised` by v_t (``variance_neuron`` after the step) and
+    1e-8."""
     if v is None:
         raise ValueError("Dion's NorMuon keeps no variance_neuron for this parameter")
-    rows = o.to(torch.float64).reshape(o.shape[0], -1)
-    return (rows / (v.to(torch.float64).reshape(-1, 1).sqrt() + 1e-8)).reshape(o.shape)
+    return rows_normalised(o, v, 1e-8)
 
 
 def dion_variance(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor | None:

@@ -19,7 +19,7 @@ from typing import Any
 #: the worker process's nice level: the lowest priority, so that it takes only the cycles training leaves
 WORKER_NICE = 19
 
-_local = threading.local()
+_held = False  # a block of the main thread holds the limit (only the main thread sets it)
 _controller: Any = None
 
 
@@ -43,22 +43,18 @@ def one_blas_thread() -> Iterator[None]:
     set from another thread than the one that set the last (a limit set there could stay), and records off the
     main thread run on an accelerator or a worker. torch's own intra-op pool is left as the user set it. A BLAS
     pool that cannot be limited is left as it is: the record is slower, never lost."""
-    depth = getattr(_local, "depth", 0)
-    if depth or threading.current_thread() is not threading.main_thread():
-        _local.depth = depth + 1
-        try:
-            yield
-        finally:
-            _local.depth = depth
+    global _held
+    if _held or threading.current_thread() is not threading.main_thread():
+        yield  # nested in the main thread's block, which lifts the limit; or off the main thread
         return
     try:
         limiter = _blas_controller().limit(limits=1, user_api="blas")
     except Exception:  # no threadpoolctl view of this process's libraries: run as they are
         limiter = None
-    _local.depth = 1
+    _held = True
     try:
         yield
     finally:
-        _local.depth = 0
+        _held = False
         if limiter is not None:
             limiter.restore_original_limits()

@@ -98,6 +98,17 @@ def _write_shared(path: str, size: int, tensors: list[tuple[int, torch.Tensor]])
     del buf  # the mapping goes with the last view of it
 
 
+def stat_cpu_seconds(path: str) -> float | None:
+    """utime + stime in seconds from a /proc ``stat`` file (a process's or a thread's), None if it cannot be read
+    (gone, or no /proc)."""
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class _Child:
     """The worker process, shared by every recorder of this training process, and the thread that reads
     its answers and hands each to the recorder that sent the job."""
@@ -270,12 +281,7 @@ class WorkerProcess:
 
     def cpu_seconds(self) -> float:
         """The child's CPU time so far (user + system, all its recorders' work), 0 where /proc cannot say."""
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return 0.0
+        return stat_cpu_seconds(f"/proc/{self.proc.pid}/stat") or 0.0
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until `ready`; False on timeout."""
