@@ -93,7 +93,7 @@ def _measure_forever(stop, ready) -> None:
     model, opts, batches = _demo()
     run = overhead.make_block(model, opts, batches(3))
     with tempfile.TemporaryDirectory() as tmp:
-        rec = ss.watch(opts[0], model, f"{tmp}/x.zarr", every=1, activations=None, background=False)
+        rec = ss.watch(opts[0], model, f"{tmp}/x.zarr", every=1, activations=None, background=False, overhead=None)
         run(1)
         before = {id(lay.param): lay.param.detach().clone() for lay in rec.layers}
         run(1)

@@ -59,7 +59,8 @@ def main() -> None:
         oa, ob = optimizers(plain), optimizers(watched)
         run_a, run_b = make_block(plain, oa, batches()), make_block(watched, ob, batches())
         with tempfile.TemporaryDirectory() as tmp:
-            rec = ss.watch(ob[0], watched, f"{tmp}/i.zarr", every=NEVER, background=False, **kw)  # each cost inline
+            rec = ss.watch(ob[0], watched, f"{tmp}/i.zarr", every=NEVER, background=False,
+                           overhead=None, **kw)  # each cost inline
             run_a(1), run_b(1)  # warm-up, and the optimizer group's one record at step 0
             costs, steps = [], []
             for i in range(args.pairs):

@@ -281,7 +281,8 @@ def main() -> None:
                     help="time blocks by process CPU time (default with --inline) or by the wall clock (default "
                          "otherwise)")
     ap.add_argument("--overhead", type=float, default=None,
-                    help="watch with this overhead budget (e.g. 0.02); the stretch it settled on is printed")
+                    help="watch with this overhead budget (e.g. 0.02, watch's default); without it the budget is off "
+                         "(the cadence is the user's); the stretch it settled on is printed")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch's (and BLAS's) thread count; default: torch's own default, as users train")
     args = ap.parse_args()
@@ -317,8 +318,7 @@ def main() -> None:
             extra = instruments
         if args.inline or args.thread:
             extra["background"] = False if args.inline else "thread"
-        if args.overhead is not None:
-            extra["overhead"] = args.overhead
+        extra["overhead"] = args.overhead
         rec = None if args.control else ss.watch(opts_b[0], watched, f"{tmp}/bench.zarr", every=args.every, **extra)
         if rec is not None and child_process(rec) is not None:
             child_process(rec).wait_ready(120)  # records wait for no one while it starts: they are measured inline
@@ -350,7 +350,7 @@ def main() -> None:
           f"{100 * (min(ratios) - 1):+6.2f}…{100 * (max(ratios) - 1):+.2f}% {100 * (sum(tb) / sum(ta) - 1):+11.2f}% "
           f"{overhead * steps:17.2f} steps")
     if budget is not None:
-        print(f"overhead budget {100 * budget['budget']:.1f}%: the recorder's own account {100 * budget['share']:.2f}% "
+        print(f"overhead budget {100 * budget['budget']:.1f}%: the recorder's own account {100 * budget['achieved']:.2f}% "
               f"of training time (since the cadence settled {budget['settled_share']}); cadence x{budget['stretch']} "
               f"{budget['cadence']}, changed at {budget['changes']}")
     if not args.control:

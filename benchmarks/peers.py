@@ -149,7 +149,7 @@ def curvature(model: torch.nn.Module, make_opts, data: torch.Tensor, repeats: in
     sharp = ss.Sharpness(loss_fn, data, every=1)
     times, nds = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        rec = ss.watch(opts[0], probe_model, f"{tmp}/p.zarr", every=10**9, activations=None, sharpness=sharp,
+        rec = ss.watch(opts[0], probe_model, f"{tmp}/p.zarr", every=10**9, activations=None, overhead=None, sharpness=sharp,
                        background=False)
         inner = sharp.finisher.finish  # the probe of one step, on the training thread (background=False)
 

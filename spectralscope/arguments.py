@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .budget import DEFAULT_OVERHEAD
 from .estimate import EXACT_MAX
 from .layers import check_kinds
 from .schema import DEFAULT_QUANTILES
@@ -197,7 +198,7 @@ class Options:
     sharpness: Any = None
     tensorboard: str | Path | None = None
     background: bool | str = "auto"
-    overhead: float | None = None
+    overhead: float | None = DEFAULT_OVERHEAD
 
     def __post_init__(self) -> None:
         from .hooks.activations import ActivationSpectra

@@ -77,7 +77,7 @@ def info_text(path: str, storage_options: dict | None = None) -> str:
     budget = attrs.get("overhead")
     if isinstance(budget, dict):  # watch(overhead=...): what recording cost and the cadence it kept to
         cadence = ", ".join(f"{g} every {n}" for g, n in (budget.get("cadence") or {}).items())
-        share = budget.get("share")
+        share = budget.get("achieved", budget.get("share"))  # "share": what runs of 2026-12-02 stored
         measured = f"{100 * share:.2f}%" if isinstance(share, (int, float)) else "not measured yet"
         lines.append(f"{'overhead':<10} budget {100 * budget.get('budget', float('nan')):.2f}% of training time, "
                      f"recording took {measured}; cadence x{budget.get('stretch')} ({cadence})")

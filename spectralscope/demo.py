@@ -48,7 +48,7 @@ def train_one(cfg: DemoConfig, width: int, corpus, progress: tqdm) -> Path:
     cadence = max(1, cfg.steps // 6)
     path = Path(cfg.out) / f"w{width}.zarr"
     with recorder.watch(
-        muon, model, path, every=10, overwrite=True,
+        muon, model, path, every=10, overwrite=True, overhead=None,  # the fits need this cadence
         meta={"width": width, "depth": cfg.depth, "data": cfg.data, "imbalance": cfg.imbalance},
         activations=ActivationSpectra(every=max(1, cfg.steps // 12), max_tokens=2048),
         gradients=GradientSpectra(every=cadence, max_samples=cfg.batch),

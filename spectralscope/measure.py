@@ -29,7 +29,7 @@ from .optimizer_metrics import (
     update_metrics,
     weight_metrics,
 )
-from .spectra import Spectrum, as_matrix, matrix_spectrum
+from .spectra import Spectrum, as_matrix, matrix_spectra, matrix_spectrum
 
 #: The optimizer group's variables always stored: name → whether it carries a quantile axis.
 OPTIMIZER_VARIABLES: dict[str, bool] = {v.name: v.quantiled for v in schema.OPTIMIZER.variables if not v.optional}
@@ -84,6 +84,7 @@ class Measurer:
         self._k_hint: dict[tuple[str, str], int] = {}  # singular values to refine at the last record, per spectrum
         self._estimates: dict[str, SpectrumEstimate] = {}  # this layer's SLQ estimates, per family
         self._slq_gen: torch.Generator | None = None  # fresh random vectors at every estimate, private stream
+        self._ready: dict[tuple[str, str], tuple[Tensor, Spectrum]] = {}  # this record's spectra, by (layer, family)
 
     def empty_row(self) -> dict[str, np.ndarray]:
         nq, nl = len(self.quantiles), len(self.names)
@@ -91,25 +92,71 @@ class Measurer:
 
     def finish(self, inputs: Sequence[LayerInputs]) -> tuple[dict[str, np.ndarray], list[Problem]]:
         """The optimizer row from each layer's inputs, and the metrics that came out NaN/Inf or failed (the
-        finisher of `optimizer_record.OptimizerRecord`)."""
+        finisher of `optimizer_record.OptimizerRecord`). The matrices every layer's spectra are taken of come
+        first, so that same-shaped ones are decomposed together (`spectra.matrix_spectra`)."""
         row = self.empty_row()
         outputs: dict[tuple[str, int | None], Tensor] = {}  # NS_k(M) of a parameter that several layers view
-        measured = [self.measure_layer(name, x, outputs) for name, x in zip(self.names, inputs, strict=True)]
+        matrices = [self.matrices(name, x, outputs) for name, x in zip(self.names, inputs, strict=True)]
+        self._decompose(matrices)
+        measured = [self.measure_layer(name, x, outputs, mats)
+                    for name, x, mats in zip(self.names, inputs, matrices, strict=True)]
+        self._ready.clear()
         problems: list[Problem] = []
         for i, host in enumerate(to_host(measured)):
             problems += fill(row, i, self.names[i], host)
         return row, problems
 
-    def measure_layer(self, name: str, x: LayerInputs,
-                      outputs: dict[tuple[str, int | None], Tensor] | None = None) -> dict[str, tuple[Tensor, str]]:
+    def matrices(self, name: str, x: LayerInputs,
+                 outputs: dict[tuple[str, int | None], Tensor] | None = None) -> dict[str, Tensor | Exception]:
+        """The matrices layer ``name``'s spectra are taken of, per family, or what failed in forming one:
+        ``momentum`` M, ``newton_schulz`` O = NS_k(M) cut to the layer (`_ns_output`), ``update`` ΔW in float64
+        (W_after − W_before of float32 weights is exact there, not always in float32). A family the layer does
+        not have is left out."""
+        view, adapter = self.views[name], self.adapters[name]
+        mats: dict[str, Tensor | Exception] = {}
+        ns, ns_error = _ns_of(adapter, x.group, self.ns_floor)
+        if x.m is not None:
+            mats["momentum"] = view(x.m)
+            if ns is not None and ns_error is None:
+                try:
+                    mats["newton_schulz"] = view.part(self._ns_output(x, view, adapter, ns, outputs))
+                except Exception as exc:
+                    mats["newton_schulz"] = exc
+        if x.w_before is not None:
+            try:
+                mats["update"] = view(x.w_after).to(torch.float64) - view(x.w_before).to(torch.float64)
+            except Exception as exc:
+                mats["update"] = exc
+        return mats
+
+    def _decompose(self, matrices: Sequence[Mapping[str, Tensor | Exception]]) -> None:
+        """The exact spectra of every layer's matrices in one batched pass, kept for `_spectrum` to hand out."""
+        keys, mats = [], []
+        for name, layer in zip(self.names, matrices, strict=True):
+            if self.methods[name] == "slq":
+                continue
+            for family, mat in layer.items():
+                if isinstance(mat, Tensor):
+                    keys.append((name, family))
+                    mats.append(mat)
+        try:
+            spectra = matrix_spectra(mats, [self._k_hint.get(key) for key in keys])
+        except Exception:  # left to each layer's own spectra, where a failure blanks only its family
+            return
+        self._ready = {key: (mat, sp) for key, mat, sp in zip(keys, mats, spectra, strict=True)}
+
+    def measure_layer(self, name: str, x: LayerInputs, outputs: dict[tuple[str, int | None], Tensor] | None = None,
+                      mats: Mapping[str, Tensor | Exception] | None = None) -> dict[str, tuple[Tensor, str]]:
         """Every optimizer metric of one layer from its full matrices: {variable: (value on the layer's device,
         NaN reason)}; `to_host` brings a whole record to the host at once. Each metric is taken on the layer's
         (out, in) matrix; O = NS_k(M) is computed on the matrix the optimizer orthogonalises (`MatrixView.whole`:
-        all of a fused q/k/v projection) and then cut to the layer, kept in ``outputs`` for its other layers."""
+        all of a fused q/k/v projection) and then cut to the layer, kept in ``outputs`` for its other layers.
+        ``mats``: the layer's `matrices`, when already formed."""
         view, adapter = self.views[name], self.adapters[name]
-        m, why, group = x.m, x.why, x.group
+        if mats is None:
+            mats = self.matrices(name, x, outputs)
+        why, group = x.why, x.group
         w_after = view(x.w_after)
-        w_before = None if x.w_before is None else view(x.w_before)
         qs = self.quantiles
         out: dict[str, Tensor] = {}
         reasons: dict[str, str] = {}
@@ -126,34 +173,30 @@ class Measurer:
             except Exception as exc:
                 fail(family_name, exc)
 
+        def matrix(family_name: str) -> Tensor:
+            mat = mats[family_name]
+            if isinstance(mat, Exception):
+                raise mat
+            return mat
+
         # the NS configuration and its threshold feed ns_* and ns_fail_frac only: their failure blanks nothing else
-        ns, ns_error = None, None
-        try:
-            ns = adapter.ns(group)
-            if ns is not None:
-                ns_threshold(ns.steps, ns.coefficients, self.ns_floor)
-        except Exception as exc:
-            ns_error = exc
+        ns, ns_error = _ns_of(adapter, group, self.ns_floor)
         if why is not None:
             fail("momentum", why)
-        if m is not None:
-            mat = view(m)
-            family("momentum", lambda: momentum_metrics(mat, qs, None if ns_error else ns, self.ns_floor,
-                                                        self._spectrum(name, "momentum")))
+        if x.m is not None:
+            family("momentum", lambda: momentum_metrics(matrix("momentum"), qs, None if ns_error else ns,
+                                                        self.ns_floor, self._spectrum(name, "momentum")))
         if ns_error is not None:
             fail("newton_schulz", ns_error)
             out["ns_fail_frac"] = torch.tensor(float("nan"))
             reasons["ns_fail_frac"] = f"failed ({type(ns_error).__name__}: {ns_error})"
-        elif m is not None:
-            if ns is not None:
-                family("newton_schulz", lambda: newton_schulz_metrics(
-                    view.part(self._ns_output(x, view, adapter, ns, outputs)), qs, self._spectrum(name, "newton_schulz")))
-                if w_before is not None and x.stepped:
-                    self._consistency(x, view, adapter, ns, outputs, out, reasons)
-        if w_before is not None:
-            # in float64: W_after − W_before of float32 weights is exact there, not always in float32
-            family("update", lambda: update_metrics(w_after.to(torch.float64) - w_before.to(torch.float64), qs,
-                                                    self._spectrum(name, "update")))
+        elif x.m is not None and ns is not None:
+            family("newton_schulz", lambda: newton_schulz_metrics(matrix("newton_schulz"), qs,
+                                                                  self._spectrum(name, "newton_schulz")))
+            if x.w_before is not None and x.stepped:
+                self._consistency(x, view, adapter, ns, outputs, out, reasons)
+        if x.w_before is not None:
+            family("update", lambda: update_metrics(matrix("update"), qs, self._spectrum(name, "update")))
 
         def weight() -> dict[str, Tensor]:
             metrics, v = weight_metrics(w_after, self._vectors.get(name))
@@ -165,8 +208,8 @@ class Measurer:
         if self.estimated:
             if self.methods[name] == "exact":
                 out.update({v: torch.zeros(len(qs), dtype=torch.float64) for v, fam in ESTIMATE_BOUNDS.items()
-                            if not (fam == "momentum" and m is None) and not (fam == "update" and w_before is None)
-                            and not (fam == "newton_schulz" and (m is None or ns is None))})
+                            if not (fam == "momentum" and x.m is None) and not (fam == "update" and x.w_before is None)
+                            and not (fam == "newton_schulz" and (x.m is None or ns is None))})
             else:
                 try:
                     out.update({k: v for k, v in self._bounds(out).items() if k not in reasons})
@@ -178,13 +221,15 @@ class Measurer:
         return {k: (v.detach(), reasons.get(k, "is not finite")) for k, v in out.items()}
 
     def _spectrum(self, name: str, family: str) -> Callable[[Tensor], Spectrum]:
-        """The exact route for this layer's spectrum, chosen from what the last record of it needed."""
+        """This layer's spectrum of ``family``: the one `_decompose` took of this very matrix, else the exact route
+        chosen from what the last record of it needed."""
         key = (name, family)
 
         def spectrum(a: Tensor) -> Spectrum:
             if self.methods[name] == "slq":
                 return self._estimate(a, family)
-            sp = matrix_spectrum(a, self._k_hint.get(key))
+            ready = self._ready.pop(key, None)
+            sp = ready[1] if ready is not None and ready[0] is a else matrix_spectrum(a, self._k_hint.get(key))
             self._k_hint[key] = sp.k
             return sp
 
@@ -261,6 +306,17 @@ class Measurer:
         except Exception as exc:
             out["ns_consistency"] = torch.tensor(float("nan"))
             reasons["ns_consistency"] = f"failed ({type(exc).__name__}: {exc})"
+
+
+def _ns_of(adapter: Adapter, group: Mapping[str, Any], floor: float) -> tuple[NSConfig | None, Exception | None]:
+    """The param group's NS configuration (None: the optimizer has none), or what fails in it or its threshold."""
+    try:
+        ns = adapter.ns(group)
+        if ns is not None:
+            ns_threshold(ns.steps, ns.coefficients, floor)
+        return ns, None
+    except Exception as exc:
+        return None, exc
 
 
 def fill(row: dict[str, np.ndarray], i: int, name: str, host: Mapping[str, tuple[np.ndarray, str]]) -> list[Problem]:

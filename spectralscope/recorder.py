@@ -33,6 +33,7 @@ from spectralscope.hooks.gradients import GradientSpectra
 from spectralscope.hooks.modules import Context
 
 from . import arguments, distributed
+from . import budget as budget_policy
 from .adapters import adapter_for, qualified_name
 from .budget import Budget
 from .estimate import choose_method
@@ -377,24 +378,36 @@ class Recorder:
                 self._budget_decision(self._step - 1)
 
     def _budget_decision(self, step: int) -> None:
-        """At a step that ends a budget window (a multiple of twice the stretched optimizer cadence, where both a
-        doubling and a halving keep every optimizer's part of a record on the same steps): the window's share
-        sets the next stretch, applied to every group from the next step on."""
+        """At a step that may end a budget window (a multiple of twice the stretched optimizer cadence, where both a
+        doubling and a halving keep every optimizer's part of a record on the same steps): a window at least
+        `budget.MIN_WINDOW_SECONDS` long ends, and its share sets the next stretch, applied to every group from the
+        next step on. Under torch.distributed rank 0 decides for every rank (small broadcasts at these steps only):
+        all ranks must record the same steps, the instruments' collectives depend on it."""
         budget = self.budget
         span = 2 * self._base_every[0] * budget.stretch
         if step % span != 0:
             return
         now = time.perf_counter()
         child = self._child_cpu()
-        if self._window_from is None:  # the first window starts here: the first records carry one-off costs
-            self._window_from, self._child_from = now, child
-            budget.window_cost = 0.0
+        process = getattr(self.runner, "process", None)
+        # the first window starts at the first decision step, once a worker process is ready: the first records
+        # carry one-off costs, and those measured inline while the worker starts are not what recording will cost
+        starting = self._window_from is None or (process is not None and not process.ready)
+        closes = not starting and now - self._window_from >= budget_policy.MIN_WINDOW_SECONDS
+        if distributed.active():  # every rank takes part, whatever its own state
+            closes = bool(distributed.broadcast_ints([int(closes)])[0])
+        if not closes:
+            if starting:
+                self._window_from, self._child_from = now, child
+                budget.window_cost = 0.0
             return
+        if starting:  # a rank whose own window had not begun: rank 0's decision is all that counts here
+            self._window_from, self._child_from = now, child
         budget.spend(child - self._child_from)
-        self._child_from = child
         old = budget.stretch
-        budget.decide(step, now - self._window_from)
-        self._window_from = now
+        agree = (lambda s: distributed.broadcast_ints([s])[0]) if distributed.active() else None
+        budget.decide(step, now - self._window_from, agree)
+        self._window_from, self._child_from = now, child
         if budget.stretch != old:
             for obj, base in zip(self._all(), self._base_every, strict=True):
                 obj.every = base * budget.stretch
@@ -416,7 +429,7 @@ class Recorder:
         budget = self.budget
         if budget is None:
             return None
-        return {"budget": budget.budget, "share": _jsonable(budget.share),
+        return {"budget": budget.budget, "achieved": _jsonable(budget.share),
                 "settled_share": _jsonable(budget.settled_share), "stretch": budget.stretch,
                 "cadence": {obj.group: obj.every for obj in self._all()},
                 "changes": [list(c) for c in budget.changes[-100:]]}
@@ -543,10 +556,11 @@ def watch(
     what it measured when its parent is gone; not under FSDP2; the rows are bit for bit the inline ones; the
     worker process runs at nice 19 on one thread, and a record on the training thread holds the BLAS pools to
     one thread, `spectralscope.threads`), ``overhead`` (a budget: the share of training time recording may
-    take, e.g. 0.02; None, the default, is no budget. The training thread's wall time in the recorder's hooks,
-    waits for a record in flight included, and the worker process's CPU time when torch's threads take every
-    core, is measured against the time between decisions, and every group's
-    cadence is stretched ×2 while over budget and relaxed ×½ under a quarter of it, never below the user's:
+    take, 0.02 by default; None: no budget, the cadence given whatever it costs. The training thread's wall time
+    in the recorder's hooks, waits for a record in flight included, and the worker process's CPU time when
+    torch's threads take every core, is measured against the time between decisions (windows of at least a
+    second, the first once a worker process is ready; under torch.distributed rank 0 decides for all ranks), and
+    every group's cadence is stretched ×2 while over budget and relaxed ×½ under a quarter of it, never below the user's:
     `spectralscope.budget`; the root attribute ``overhead`` and ``spectralscope info`` give the share and the
     cadence used).
     Under torch.distributed call it on every rank with the same arguments: only rank 0 writes (the path is

@@ -347,6 +347,46 @@ def matrix_spectrum(a: Tensor, k_hint: int | None = None, refine_below: float = 
                     "direct" if k > budget else "gram", k)
 
 
+def matrix_spectra(mats: Sequence[Tensor], k_hints: Sequence[int | None] | None = None,
+                   refine_below: float = REFINE_BELOW) -> list[Spectrum]:
+    """`matrix_spectrum` of each matrix (with the same hints and the same σ, diag G and k, to rounding), the
+    same-shaped ones on an accelerator decomposed together: those of one shape, dtype and device whose last
+    spectrum needed no refinement (hint 0) share one stacked float64 Gram matrix, one batched eigvalsh and one
+    host sync, where one by one each would cost its kernel launches and syncs (`_gram_batch`). On the CPU every
+    matrix takes `matrix_spectrum`: LAPACK's own work dominates there, and a batch measured no faster
+    (`benchmarks/spectra.py`). A matrix that now needs refinement, or whose Gram diagonal is not finite, is redone
+    on its own."""
+    hints = list(k_hints) if k_hints is not None else [None] * len(mats)
+    done: list[Spectrum | None] = [None] * len(mats)
+    groups: dict[tuple, list[int]] = {}
+    for i, (a, k) in enumerate(zip(mats, hints, strict=True)):
+        m = as_matrix(a)
+        if k == 0 and min(m.shape) > 1 and m.device.type != "cpu":
+            groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
+    for idx in groups.values():
+        if len(idx) > 1:
+            for i, sp in zip(idx, _gram_batch([as_matrix(mats[i]) for i in idx], refine_below), strict=True):
+                done[i] = sp
+    return [sp if sp is not None else matrix_spectrum(a, k, refine_below)
+            for a, k, sp in zip(mats, hints, done, strict=True)]
+
+
+def _gram_batch(mats: Sequence[Tensor], refine_below: float = REFINE_BELOW) -> list[Spectrum | None]:
+    """The unrefined Gram route on same-shaped matrices at once, with torch.linalg on their device: G_b = A_b·A_bᵀ
+    (or A_bᵀ·A_b) in float64 as one batched matmul, λ = eigvalsh(G) batched, σ = sqrt(max(λ, 0)) descending.
+    Returns (σ, diag G) of each as a `Spectrum`, None where some σ_i < ``refine_below``·σ_1 (the refinement is
+    per matrix) or the Gram diagonal is not finite. One host sync for the batch."""
+    a = torch.stack([m.detach() for m in mats]).to(torch.float64)
+    g = a @ a.mT if a.shape[1] <= a.shape[2] else a.mT @ a
+    diag = torch.diagonal(g, dim1=1, dim2=2).clone()
+    finite = torch.isfinite(diag.sum(1))
+    sigma = torch.linalg.eigvalsh(torch.where(finite[:, None, None], g, torch.zeros_like(g))).flip(1)
+    sigma = sigma.clamp_min(0.0).sqrt()
+    k = (sigma < refine_below * sigma[:, :1]).sum(1)
+    keep = (finite & (k == 0)).tolist()  # the one host sync of the batch
+    return [Spectrum(sigma[i], diag[i], "gram", 0) if keep[i] else None for i in range(len(mats))]
+
+
 def _count_small(sigma: Tensor | np.ndarray, refine_below: float) -> int:
     s = sigma.numpy() if isinstance(sigma, Tensor) and sigma.device.type == "cpu" else sigma
     if len(s) == 0 or not math.isfinite(float(s[0])):

@@ -33,7 +33,7 @@ def start_run(path: Path, width: int, every: int = 2, flush_seconds: float = 5.0
     muon, adam = torch.optim.Muon(hidden, lr=0.02), torch.optim.AdamW(rest, lr=3e-3)
     g = torch.Generator().manual_seed(seed)
     probe = _batch(g)
-    rec = ss.watch(muon, model, path, every=every, meta={"width": width}, flush_seconds=flush_seconds,
+    rec = ss.watch(muon, model, path, overhead=None, every=every, meta={"width": width}, flush_seconds=flush_seconds,
                    activations=ss.ActivationSpectra(every=2 * every, max_tokens=256),
                    gradients=ss.GradientSpectra(every=2 * every, max_samples=8),
                    sharpness=ss.Sharpness(lambda m, b: m.loss(b), probe, every=3 * every, per_layer=True),

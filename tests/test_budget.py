@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import spectralscope as ss
-from spectralscope.budget import MAX_STRETCH, Budget, next_stretch
+from spectralscope.budget import DEFAULT_OVERHEAD, MAX_STRETCH, MIN_WINDOW_SECONDS, Budget, next_stretch
 from spectralscope.cli import info_text
 
 
@@ -137,10 +137,30 @@ def test_the_worker_processs_cpu_counts_when_training_takes_every_core(tmp_path,
 def test_without_a_budget_the_cadence_is_the_users(tmp_path):
     model = nn.Linear(8, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    with ss.watch(opt, model, tmp_path / "n.zarr", every=3, activations=None, background=False) as rec:
+    with ss.watch(opt, model, tmp_path / "n.zarr", every=3, activations=None, background=False, overhead=None) as rec:
         for _ in range(30):
             model(torch.randn(4, 8)).square().mean().backward()
             opt.step()
             opt.zero_grad()
     tree = ss.open_run(rec.path)
     assert "overhead" not in tree.attrs and list(tree["optimizer"]["step"].values) == list(range(0, 30, 3))
+
+
+def test_the_default_is_a_two_percent_budget_whose_windows_last_a_second(tmp_path):
+    # a record costs far more than 2% of these 1 ms steps, yet windows shorter than MIN_WINDOW_SECONDS decide nothing:
+    # a run this short keeps the user's cadence
+    assert DEFAULT_OVERHEAD == 0.02 and MIN_WINDOW_SECONDS == 1.0
+    model = nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    start = time.perf_counter()
+    with ss.watch(opt, model, tmp_path / "d.zarr", every=2, activations=None, background=False) as rec:
+        for _ in range(40):
+            model(torch.randn(4, 8)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    if time.perf_counter() - start >= 2 * MIN_WINDOW_SECONDS:  # the first window starts at step 4: one could end
+        pytest.skip("the machine was too slow for a run this short to stay under one window")
+    report = ss.open_run(rec.path).attrs["overhead"]
+    assert report["budget"] == DEFAULT_OVERHEAD and report["stretch"] == 1 and report["changes"] == []
+    assert report["cadence"] == {"optimizer": 2} and report["achieved"] == "nan"  # no window has ended
+    assert list(ss.open_run(rec.path)["optimizer"]["step"].values) == list(range(0, 40, 2))

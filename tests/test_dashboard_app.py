@@ -191,7 +191,7 @@ def _mlp_run(path: Path, steps: int = 6, flush_seconds: float = 5.0, close: bool
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    rec = ss.watch(opt, model, path, every=1, flush_seconds=flush_seconds, background=False)
+    rec = ss.watch(opt, model, path, overhead=None, every=1, flush_seconds=flush_seconds, background=False)
     for _ in range(steps):
         loss = model(torch.randn(4, 8)).square().mean()
         loss.backward()

@@ -29,7 +29,8 @@ def _train(model, wrapped, path, batches, rank=0, world=1, named=None, **kw):
     """Train ``wrapped`` (the model or its DDP wrapper); ``watch`` names layers after ``named`` (default
     ``wrapped``)."""
     opt = torch.optim.Muon(model.parameters(), lr=0.02)
-    with ss.watch(opt, named or wrapped, path, every=1, activations=ss.ActivationSpectra(every=2), **kw) as rec:
+    with ss.watch(opt, named or wrapped, path, overhead=None, every=1, activations=ss.ActivationSpectra(every=2),
+                  **kw) as rec:
         for x in batches:
             part = x.chunk(world)[rank]
             wrapped(part).square().mean().backward()
@@ -42,6 +43,40 @@ def _ddp_worker(rank: int, world: int, out: str) -> None:
     model = _model()
     # a path per rank, so that anything rank 1 wrote would show
     _train(model, nn.parallel.DistributedDataParallel(model), f"{out}/rank{rank}.zarr", _batches(4), rank, world)
+
+
+def _budget_worker(rank: int, world: int, out: str) -> None:
+    import json
+
+    from spectralscope import budget
+
+    # rank 1 on its own would never end a window, rank 0 would at every decision step (a tiny budget: stretched
+    # each time): only rank 0's decisions, taken by both, keep their records (and the activations' all-reduce) in step
+    budget.MIN_WINDOW_SECONDS = 0.0 if rank == 0 else 1e9
+    model = _model()
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.Muon(model.parameters(), lr=0.02)
+    seen = []
+    with ss.watch(opt, wrapped, f"{out}/rank{rank}.zarr", every=1, overhead=1e-6,
+                  activations=ss.ActivationSpectra(every=2)) as rec:
+        for x in _batches(40):
+            wrapped(x.chunk(world)[rank]).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            seen.append([obj.every for obj in rec._all()])
+    with open(f"{out}/cadence{rank}.json", "w") as f:
+        json.dump({"seen": seen, "stretch": rec.budget.stretch}, f)
+
+
+@pytest.mark.slow
+def test_under_a_budget_every_rank_takes_rank_0s_cadence(tmp_path):
+    import json
+
+    mp.spawn(in_group, args=(_budget_worker, 2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"cadence{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["stretch"] > 1 and ranks[0] == ranks[1]
+    steps = ss.open_run(tmp_path / "rank0.zarr")["optimizer"]["step"].values
+    assert len(steps) < 40 and ss.open_run(tmp_path / "rank0.zarr").attrs["overhead"]["stretch"] == ranks[0]["stretch"]
 
 
 @pytest.mark.slow
@@ -144,7 +179,7 @@ def _fsdp_worker(rank: int, world: int, out: str, nan_step: int) -> None:
     fully_shard(model, mesh=mesh)
     opt = torch.optim.Muon(model.parameters(), lr=0.02)
     weights = [model[i].weight for i in (0, 2, 4)]
-    with ss.watch(opt, model, f"{out}/rank{rank}.zarr", every=1, activations=None):
+    with ss.watch(opt, model, f"{out}/rank{rank}.zarr", overhead=None, every=1, activations=None):
         for step, x in enumerate(_batches(4)):
             model(x.chunk(world)[rank]).square().mean().backward()
             if step == nan_step and rank == 1:  # one rank's shard of one gradient turns NaN
@@ -195,7 +230,7 @@ def test_fsdp2_spectra_are_those_of_the_full_matrices(tmp_path):
     # averaged gradient (later steps differ at bf16 level: Muon runs Newton–Schulz on the sharded DTensors)
     model = _fsdp_model()
     opt = torch.optim.Muon(model.parameters(), lr=0.02)
-    with ss.watch(opt, model, tmp_path / "single.zarr", every=1, activations=None):
+    with ss.watch(opt, model, tmp_path / "single.zarr", overhead=None, every=1, activations=None):
         model(_batches(1)[0]).square().mean().backward()
         opt.step()
     ref = ss.open_run(tmp_path / "single.zarr")["optimizer"].dataset

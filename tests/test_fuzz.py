@@ -185,7 +185,7 @@ def test_watch_never_raises_into_training(tmp_path_factory, widths, opt_name, fr
     path = tmp_path_factory.mktemp("fuzz") / "run.zarr"
     logging.disable(logging.WARNING)
     try:
-        with ss.watch(opt, net, path, every=1, flush_seconds=0.05,
+        with ss.watch(opt, net, path, overhead=None, every=1, flush_seconds=0.05,
                       activations=ss.ActivationSpectra(every=2) if activations else None) as rec:
             for step in range(4):
                 out = net(torch.randn(6, widths[0]))

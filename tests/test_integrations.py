@@ -70,7 +70,7 @@ def test_the_lightning_callback_records_the_run_and_its_loss(tmp_path):
 
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 4))
-    callback = SpectralscopeCallback(tmp_path / "pl.zarr", every=1)
+    callback = SpectralscopeCallback(tmp_path / "pl.zarr", overhead=None, every=1)
     trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
     trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=8))

@@ -27,7 +27,7 @@ def _run(path: Path, steps: int = 300, **kw) -> Path:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # ns_* all NaN: their chunks must exist all the same
-    with ss.watch(opt, model, path, every=1, background=False, activations=None, **kw) as rec:
+    with ss.watch(opt, model, path, overhead=None, every=1, background=False, activations=None, **kw) as rec:
         for _ in range(steps):
             model(torch.randn(4, 6)).square().mean().backward()
             opt.step()

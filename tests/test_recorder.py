@@ -157,8 +157,8 @@ def _train(model, steps, watch_path=None, every=1, **watch_kw):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     recs = []
     if watch_path is not None:
-        recs = [ss.watch(muon, model, watch_path / "muon.zarr", every=every, **watch_kw),
-                ss.watch(adamw, model, watch_path / "adamw.zarr", every=every, **watch_kw)]
+        recs = [ss.watch(muon, model, watch_path / "muon.zarr", overhead=None, every=every, **watch_kw),
+                ss.watch(adamw, model, watch_path / "adamw.zarr", overhead=None, every=every, **watch_kw)]
     gen = torch.Generator().manual_seed(5)
     for step in range(steps):
         x = torch.randn(32, 12, generator=gen)
@@ -236,7 +236,7 @@ def test_a_lagging_worker_measures_the_step_as_it_was(tmp_path, where):
         torch.manual_seed(0)
         model = Tiny()
         opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.05, weight_decay=0.1)
-        rec = ss.watch(opt, model, path, every=1, background=background, activations=None)
+        rec = ss.watch(opt, model, path, overhead=None, every=1, background=background, activations=None)
         gate = threading.Event()
         if background == "thread":
             measure = rec.record.finisher.finish
@@ -306,7 +306,7 @@ def test_background_leaves_no_host_wait_on_the_training_thread(tmp_path, backgro
     torch.manual_seed(0)
     model = Tiny()
     opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02, weight_decay=0.1)
-    rec = ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=background,
+    rec = ss.watch(opt, model, tmp_path / "r.zarr", overhead=None, every=1, background=background,
                    activations=ss.ActivationSpectra(every=2, max_tokens=24))
     gen = torch.Generator().manual_seed(3)
     with _HostWaits() as waits:
@@ -328,7 +328,7 @@ def test_background_leaves_no_host_wait_on_the_training_thread(tmp_path, backgro
 def test_background_flush_waits_for_the_worker_and_close_stops_it(tmp_path, background):
     model = Tiny()
     opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.01)
-    rec = ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=background, activations=None)
+    rec = ss.watch(opt, model, tmp_path / "r.zarr", overhead=None, every=1, background=background, activations=None)
     for _ in range(6):
         model(torch.randn(8, 12)).square().mean().backward()
         opt.step()
@@ -363,7 +363,7 @@ def test_a_killed_worker_process_loses_the_records_in_flight_and_training_goes_o
     plain = copy.deepcopy(model)
     opts = [torch.optim.Muon([p for p in m.parameters() if p.ndim == 2], lr=0.02) for m in (model, plain)]
     with caplog.at_level(logging.WARNING, logger="spectralscope"):
-        rec = ss.watch(opts[0], model, tmp_path / "r.zarr", every=1, background=True,
+        rec = ss.watch(opts[0], model, tmp_path / "r.zarr", overhead=None, every=1, background=True,
                        activations=ss.ActivationSpectra(every=2, max_tokens=32))
         assert process_of(rec).wait_ready(120)
         gen = torch.Generator().manual_seed(3)
@@ -396,6 +396,7 @@ def _auto_run(path, steps, on_step=None, **watch_kw):
     torch.manual_seed(0)
     model = Tiny()
     opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02)
+    watch_kw.setdefault("overhead", None)  # compared step for step with an inline run
     rec = ss.watch(opt, model, path, every=1, activations=ss.ActivationSpectra(every=2, max_tokens=32), **watch_kw)
     gen = torch.Generator().manual_seed(3)
     for step in range(steps):
@@ -478,7 +479,7 @@ import time, torch, spectralscope as ss
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 3, bias=False))
 opt = torch.optim.Muon(model.parameters(), lr=0.02)
-rec = ss.watch(opt, model, {str(path)!r}, every=1, flush_seconds=3600, activations=None)
+rec = ss.watch(opt, model, {str(path)!r}, overhead=None, every=1, flush_seconds=3600, activations=None)
 assert rec.runner.process.wait_ready(120)
 import os, signal
 for step in range(7):
@@ -557,7 +558,7 @@ def test_a_record_the_worker_process_cannot_take_is_measured_on_a_thread(tmp_pat
     model = Tiny()
     opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02)
     with caplog.at_level(logging.WARNING, logger="spectralscope"):
-        rec = ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=True, activations=None)
+        rec = ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=True, activations=None, overhead=None)
         assert process_of(rec).wait_ready(120)
         for step in range(4):
             if step == 1:  # step 1 stays in flight in a held child while steps 2 and 3 go to the thread
@@ -685,7 +686,7 @@ def test_register_adapter_for_a_custom_optimizer(tmp_path):
 def test_every_and_scalars(tmp_path):
     model = Tiny()
     opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.01)
-    with ss.watch(opt, model, tmp_path / "r.zarr", every=3) as rec:
+    with ss.watch(opt, model, tmp_path / "r.zarr", overhead=None, every=3) as rec:
         for i in range(10):
             model(torch.randn(8, 12)).square().mean().backward()
             opt.step()
@@ -706,7 +707,7 @@ def _nan_run(tmp_path, caplog, name, **watch_kw):
     model = Tiny()
     opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.01)
     with caplog.at_level(logging.WARNING, logger="spectralscope"):
-        rec = ss.watch(opt, model, tmp_path / name, every=1, **watch_kw)
+        rec = ss.watch(opt, model, tmp_path / name, overhead=None, every=1, **watch_kw)
         for i in range(4):
             model(torch.randn(8, 12)).square().mean().backward()
             if i in (2, 3):  # the head's gradient: NaN reaches its weights only after the last forward
@@ -743,7 +744,7 @@ def test_diverging_run_never_raises(tmp_path, caplog):
     opt = torch.optim.SGD(model.parameters(), lr=1e6, momentum=0.9)
     losses = []
     with caplog.at_level(logging.WARNING, logger="spectralscope"), ss.watch(opt, model, tmp_path / "r.zarr",
-                                                                              every=1) as rec:
+                                                                              overhead=None, every=1) as rec:
         for _ in range(12):
             loss = model(torch.randn(8, 12)).pow(4).mean()
             loss.backward()
@@ -820,7 +821,8 @@ print("script started", flush=True)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 3, bias=False))
 opt = torch.optim.Muon(model.parameters(), lr=0.02)
-rec = ss.watch(opt, model, {str(path)!r}, every=1, flush_seconds=3600, activations=None, background={background})
+rec = ss.watch(opt, model, {str(path)!r}, overhead=None, every=1, flush_seconds=3600, activations=None,
+               background={background})
 proc = getattr(rec.runner, "process", None)
 assert proc is None or proc.wait_ready(120)  # the records go to it, and its writer
 for _ in range(7):
@@ -976,7 +978,7 @@ def test_a_step_one_optimizer_skipped_is_given_up_and_said(tmp_path, order, capl
     g = torch.Generator().manual_seed(1)
     head_after = {}
     with caplog.at_level(logging.WARNING, "spectralscope"), \
-            ss.watch([muon, adamw], model, tmp_path / "skip.zarr", every=2, background=False) as rec:
+            ss.watch([muon, adamw], model, tmp_path / "skip.zarr", overhead=None, every=2, background=False) as rec:
         for step in range(7):
             model(torch.randn(8, 12, generator=g)).square().mean().backward()
             for opt in ((muon, adamw) if order == "muon first" else (adamw, muon)):

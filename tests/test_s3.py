@@ -59,7 +59,7 @@ def _train(path, width: int = 16, steps: int = 6, **kw):
                           nn.Linear(width, 4, bias=False))
     opt = torch.optim.Muon(model.parameters(), lr=0.02)
     g = torch.Generator().manual_seed(1)
-    with ss.watch(opt, model, path, every=1, activations=ss.ActivationSpectra(every=2), **kw) as rec:
+    with ss.watch(opt, model, path, overhead=None, every=1, activations=ss.ActivationSpectra(every=2), **kw) as rec:
         for _ in range(steps):
             model(torch.randn(16, 8, generator=g)).square().mean().backward()
             opt.step()

@@ -235,3 +235,35 @@ def test_matrix_spectrum_bad_input_gives_nan_like_gram_spectrum():
     for hint in (None, 1000):
         sp = matrix_spectrum(big, k_hint=hint)
         np.testing.assert_allclose(sp.sigma.numpy(), np.geomspace(1, 1e-5, 20) * 1e200, rtol=1e-8)
+
+
+def test_a_batch_of_same_shaped_matrices_has_numpys_spectra_and_hands_back_what_needs_refinement():
+    from spectralscope.spectra import _gram_batch, matrix_spectra
+
+    rng = np.random.default_rng(3)
+    for shape in ((12, 30), (30, 12), (16, 16)):
+        r = min(shape)
+        mats = []
+        for i in range(5):
+            u, _ = np.linalg.qr(rng.standard_normal((shape[0], r)))
+            v, _ = np.linalg.qr(rng.standard_normal((shape[1], r)))
+            s = rng.uniform(0.5, 2.0, r) if i != 3 else np.geomspace(1.0, 1e-5, r)  # #3 needs its small end refined
+            mats.append(torch.from_numpy((u * s) @ v.T).float())
+        mats[1] = mats[1].clone()
+        mats[1][2, 2] = float("nan")
+        got = _gram_batch(mats)
+        assert got[1] is None and got[3] is None  # not finite; σ below REFINE_BELOW·σ_1: per matrix
+        for i in (0, 2, 4):
+            a = mats[i].double().numpy()
+            ref = np.linalg.svd(a, compute_uv=False)
+            np.testing.assert_allclose(got[i].sigma.numpy(), ref, rtol=1e-10, atol=0)
+            side = a @ a.T if shape[0] <= shape[1] else a.T @ a
+            np.testing.assert_allclose(got[i].diag.numpy(), np.diag(side), rtol=1e-12)
+            assert got[i].k == 0 and got[i].route == "gram"
+        # the whole list, batch or not, as numpy has it (NaN for the non-finite one)
+        for i, sp in enumerate(matrix_spectra(mats, [0] * 5)):
+            if i == 1:
+                assert np.isnan(sp.sigma.numpy()).all()
+            else:
+                ref = np.linalg.svd(mats[i].double().numpy(), compute_uv=False)
+                np.testing.assert_allclose(sp.sigma.numpy(), ref, rtol=1e-10, atol=1e-12 * ref[0])

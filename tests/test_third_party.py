@@ -74,6 +74,7 @@ def _train(opt, model, path, steps, calls, capture_at, **kw):
     """Train; at each step in ``capture_at`` keep the NS calls of that step and the realised ΔW."""
     captured, deltas = {}, {}
     g = torch.Generator().manual_seed(5)
+    kw.setdefault("overhead", None)  # every step is compared with its captures: the cadence must be the one given
     with ss.watch(opt, model, path, every=1, activations=None, **kw) as rec:
         for step in range(steps):
             before = {id(p): p.detach().double().clone() for p in model.parameters()}

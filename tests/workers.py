@@ -52,7 +52,7 @@ def train(path: str, flush_seconds: str = "0.02") -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
     opt = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02)
-    rec = ss.watch(opt, model, path, every=1, flush_seconds=float(flush_seconds))
+    rec = ss.watch(opt, model, path, overhead=None, every=1, flush_seconds=float(flush_seconds))
     # the worker process (the default on the CPU) commits what it measured when this process dies: its pid
     # lets the killer wait for that before reading
     proc = getattr(rec.runner, "process", None)
