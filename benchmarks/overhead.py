@@ -131,6 +131,21 @@ def token_batches(batch: int, ctx: int):
         yield torch.randint(0, VOCAB, (batch, ctx + 1), generator=g)
 
 
+def settle_budget(rec, run_b, cap: int) -> int:
+    """Train the watched model alone until its budget has settled (no change of the stretch over two decision
+    spans, and a whole window at the settled stretch), at most ``cap`` steps: the first windows run at the user's
+    cadence, which a long run leaves behind. Returns the steps taken."""
+    done = 0
+    while done < cap:
+        span = 2 * rec._base_every[0] * rec.budget.stretch
+        changes = len(rec.budget.changes)
+        run_b(2 * span)
+        done += 2 * span
+        if len(rec.budget.changes) == changes and rec.budget.settled_time > 0:
+            break
+    return done
+
+
 def paired_ratios(run_a, run_b, pairs: int, block: int, group: int) -> tuple[list[float], list[float], list[float]]:
     """Alternate short blocks A B, B A, … of ``block`` steps; sum them in groups of ``group`` pairs (so each
     group holds the same records) and return the per-group ratios B/A and the A and B group times."""
@@ -283,6 +298,9 @@ def main() -> None:
     ap.add_argument("--overhead", type=float, default=None,
                     help="watch with this overhead budget (e.g. 0.02, watch's default); without it the budget is off "
                          "(the cadence is the user's); the stretch it settled on is printed")
+    ap.add_argument("--settle", type=int, default=3000,
+                    help="with --overhead: at most this many steps of the watched model alone before timing, for its "
+                         "budget to settle (default 3000)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch's (and BLAS's) thread count; default: torch's own default, as users train")
     args = ap.parse_args()
@@ -324,6 +342,7 @@ def main() -> None:
             child_process(rec).wait_ready(120)  # records wait for no one while it starts: they are measured inline
         account = Account(rec) if rec is not None else None
         run_a(steps), run_b(steps)  # warm-up, and the watched run starts its next group at a record
+        settled = settle_budget(rec, run_b, args.settle) if rec is not None and rec.budget is not None else 0
         if account is not None:
             account.start()
         ratios, ta, tb = paired_ratios(run_a, run_b, args.pairs, args.block, args.group)
@@ -352,7 +371,8 @@ def main() -> None:
     if budget is not None:
         print(f"overhead budget {100 * budget['budget']:.1f}%: the recorder's own account {100 * budget['achieved']:.2f}% "
               f"of training time (since the cadence settled {budget['settled_share']}); cadence x{budget['stretch']} "
-              f"{budget['cadence']}, changed at {budget['changes']}")
+              f"{budget['cadence']}, changed at {budget['changes']}; timed after {settled} steps of settling "
+              "(with records this sparse, sum B/sum A is the figure: a median of short ratios misses them)")
     if not args.control:
         plain = sum(ta)
         child = "" if args.inline or args.thread else f" + worker process {100 * child_s / plain:.2f}%"
