@@ -84,7 +84,6 @@ class Measurer:
         self._k_hint: dict[tuple[str, str], int] = {}  # singular values to refine at the last record, per spectrum
         self._estimates: dict[str, SpectrumEstimate] = {}  # this layer's SLQ estimates, per family
         self._slq_gen: torch.Generator | None = None  # fresh random vectors at every estimate, private stream
-        self._ready: dict[tuple[str, str], tuple[Tensor, Spectrum]] = {}  # this record's spectra, by (layer, family)
 
     def empty_row(self) -> dict[str, np.ndarray]:
         nq, nl = len(self.quantiles), len(self.names)
@@ -97,10 +96,9 @@ class Measurer:
         row = self.empty_row()
         outputs: dict[tuple[str, int | None], Tensor] = {}  # NS_k(M) of a parameter that several layers view
         matrices = [self.matrices(name, x, outputs) for name, x in zip(self.names, inputs, strict=True)]
-        self._decompose(matrices)
-        measured = [self.measure_layer(name, x, outputs, mats)
-                    for name, x, mats in zip(self.names, inputs, matrices, strict=True)]
-        self._ready.clear()
+        spectra = self._decompose(matrices)
+        measured = [self.measure_layer(name, x, outputs, mats, ready)
+                    for name, x, mats, ready in zip(self.names, inputs, matrices, spectra, strict=True)]
         problems: list[Problem] = []
         for i, host in enumerate(to_host(measured)):
             problems += fill(row, i, self.names[i], host)
@@ -129,29 +127,35 @@ class Measurer:
                 mats["update"] = exc
         return mats
 
-    def _decompose(self, matrices: Sequence[Mapping[str, Tensor | Exception]]) -> None:
-        """The exact spectra of every layer's matrices in one batched pass, kept for `_spectrum` to hand out."""
+    def _decompose(self, matrices: Sequence[Mapping[str, Tensor | Exception]]) -> list[dict[str, Spectrum]]:
+        """The exact spectra of every layer's matrices in one `matrix_spectra` call: per layer, {family: spectrum}
+        (empty for an estimated layer, and for all if the call fails: each layer then takes its own, where a
+        failure blanks only its family)."""
         keys, mats = [], []
-        for name, layer in zip(self.names, matrices, strict=True):
+        for i, (name, layer) in enumerate(zip(self.names, matrices, strict=True)):
             if self.methods[name] == "slq":
                 continue
             for family, mat in layer.items():
                 if isinstance(mat, Tensor):
-                    keys.append((name, family))
+                    keys.append((i, family))
                     mats.append(mat)
+        spectra: list[dict[str, Spectrum]] = [{} for _ in self.names]
         try:
-            spectra = matrix_spectra(mats, [self._k_hint.get(key) for key in keys])
-        except Exception:  # left to each layer's own spectra, where a failure blanks only its family
-            return
-        self._ready = {key: (mat, sp) for key, mat, sp in zip(keys, mats, spectra, strict=True)}
+            found = matrix_spectra(mats, [self._k_hint.get((self.names[i], family)) for i, family in keys])
+        except Exception:
+            return spectra
+        for (i, family), sp in zip(keys, found, strict=True):
+            spectra[i][family] = sp
+        return spectra
 
     def measure_layer(self, name: str, x: LayerInputs, outputs: dict[tuple[str, int | None], Tensor] | None = None,
-                      mats: Mapping[str, Tensor | Exception] | None = None) -> dict[str, tuple[Tensor, str]]:
+                      mats: Mapping[str, Tensor | Exception] | None = None,
+                      spectra: Mapping[str, Spectrum] | None = None) -> dict[str, tuple[Tensor, str]]:
         """Every optimizer metric of one layer from its full matrices: {variable: (value on the layer's device,
         NaN reason)}; `to_host` brings a whole record to the host at once. Each metric is taken on the layer's
         (out, in) matrix; O = NS_k(M) is computed on the matrix the optimizer orthogonalises (`MatrixView.whole`:
         all of a fused q/k/v projection) and then cut to the layer, kept in ``outputs`` for its other layers.
-        ``mats``: the layer's `matrices`, when already formed."""
+        ``mats``: the layer's `matrices`, when already formed; ``spectra``: their spectra, when already taken."""
         view, adapter = self.views[name], self.adapters[name]
         if mats is None:
             mats = self.matrices(name, x, outputs)
@@ -185,18 +189,18 @@ class Measurer:
             fail("momentum", why)
         if x.m is not None:
             family("momentum", lambda: momentum_metrics(matrix("momentum"), qs, None if ns_error else ns,
-                                                        self.ns_floor, self._spectrum(name, "momentum")))
+                                                        self.ns_floor, self._spectrum(name, "momentum", spectra)))
         if ns_error is not None:
             fail("newton_schulz", ns_error)
             out["ns_fail_frac"] = torch.tensor(float("nan"))
             reasons["ns_fail_frac"] = f"failed ({type(ns_error).__name__}: {ns_error})"
         elif x.m is not None and ns is not None:
             family("newton_schulz", lambda: newton_schulz_metrics(matrix("newton_schulz"), qs,
-                                                                  self._spectrum(name, "newton_schulz")))
+                                                                  self._spectrum(name, "newton_schulz", spectra)))
             if x.w_before is not None and x.stepped:
                 self._consistency(x, view, adapter, ns, outputs, out, reasons)
         if x.w_before is not None:
-            family("update", lambda: update_metrics(matrix("update"), qs, self._spectrum(name, "update")))
+            family("update", lambda: update_metrics(matrix("update"), qs, self._spectrum(name, "update", spectra)))
 
         def weight() -> dict[str, Tensor]:
             metrics, v = weight_metrics(w_after, self._vectors.get(name))
@@ -220,16 +224,17 @@ class Measurer:
                 self._estimates.clear()
         return {k: (v.detach(), reasons.get(k, "is not finite")) for k, v in out.items()}
 
-    def _spectrum(self, name: str, family: str) -> Callable[[Tensor], Spectrum]:
-        """This layer's spectrum of ``family``: the one `_decompose` took of this very matrix, else the exact route
-        chosen from what the last record of it needed."""
+    def _spectrum(self, name: str, family: str, spectra: Mapping[str, Spectrum] | None = None
+                  ) -> Callable[[Tensor], Spectrum]:
+        """This layer's spectrum of ``family``: the one already taken of its matrix (``spectra``, from
+        `_decompose`), else the exact route chosen from what the last record of it needed."""
         key = (name, family)
 
         def spectrum(a: Tensor) -> Spectrum:
             if self.methods[name] == "slq":
                 return self._estimate(a, family)
-            ready = self._ready.pop(key, None)
-            sp = ready[1] if ready is not None and ready[0] is a else matrix_spectrum(a, self._k_hint.get(key))
+            taken = (spectra or {}).get(family)
+            sp = taken if taken is not None else matrix_spectrum(a, self._k_hint.get(key))
             self._k_hint[key] = sp.k
             return sp
 
