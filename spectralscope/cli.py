@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -207,9 +208,17 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a run's attributes, layers, steps and last values")
     info.add_argument("run", help="path or URL of a run store (…/name.zarr)")
     info.add_argument("--storage-options", default=None, help="fsspec options for a URL, as a JSON object")
-    demo = sub.add_parser("demo", help="train a width sweep of small GPTs with Muon, record, fit and recommend")
+    demo = sub.add_parser("demo", help="train sweeps of small GPTs with Muon, AdamW and NorMuon; record, fit, "
+                                       "compare and recommend")
     demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--optimizers", nargs="+", default=["muon", "adamw", "normuon"],
+                      help="optimizers of the hidden matrices: muon, adamw, normuon (default: all three)")
+    demo.add_argument("--sweep", choices=["width", "ffn"], default="width",
+                      help="width: the model width (FFN 4×); ffn: the FFN width at --width")
     demo.add_argument("--widths", type=int, nargs="+", default=[32, 48, 64, 96])
+    demo.add_argument("--width", type=int, default=64, help="the model width of --sweep ffn")
+    demo.add_argument("--ffn", type=int, nargs="+", default=[1, 2, 4, 8],
+                      help="FFN width / model width of --sweep ffn")
     demo.add_argument("--depth", type=int, default=4)
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--data", default="text", help="text (stdlib docs, default), pcfg, or a UTF-8 file")
@@ -233,7 +242,31 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--target-size", type=float, default=None, help="recommend NS steps for this model size")
     fit.add_argument("--csv", default=None, help="also write the fit table to this CSV file")
     fit.add_argument("--storage-options", default=None, help="fsspec options for URLs, as a JSON object")
+    report = sub.add_parser("report", help="compare optimizers across runs: a self-contained report.html")
+    report.add_argument("runs", nargs="+", help="run stores, globs, or folders holding them (runs/demo)")
+    report.add_argument("-o", "--output", default="report.html")
+    report.add_argument("--swept", default=None,
+                        help="the size activation ranks are fitted against: width, ffn_width or model_size "
+                             "(default: from the runs' meta)")
+    report.add_argument("--csv", default=None, help="also write the full tables as CSV files into this folder")
     return p
+
+
+def report_runs(items: Sequence[str]) -> list[str]:
+    """Run stores named by paths, globs or folders holding them (searched for ``*.zarr``)."""
+    from .store import expand_runs
+
+    runs: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir() and not (p / "zarr.json").exists():
+            found = sorted(str(f) for f in p.rglob("*.zarr") if (f / "zarr.json").exists())
+        else:
+            found = expand_runs(item)
+        if not found:
+            raise UserError(f"no run store matches {item!r}")
+        runs += found
+    return runs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -250,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import DemoConfig, run_demo
 
             try:
-                cfg = DemoConfig(out=args.out, widths=args.widths, depth=args.depth, steps=args.steps, data=args.data,
+                cfg = DemoConfig(out=args.out, optimizers=args.optimizers, sweep=args.sweep, widths=args.widths,
+                                 width=args.width, ffn=args.ffn, depth=args.depth, steps=args.steps, data=args.data,
                                  imbalance=args.imbalance, target_size=args.target_size)
                 print(run_demo(cfg))
             except ValueError as exc:
@@ -276,6 +310,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "fit":
             print(fit_text(args.runs, args.metric, args.quantile, args.target_size, args.csv,
                            storage_options_arg(args.storage_options)))
+        elif args.command == "report":
+            from .compare import comparison
+            from .report import write_report
+
+            try:
+                c = comparison(report_runs(args.runs), swept=args.swept)
+            except (ValueError, KeyError, FileNotFoundError) as exc:
+                raise UserError(str(exc)) from exc
+            if args.csv:
+                c.write_csv(args.csv)
+            print(f"wrote {write_report(c, args.output)} ({len(c.runs)} runs, optimizers "
+                  f"{', '.join(dict.fromkeys(c.per_run['optimizer']))}, swept {c.swept})")
         return 0
     except UserError as exc:
         print(f"spectralscope {args.command}: error: {exc}", file=sys.stderr)

@@ -1,5 +1,9 @@
-"""`spectralscope demo`: a width sweep of small GPTs trained with Muon, every instrument recorded, then
-the spectral scaling laws and the Newton–Schulz recommendation — "Spectral Scaling Laws of Muon" on a laptop.
+"""`spectralscope demo`: sweeps of small GPTs trained with Muon, AdamW and NorMuon on the same data and seeds,
+every instrument recorded, then the spectral scaling laws per optimizer, the comparisons of `compare`, the
+Newton–Schulz recommendation and `report.html` — the optimizer comparisons of the papers, on a laptop.
+
+Two sweeps: ``width`` (the model width, FFN = 4× width) and ``ffn`` (the FFN width at a fixed model width, as
+the spectral-scaling-laws protocol sweeps it).
 """
 
 from __future__ import annotations
@@ -13,17 +17,32 @@ from tqdm.auto import tqdm
 
 from . import recorder
 from .corpus import load_corpus
-from .fit import fit_scaling, recommend_ns_steps
 from .gpt import GPT, GPTConfig
 from .hooks.activations import ActivationSpectra
 from .hooks.gradients import GradientSpectra
 from .hooks.sharpness import Sharpness
+from .normuon import NorMuon
+
+#: The optimizer of the hidden matrices and its learning rate, per demo name; embeddings, head and norms always
+#: take AdamW at ``REST_LR``. The rates are the best held-out loss of a sweep at width 64, 300 steps, 2 seeds
+#: (`benchmarks/learning_rates.py`; the table is in docs/findings.md).
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict]] = {
+    "muon": (torch.optim.Muon, dict(lr=0.02, momentum=0.95, weight_decay=0.0)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)),
+    "normuon": (NorMuon, dict(lr=0.02, momentum=0.95, beta2=0.95, weight_decay=0.0)),
+}
+REST_LR = 3e-3
+SWEEPS = ("width", "ffn")
 
 
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
+    optimizers: list[str] = field(default_factory=lambda: ["muon", "adamw", "normuon"])
+    sweep: str = "width"
     widths: list[int] = field(default_factory=lambda: [32, 48, 64, 96])
+    width: int = 64  # the model width of the ffn sweep
+    ffn: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # FFN width / model width, for the ffn sweep
     depth: int = 4
     steps: int = 300
     batch: int = 16
@@ -32,88 +51,111 @@ class DemoConfig:
     imbalance: float = 1.0
     target_size: float | None = None
     seed: int = 0
+    lrs: dict[str, float] = field(default_factory=dict)  # overrides of OPTIMIZERS' learning rates
+
+    def check(self) -> None:
+        unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
+        if unknown or not self.optimizers:
+            raise ValueError(f"--optimizers takes some of {', '.join(OPTIMIZERS)}; got {' '.join(self.optimizers)}")
+        if len(set(self.optimizers)) != len(self.optimizers):
+            raise ValueError(f"--optimizers names one twice: {' '.join(self.optimizers)}")
+        if self.sweep not in SWEEPS:
+            raise ValueError(f"--sweep must be width or ffn, got {self.sweep!r}")
+        sizes = self.widths if self.sweep == "width" else self.ffn
+        if len(set(sizes)) < 3:
+            raise ValueError(f"--{'widths' if self.sweep == 'width' else 'ffn'} needs at least 3 sizes to fit a "
+                             f"power law, got {sizes}")
+        if min(sizes) < 1:
+            raise ValueError(f"sizes must be positive, got {sizes}")
+        if self.steps < 20:
+            raise ValueError(f"--steps must be at least 20, got {self.steps}")
+
+    def points(self) -> list[tuple[int, int]]:
+        """(model width, FFN ratio) of each model of the sweep, smallest first."""
+        if self.sweep == "width":
+            return [(w, 4) for w in sorted(set(self.widths))]
+        return [(self.width, r) for r in sorted(set(self.ffn))]
+
+    def lr(self, name: str) -> float:
+        return float(self.lrs.get(name, OPTIMIZERS[name][1]["lr"]))
 
 
-def train_one(cfg: DemoConfig, width: int, corpus, progress: tqdm) -> Path:
-    """Train one width with Muon (hidden matrices) and AdamW (the rest), recording every instrument."""
+def build(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, vocab: int
+          ) -> tuple[GPT, torch.optim.Optimizer, torch.optim.Optimizer]:
+    """The model of one sweep point (seeded by ``cfg.seed``, so every optimizer starts from the same weights), the
+    optimizer ``name`` on its hidden matrices and AdamW on the rest."""
     torch.manual_seed(cfg.seed)
-    heads = max(1, width // 16)
-    model = GPT(GPTConfig(vocab=corpus.vocab, width=width, depth=cfg.depth, heads=heads, ctx=cfg.ctx))
+    model = GPT(GPTConfig(vocab=vocab, width=width, depth=cfg.depth, heads=max(1, width // 16), ctx=cfg.ctx,
+                          mlp_ratio=ffn_ratio))
     hidden = model.hidden_matrices()
     rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
-    muon = torch.optim.Muon(hidden, lr=0.02, momentum=0.95, weight_decay=0.0)
-    adamw = torch.optim.AdamW(rest, lr=3e-3, weight_decay=0.0)
+    cls, kw = OPTIMIZERS[name]
+    main = cls(hidden, **{**kw, "lr": cfg.lr(name)})
+    return model, main, torch.optim.AdamW(rest, lr=REST_LR, weight_decay=0.0)
+
+
+def train_one(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, corpus, progress: tqdm) -> Path:
+    """Train one sweep point with optimizer ``name``, recording every instrument on its hidden matrices."""
+    model, main, rest = build(cfg, name, width, ffn_ratio, corpus.vocab)
     gen = torch.Generator().manual_seed(cfg.seed)
     probe = corpus.batch(cfg.batch, cfg.ctx, torch.Generator().manual_seed(cfg.seed + 1))
     cadence = max(1, cfg.steps // 6)
-    path = Path(cfg.out) / f"w{width}.zarr"
+    stem = f"w{width}" if cfg.sweep == "width" else f"ffn{ffn_ratio * width}"
+    path = Path(cfg.out) / name / f"{stem}.zarr"
+    meta = {"optimizer": name, "lr": cfg.lr(name), "sweep": cfg.sweep, "width": width, "ffn_width": ffn_ratio * width,
+            "depth": cfg.depth, "data": cfg.data, "imbalance": cfg.imbalance, "seed": cfg.seed}
     with recorder.watch(
-        muon, model, path, every=10, overwrite=True, overhead=None,  # the fits need this cadence
-        meta={"width": width, "depth": cfg.depth, "data": cfg.data, "imbalance": cfg.imbalance},
+        main, model, path, every=10, overwrite=True, overhead=None,  # the fits need this cadence
+        meta=meta,
         activations=ActivationSpectra(every=max(1, cfg.steps // 12), max_tokens=2048),
         gradients=GradientSpectra(every=cadence, max_samples=cfg.batch),
-        sharpness=Sharpness(GPT.loss, probe, every=cadence),  # a named function: the probe can run in the worker
+        # a named function: the probe can run in the worker; per layer for the within/cross split
+        sharpness=Sharpness(GPT.loss, probe, every=cadence, per_layer=True),
     ) as rec:
         for _ in range(cfg.steps):
             loss = model.loss(corpus.batch(cfg.batch, cfg.ctx, gen))
             loss.backward()
-            muon.step()
-            adamw.step()
-            muon.zero_grad()
-            adamw.zero_grad()
+            main.step()
+            rest.step()
+            main.zero_grad()
+            rest.zero_grad()
             rec.log(loss=loss)
             progress.update(1)
-            progress.set_postfix(width=width, loss=f"{loss.item():.3f}")
+            progress.set_postfix(opt=name, width=width, ffn=ffn_ratio * width, loss=f"{loss.item():.3f}")
     return path
 
 
 def run_demo(cfg: DemoConfig) -> str:
-    """Train the sweep, fit, and return the printed report."""
-    if len(cfg.widths) < 3:
-        raise ValueError(f"--widths needs at least 3 sizes to fit a power law, got {cfg.widths}")
-    if cfg.steps < 20:
-        raise ValueError(f"--steps must be at least 20, got {cfg.steps}")
+    """Train the sweep for each optimizer, compare, write the CSV tables and report.html, and return the summary."""
+    from .compare import comparison, summary_text
+    from .report import write_report
+
+    cfg.check()
     start = time.time()
     corpus = load_corpus(cfg.data, cfg.imbalance)
     t0 = time.time()
-    paths = []
-    with tqdm(total=cfg.steps * len(cfg.widths), desc="training", unit="step") as bar:
-        for w in sorted(cfg.widths):
-            paths.append(train_one(cfg, w, corpus, bar))
+    runs: list[str] = []
+    points = cfg.points()
+    with tqdm(total=cfg.steps * len(points) * len(cfg.optimizers), desc="training", unit="step") as bar:
+        for name in cfg.optimizers:
+            for width, ratio in points:
+                runs.append(str(train_one(cfg, name, width, ratio, corpus, bar)))
     trained = time.time() - t0
-    runs = [str(p) for p in paths]
-    fits = fit_scaling(runs, metric="momentum_sv")
-    fits = fits[fits["quantile"].isin([0.1, 0.5, 0.9])]
-    hard = fit_scaling(runs, metric="act_hard_rank")
-    sizes = [_size(p) for p in runs]
-    target = cfg.target_size or 10 * max(sizes)
-    rec = recommend_ns_steps(fits, target, quantile=0.5)
-
-    def show(df) -> str:
-        return df.drop(columns=["intercept"], errors="ignore").to_string(index=False, float_format=_fmt)
+    size = "width" if cfg.sweep == "width" else "ffn_width"
+    result = comparison(runs, swept=size, target_size=cfg.target_size)
+    out = Path(cfg.out)
+    written = result.write_csv(out)
+    report = write_report(result, out / "report.html")
+    swept = f"widths {[w for w, _ in points]}" if cfg.sweep == "width" else \
+        f"FFN widths {[w * r for w, r in points]} at width {cfg.width}"
+    lrs = ", ".join(f"{n} lr {cfg.lr(n):g}" for n in cfg.optimizers)
     return "\n".join([
-        f"trained {len(runs)} widths {sorted(cfg.widths)} × {cfg.steps} steps in {trained:.0f} s; runs in {cfg.out}/",
-        f"model sizes: {sizes}",
+        f"trained {' '.join(cfg.optimizers)} × {swept} × {cfg.steps} steps in {trained:.0f} s "
+        f"({lrs}; AdamW lr {REST_LR:g} on embeddings, head and norms); runs in {cfg.out}/<optimizer>/",
         "",
-        "momentum singular-value quantiles (settled, second half) ~ size^slope, by layer kind and depth:",
-        show(fits),
+        summary_text(result),
         "",
-        "activation hard rank ~ size^slope:",
-        show(hard),
-        "",
-        f"Newton–Schulz steps needed at {target:.3g} parameters (median singular value ≥ the 0.5 floor):",
-        rec.to_string(index=False, float_format=_fmt),
-        "",
+        f"full tables: {', '.join(p.name for p in written)} in {cfg.out}/; plots: {report}",
         f"demo done in {time.time() - start:.0f} s wall time (training {trained:.0f} s; torch on "
         f"{torch.get_num_threads()} threads)",
     ])
-
-
-def _size(path: str) -> int:
-    from .store import open_run
-
-    return int(open_run(path).attrs["model_size"])
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.4g}"

@@ -72,6 +72,24 @@ def power_law(x: np.ndarray, y: np.ndarray, offset: bool = False) -> PowerLawFit
     return PowerLawFit(slope, intercept, r2, stderr, slope - t * stderr, slope + t * stderr, n)
 
 
+def confidence_band(x: np.ndarray, y: np.ndarray, at: np.ndarray, level: float = 0.95
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fitted line of `power_law` at ``at`` and its ``level`` t-interval (of the mean, not of a new point):
+    exp(a + b·u₀ ± t·s·sqrt(1/n + (u₀ − ū)²/Sxx)), u₀ = ln at, s² = Σ residual²/(n − 2), t on n − 2 degrees of
+    freedom, over the same finite positive pairs. Returns (line, low, high)."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+    fit = power_law(x, y)
+    u = np.log(x[keep])
+    u0 = np.log(np.asarray(at, dtype=np.float64))
+    n, sxx = u.size, float(((u - u.mean()) ** 2).sum())
+    s = fit.stderr * np.sqrt(sxx)  # stderr = s/sqrt(Sxx)
+    half = float(scipy.stats.t.ppf(0.5 + level / 2, n - 2)) * s * np.sqrt(1 / n + (u0 - u.mean()) ** 2 / sxx)
+    mid = fit.intercept + fit.slope * u0
+    return np.exp(mid), np.exp(mid - half), np.exp(mid + half)
+
+
 def _power_law_offset(x: np.ndarray, y: np.ndarray) -> PowerLawFit:
     n = x.size
     if n < 4:

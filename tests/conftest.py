@@ -65,3 +65,18 @@ def thread_of(rec):
     runner = rec.runner
     threads = [r for r in (runner, getattr(runner, "fallback", None)) if isinstance(r, ThreadRunner)]
     return threads[0]._thread if threads else None
+
+
+@pytest.fixture(scope="session")
+def optimizer_sweep(tmp_path_factory) -> list[str]:
+    """A tiny demo sweep: Muon, AdamW and NorMuon × widths 16, 24, 32, one block, 20 steps (run paths)."""
+    from tqdm.auto import tqdm
+
+    from spectralscope.corpus import load_corpus
+    from spectralscope.demo import DemoConfig, train_one
+
+    out = tmp_path_factory.mktemp("sweep")
+    cfg = DemoConfig(out=str(out), widths=[16, 24, 32], depth=1, steps=20, batch=8, ctx=32)
+    corpus = load_corpus("pcfg")
+    return [str(train_one(cfg, o, w, 4, corpus, tqdm(disable=True)))
+            for o in ("muon", "adamw", "normuon") for w in (16, 24, 32)]

@@ -44,3 +44,14 @@ def test_overhead_benchmark_runs_and_states_its_thread_setting(mode):
     assert "watched/plain" in out.stdout and "direct account" in out.stdout
     assert ("torch on 1 thread(s);" if mode == ["--threads", "1"] else "(its default)") in out.stdout
     assert "failed" not in out.stderr
+
+
+def test_learning_rate_sweep_prints_its_table_and_choice():
+    out = subprocess.run([sys.executable, "benchmarks/learning_rates.py", "--width", "16", "--steps", "4", "--seeds", "0",
+                          "--optimizers", "normuon"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| normuon |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["0.01", "0.02", "0.04"]
+    scores = [float(r.split("|")[-2]) for r in rows]
+    best = ["0.01", "0.02", "0.04"][scores.index(min(scores))]
+    assert f"**normuon: best lr {best}**" in out.stdout and "held-out loss after the last step" in out.stdout

@@ -337,3 +337,21 @@ def test_the_scaling_page_fits_unlike_optimizers_apart_and_says_so(monkeypatch, 
     assert not at.exception
     assert any("fitted separately by optimizer" in str(i.value) for i in at.info)
     assert sorted(at.multiselect(key="sc-groups").value) == ["AdamW/attn_o@1", "Muon/attn_o@1"]
+
+
+def test_the_compare_page_draws_the_reports_figures_coloured_by_optimizer(monkeypatch, optimizer_sweep):
+    from spectralscope.report import COLOURS
+
+    root = Path(optimizer_sweep[0]).parents[1]
+    at = _app(monkeypatch, root)
+    at.multiselect(key="runs").set_value(sorted(str(Path(p).relative_to(root)) for p in optimizer_sweep)).run()
+    at.switch_page("views/compare.py").run()
+    assert not at.exception, at.exception
+    figs = _figures(at)
+    assert len(figs) == 4
+    named = {t["name"]: t["marker"]["color"] for t in figs[0]["data"] if t.get("mode") == "markers" and t.get("name")}
+    assert named == {o: COLOURS[o] for o in ("muon", "adamw", "normuon")}
+    tables = [t.value for t in at.dataframe]
+    assert any("momentum σ q0.5 β" in t.columns for t in tables)
+    runs = next(t for t in tables if "update_isotropy" in t.columns)
+    assert len(runs) == 9 and set(runs["optimizer"]) == {"muon", "adamw", "normuon"}

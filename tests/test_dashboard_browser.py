@@ -1,6 +1,6 @@
 """The dashboard in a real browser: `spectralscope dashboard` as a subprocess on a free port, a writer process
-appending to a live run, Debian's chromium driven by Playwright. Saves a screenshot of every page under
-docs/img/ (the README shows them)."""
+appending to a live run, Debian's chromium driven by Playwright, screenshotting every page (into the test's
+temporary folder: the README's screenshots come from real demo runs, `examples/screenshots.py`)."""
 
 from __future__ import annotations
 
@@ -86,8 +86,8 @@ def test_pages_render_in_chromium_and_the_live_run_grows(tmp_path):
                                str(folder / "live.zarr"), str(stop)])
     port = free_port()
     server = serve(folder, port)
-    shots = REPO / "docs" / "img"
-    shots.mkdir(parents=True, exist_ok=True)
+    shots = tmp_path / "shots"
+    shots.mkdir()
     try:
         deadline = time.monotonic() + 60
         while not (folder / "live.zarr" / "optimizer" / "zarr.json").exists() and time.monotonic() < deadline:
