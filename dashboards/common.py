@@ -56,10 +56,17 @@ def _where(path: str) -> data.Where:
 
 @st.cache_data(max_entries=2048, show_spinner=False)
 def _read(path: str, rows: int, group: str, var: str, window: tuple[float, float], max_steps: int | None,
-          quantile: float | None, units: tuple[int, ...] | None, at_steps: tuple[int, ...] | None) -> xr.DataArray | None:
+          quantile: float | None, units: tuple[int, ...] | None, at_steps: tuple[int, ...] | None,
+          bucket: str | None = "all") -> xr.DataArray | None:
     del rows  # part of the cache key only: new committed rows make a new entry
     return data.read(_where(path), group, var, window=window, max_steps=max_steps, quantile=quantile, units=units,
-                     at_steps=at_steps, storage_options=storage_options())
+                     at_steps=at_steps, storage_options=storage_options(), bucket=bucket)
+
+
+@st.cache_data(show_spinner=False)
+def buckets(path: str) -> list[str]:
+    """The token-frequency buckets a run's activations were recorded with ([] without; fixed for a run)."""
+    return data.buckets(_where(path), "activations", storage_options())
 
 
 @st.cache_data(show_spinner=False)
@@ -86,7 +93,7 @@ def steps(entry: data.RunEntry, group: str) -> list[int]:
 def read(entry: data.RunEntry, group: str, var: str, *, window: tuple[float, float] = (0.0, 1.0),
          max_steps: int | None = MAX_STEPS, quantile: float | None = None,
          units: Sequence[str] | None = None, at_steps: Sequence[int] | None = None,
-         optional: bool = False) -> xr.DataArray | None:
+         optional: bool = False, bucket: str = "all") -> xr.DataArray | None:
     """`data.read` through the cache, ``units`` given by name: the layers (or modules) of that name this run
     has, wherever they sit in it (runs of other models have other layers). None when the run has none of
     them, no committed rows, or no such variable (said in a one-line note, unless the variable is
@@ -100,7 +107,7 @@ def read(entry: data.RunEntry, group: str, var: str, *, window: tuple[float, flo
             return None
     try:
         da = _read(str(entry.path), rows, group, var, tuple(window), max_steps, quantile, index,
-                   tuple(int(s) for s in at_steps) if at_steps is not None else None)
+                   tuple(int(s) for s in at_steps) if at_steps is not None else None, bucket)
     except Exception as exc:  # a store damaged after it was listed: say so, keep the page
         st.warning(f"{entry.rel}: cannot read {group}/{var} ({type(exc).__name__}: {exc})")
         return None
@@ -189,7 +196,7 @@ def quantile_picker(runs: Sequence[data.RunEntry], var: str, label: str, default
 
 
 def spectrum_curves(runs: Sequence[data.RunEntry], group: str, var: str, units: Sequence[int] | None,
-                    at_steps: Sequence[int]) -> list[tuple[str, str, int, object]]:
+                    at_steps: Sequence[int], bucket: str = "all") -> list[tuple[str, str, int, object]]:
     """(run, layer or module, step, values by rank) for each run, unit and chosen step — in each run the
     committed step nearest to the chosen one, so runs recorded on other steps still overlay: the input of
     `charts.spectra`."""
@@ -199,7 +206,7 @@ def spectrum_curves(runs: Sequence[data.RunEntry], group: str, var: str, units: 
         if not have:
             continue
         near = sorted({min(have, key=lambda s, t=t: abs(s - t)) for t in at_steps})
-        da = read(e, group, var, units=units, at_steps=near, max_steps=None)
+        da = read(e, group, var, units=units, at_steps=near, max_steps=None, bucket=bucket)
         if da is None:
             continue
         unit = unit_dim(da.dims)

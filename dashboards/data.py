@@ -258,6 +258,12 @@ def unit_names(path: Where, group: str, storage_options: Options = None) -> tupl
     return names, kinds
 
 
+def buckets(path: Where, group: str = "activations", storage_options: Options = None) -> list[str]:
+    """The token-frequency buckets ``group`` was recorded with (``all`` first), [] without."""
+    g = _group(path, group, storage_options)
+    return [str(v) for v in _plain(g["bucket"][...])] if g is not None and "bucket" in g else []
+
+
 def _plain(values: np.ndarray) -> np.ndarray:
     """Zarr hands strings back as numpy's variable-width StringDType; pandas and plotly want plain ``str``."""
     return np.array(values.tolist(), dtype=str) if values.dtype.kind == "T" else values
@@ -273,13 +279,15 @@ def steps(path: Where, group: str, storage_options: Options = None) -> np.ndarra
 
 def read(path: Where, group: str, var: str, *, window: tuple[float, float] = (0.0, 1.0), max_steps: int | None = None,
          quantile: float | None = None, units: Sequence[int] | None = None,
-         at_steps: Sequence[int] | None = None, storage_options: Options = None) -> xr.DataArray | None:
+         at_steps: Sequence[int] | None = None, storage_options: Options = None,
+         bucket: str | None = "all") -> xr.DataArray | None:
     """Committed rows of one variable as a DataArray with its named dimensions and coordinates
     (``step``; ``layer``/``module`` with ``kind``, ``depth`` and, where stored, ``sv_method``; ``quantile``; ``rank``).
 
     ``window``: fractions of the committed rows; ``max_steps``: keep at most that many, evenly strided;
     ``quantile``: only the nearest recorded level (that dimension dropped); ``units``: only these layer or
-    module indices; ``at_steps``: only the committed rows of these steps (instead of the window). None when
+    module indices; ``at_steps``: only the committed rows of these steps (instead of the window); ``bucket``: for
+    activations recorded per token-frequency bucket, that bucket (that dimension dropped; None keeps it). None when
     the group or variable does not exist or has no committed rows."""
     g = _group(path, group, storage_options)
     if g is None or var not in g:
@@ -297,6 +305,8 @@ def read(path: Where, group: str, var: str, *, window: tuple[float, float] = (0.
             return None
     arr = g[var]
     dims = list(arr.metadata.dimension_names)
+    if bucket not in (None, "all") and "bucket" not in dims:
+        raise ValueError(f"{group}/{var} was recorded without token-frequency buckets")
     sel: list[Any] = [rows]
     coords: dict[str, Any] = {"step": ("step", g["step"].get_orthogonal_selection((rows,)))}
     keep_dims = ["step"]
@@ -304,6 +314,12 @@ def read(path: Where, group: str, var: str, *, window: tuple[float, float] = (0.
         values = _plain(g[d][...]) if d in g else np.arange(arr.shape[dims.index(d)])
         if d == "quantile" and quantile is not None:
             sel.append(int(np.argmin(np.abs(values - quantile))))
+            continue
+        if d == "bucket" and bucket is not None:
+            names = [str(v) for v in values]
+            if bucket not in names:
+                raise ValueError(f"{group}/{var} has no bucket {bucket!r} (recorded: {', '.join(names)})")
+            sel.append(names.index(bucket))
             continue
         idx = list(units) if units is not None and d in ("layer", "module") else None
         sel.append(idx if idx is not None else slice(None))

@@ -4,19 +4,24 @@ At a recorded step (step % every == 0) every forward pass before ``optimizer.ste
 flattened to (tokens, d), to float64 sufficient statistics, up to ``max_tokens`` tokens per module
 (a uniform subsample from a private generator once the budget would be exceeded); after the step the
 spectrum is taken and the statistics reset. The formulas live in `spectralscope.covariance`.
+
+With ``buckets`` (token-frequency buckets, `spectralscope.buckets`), a forward pre-hook on the model reads the
+batch's token ids (``tokens(args, kwargs)``), and each kept row of a module's input is also added to the
+statistics of its token's bucket; every variable then has a ``bucket`` dimension, ``all`` first.
 """
 
 from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from spectralscope import distributed, schema
+from spectralscope.buckets import ALL, bucket_lookup, check_buckets
 from spectralscope.covariance import CovarianceStats, activation_metrics, covariance_eigenvalues, token_matrix
 from spectralscope.layers import in_features
 from spectralscope.store import GroupSpec
@@ -45,46 +50,68 @@ class ActivationFinisher:
     products). No hooks: it runs where the record is finished — the training thread, a worker thread or
     a worker process (`spectralscope.worker`)."""
 
-    def __init__(self, names: Sequence[str], dims: Sequence[int]) -> None:
-        self.names, self.dims = list(names), list(dims)
-        self._spare: dict[int, CovarianceStats] = {}
+    def __init__(self, names: Sequence[str], dims: Sequence[int], buckets: Sequence[str] = ()) -> None:
+        self.names, self.dims, self.buckets = list(names), list(dims), list(buckets)
+        self._spare: dict[tuple[int, int], CovarianceStats] = {}
 
     def __getstate__(self) -> dict:
-        return {"names": self.names, "dims": self.dims, "_spare": {}}  # buffers stay with their process
+        return {"names": self.names, "dims": self.dims, "buckets": self.buckets, "_spare": {}}  # buffers stay here
 
-    def reused(self, i: int, d: int, device: torch.device) -> CovarianceStats:
-        """Zeroed statistics for module i: its buffers from the last record when they fit."""
-        st = self._spare.get(i)
+    def reused(self, i: int, d: int, device: torch.device, slot: int = 0) -> CovarianceStats:
+        """Zeroed statistics for module i (``slot`` 0: all tokens, j + 1: bucket j): its buffers from the last
+        record when they fit."""
+        st = self._spare.get((i, slot))
         if st is None or st.s.shape[0] != d or st.s.device != device:
-            st = self._spare[i] = CovarianceStats.zeros(d, device)
+            st = self._spare[(i, slot)] = CovarianceStats.zeros(d, device)
         else:
             st.reset()
         return st
 
-    def summed(self, taken: list) -> list[CovarianceStats | None]:
+    def summed(self, taken: list, slot: int = 0) -> list[CovarianceStats | None]:
         """Deferred copies summed into statistics (one per shared slot, in module i's reused buffers)."""
         out: list[CovarianceStats | None] = []
         done: dict[int, CovarianceStats] = {}
         for i, st in enumerate(taken):
             if isinstance(st, _Deferred):
                 if id(st) not in done:
-                    summed = done[id(st)] = self.reused(i, self.dims[i], st.rows[0].device)
+                    summed = done[id(st)] = self.reused(i, self.dims[i], st.rows[0].device, slot)
                     for x in st.rows:
                         summed.add(x)
                 st = done[id(st)]
             out.append(st)
         return out
 
-    def finish(self, taken: list) -> tuple[dict[str, np.ndarray], list[tuple[str, str, str]]]:
+    def finish(self, taken: list | tuple) -> tuple[dict[str, np.ndarray], list[tuple[str, str, str]]]:
         """The row from the statistics `ActivationSpectra.take` returned, and (metric, module, why) of every value
-        that is not finite or failed."""
+        that is not finite or failed. With buckets ``taken`` is (all, per bucket) and every variable gains the
+        bucket axis after the module axis, ``all`` first."""
+        if not self.buckets:
+            return self._finish(self.summed(taken))
+        every, per_bucket = taken
+        first, problems = self._finish(self.summed(every))
+        rows = [first]
+        for j, name in enumerate(self.buckets):
+            row, probs = self._finish(self.summed(per_bucket[j], j + 1), bucket=name)
+            rows.append(row)
+            problems += probs
+        return {v: np.stack([r[v] for r in rows], axis=1) for v in first}, problems
+
+    def _finish(self, stats: list, bucket: str | None = None):
+        """One slot's row from its statistics. In a ``bucket``, a module that saw fewer than 2 of its tokens in
+        this record has NaN spectra (``act_tokens`` says how many), reported as such."""
         problems: list[tuple[str, str, str]] = []
         report = lambda *p: problems.append(p)  # noqa: E731
-        stats = self.summed(taken)
         nm, nr = len(self.names), max(self.dims)
         out = {"act_eig": np.full((nm, nr), np.nan), **{v: np.full(nm, np.nan) for v in SCALARS}}
+        if bucket is not None:
+            out["act_tokens"][:] = 0.0
         done: dict[int, dict[str, torch.Tensor]] = {}  # shared statistics are decomposed once
         for i, st in enumerate(stats):
+            if bucket is not None and (st is None or float(st.n) < 2):
+                out["act_tokens"][i] = 0.0 if st is None else float(st.n)
+                report("act_eig", f"{self.names[i]} [{bucket}]", f"has fewer than 2 tokens of bucket {bucket!r} in "
+                       "the record")
+                continue
             if st is None:
                 continue
             try:
@@ -92,7 +119,8 @@ class ActivationFinisher:
                     done[id(st)] = activation_metrics(covariance_eigenvalues(st))
                 metrics = dict(done[id(st)])
             except Exception as exc:
-                report("act_eig", self.names[i], f"failed ({type(exc).__name__}: {exc})")
+                where = self.names[i] if bucket is None else f"{self.names[i]} [{bucket}]"
+                report("act_eig", where, f"failed ({type(exc).__name__}: {exc})")
                 continue
             lam = metrics.pop("act_eig").cpu().numpy()
             out["act_eig"][i, : len(lam)] = lam
@@ -106,10 +134,25 @@ class ActivationFinisher:
         return out, problems
 
 
+def input_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The token ids of a model call: ``input_ids=`` (HF models), else its first integer tensor argument."""
+    ids = kwargs.get("input_ids")
+    if ids is None:
+        ids = next((a for a in args if isinstance(a, torch.Tensor) and not a.is_floating_point()
+                    and not a.is_complex() and a.dtype != torch.bool), None)
+    return ids
+
+
 class ActivationSpectra:
     """Record ``act_eig``, ``act_soft_rank``, ``act_hard_rank``, ``act_tail_alpha``, ``act_top10_share`` and
     ``act_tokens`` every ``every`` optimizer steps, for the inputs of the watched linear layers (``nn.Linear``,
-    transformers' ``Conv1D``) or of the modules named in ``modules``."""
+    transformers' ``Conv1D``) or of the modules named in ``modules``.
+
+    ``buckets``: {name: token ids} (e.g. `spectralscope.buckets.frequency_buckets` of the corpus) to record the
+    same spectra per bucket, from the rows of each module's input whose token is in it; ``tokens(args, kwargs)``
+    returns the token ids of a model call, shaped as the modules' inputs' leading dimensions (default
+    `input_ids`). A module whose input rows do not line up with the batch's ids (a different sequence length)
+    gets NaN per-bucket values, said once."""
 
     group = "activations"
 
@@ -119,8 +162,17 @@ class ActivationSpectra:
         where the statistics are summed over the ranks on the training thread."""
         return not distributed.active()
 
-    def __init__(self, every: int = 50, max_tokens: int = 4096, modules: Sequence[str] | None = None, seed: int = 0):
+    def __init__(self, every: int = 50, max_tokens: int = 4096, modules: Sequence[str] | None = None, seed: int = 0,
+                 buckets: Mapping[str, Iterable[int]] | None = None,
+                 tokens: Callable[[tuple, dict], torch.Tensor | None] | None = None):
         check_every("ActivationSpectra", every)
+        self.buckets = check_buckets(buckets) if buckets is not None else {}
+        if tokens is not None and not callable(tokens):
+            raise ValueError(f"ActivationSpectra: tokens must be a function (args, kwargs) -> token ids, got {tokens!r}")
+        self.tokens = tokens or input_ids
+        self._lookup = torch.as_tensor(bucket_lookup(self.buckets)) if self.buckets else None
+        self._ids: torch.Tensor | None = None
+        self._bstats: list[list] = []
         if not (isinstance(max_tokens, int) and max_tokens >= 2):
             raise ValueError(f"ActivationSpectra: max_tokens must be an int >= 2, got {max_tokens!r}")
         self.every = every
@@ -152,6 +204,7 @@ class ActivationSpectra:
         chosen = find_modules(ctx.model, ctx.layers, self.modules, "ActivationSpectra")
         self.remove()  # an instance handed to a second watch() starts afresh
         self._names, self._dims, self._stats, self._seen, self._tokens = [], [], [], {}, {}
+        self._bstats, self._ids = [], None
         self._kinds = module_kinds(chosen, ctx.layers)
         self.defer = False
         self._step, self._ledger, self._writes, self._spend = ctx.step, ctx.ledger, ctx.writes, ctx.spend
@@ -159,8 +212,11 @@ class ActivationSpectra:
             self._names.append(name)
             self._dims.append(in_features(module))
             self._stats.append(None)
+            self._bstats.append([None] * len(self.buckets))
             self._handles.append(module.register_forward_pre_hook(self._hook(i)))
-        self.finisher = ActivationFinisher(self._names, self._dims)
+        if self.buckets:
+            self._handles.append(ctx.model.register_forward_pre_hook(self._model_hook, with_kwargs=True))
+        self.finisher = ActivationFinisher(self._names, self._dims, list(self.buckets))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -174,6 +230,9 @@ class ActivationSpectra:
             "rank": ("rank", np.arange(1, max(self._dims) + 1, dtype=np.int64)),
         }
         variables = schema.ACTIVATIONS.dims()
+        if self.buckets:
+            coords["bucket"] = ("bucket", np.array([ALL, *self.buckets]))
+            variables = {v: (*d[:2], "bucket", *d[2:]) for v, d in variables.items()}
         return GroupSpec(self.group, coords, variables)
 
     # ---- hooks --------------------------------------------------------------------------------------
@@ -191,12 +250,39 @@ class ActivationSpectra:
 
         return hook
 
+    def _model_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The batch's token ids, for the buckets of this forward's module inputs."""
+        if self.paused or self._step() % self.every != 0:
+            return
+        try:
+            ids = self.tokens(args, kwargs)
+            self._ids = ids.detach().reshape(-1) if isinstance(ids, torch.Tensor) else None
+        except Exception as exc:  # never into the forward pass
+            self._ids = None
+            self._ledger.failed("act_eig", "[buckets]", exc)
+
+    def _which(self, i: int, n: int) -> torch.Tensor | None:
+        """The bucket index of each of the n input rows of module i (−1: in none), from the batch's ids."""
+        ids = self._ids
+        if ids is None or ids.numel() != n:
+            why = ("no token ids were found in the model's call" if ids is None else
+                   f"its input has {n} rows and the batch {ids.numel()} token ids")
+            self._ledger.failed("act_eig", f"{self._names[i]} [buckets]", ValueError(why))
+            return None
+        lookup = self._lookup
+        if lookup.device != ids.device:
+            lookup = self._lookup = lookup.to(ids.device)
+        inside = ids < lookup.numel()
+        return torch.where(inside, lookup[ids.clamp(0, max(0, lookup.numel() - 1))], -1)
+
     def _add(self, i: int, x: torch.Tensor) -> None:
         seen = self._seen.get(id(x))
         if seen is not None and seen[0]() is x:
             owner = seen[1]
             if self._stats[i] is None or self._stats[i] is self._stats[owner]:
                 self._stats[i] = self._stats[owner]
+                if self.buckets:
+                    self._bstats[i] = self._bstats[owner]
                 return
         self._seen[id(x)] = (weakref.ref(x), i)
         with torch.no_grad():
@@ -207,36 +293,50 @@ class ActivationSpectra:
             room = self.max_tokens - self._tokens.get(id(st), 0)
             if room <= 0:
                 return
+            which = self._which(i, x.shape[0]) if self.buckets else None
             if x.shape[0] > room:
                 if self._gen is None or self._gen.device != x.device:
                     self._gen = torch.Generator(device=x.device).manual_seed(self.seed)
                 keep = torch.randperm(x.shape[0], generator=self._gen, device=x.device)[:room]
                 x = x[keep]
+                which = which[keep] if which is not None else None
             st.add(x)
             self._tokens[id(st)] = self._tokens.get(id(st), 0) + x.shape[0]
+            if which is not None:
+                slots = self._bstats[i]
+                for j in range(len(self.buckets)):
+                    rows = x[which == j]
+                    if rows.shape[0]:
+                        if slots[j] is None:
+                            slots[j] = _Deferred() if self.defer else self.finisher.reused(i, x.shape[-1], x.device,
+                                                                                           j + 1)
+                        slots[j].add(rows)
 
     def _fresh(self, i: int, d: int, device: torch.device) -> CovarianceStats | _Deferred:
         """Empty statistics for module i: copies to sum later (``defer``) or reused zeroed ones."""
         return _Deferred() if self.defer else self.finisher.reused(i, d, device)
 
     def _all_reduce(self) -> None:
-        """Under torch.distributed, sum every module's (n, Σx, Σxxᵀ) over the ranks in one collective, so each
-        rank decomposes the statistics of the whole batch. Every rank takes part for every module (zeros
-        where it saw nothing), so the collective never waits on a rank that skipped a module."""
+        """Under torch.distributed, sum every module's (n, Σx, Σxxᵀ) over the ranks in one collective (each bucket's
+        too), so each rank decomposes the statistics of the whole batch. Every rank takes part for every slot
+        (zeros where it saw nothing), so the collective never waits on a rank that skipped a module."""
         if not distributed.active():
             return
-        device = distributed.collective_device(next((st.s.device for st in self._stats if st is not None), None))
+        slots = [(self._stats, i, d) for i, d in enumerate(self._dims)]
+        slots += [(self._bstats[i], j, d) for i, d in enumerate(self._dims) for j in range(len(self.buckets))]
+        present = [st.s.device for holder, k, _ in slots if (st := holder[k]) is not None]
+        device = distributed.collective_device(present[0] if present else None)
         parts = []
-        for st, d in zip(self._stats, self._dims, strict=True):
-            st = st or CovarianceStats.zeros(d, device)
+        for holder, k, d in slots:
+            st = holder[k] or CovarianceStats.zeros(d, device)
             parts.append(torch.cat([st.n.reshape(1), st.s, st.ss.reshape(-1)]).to(device))
         flat = torch.cat(parts)
         distributed.all_reduce(flat)
         offset = 0
-        for i, d in enumerate(self._dims):
+        for holder, k, d in slots:
             n, s, ss = flat[offset], flat[offset + 1 : offset + 1 + d], flat[offset + 1 + d : offset + 1 + d + d * d]
             offset += 1 + d + d * d
-            self._stats[i] = CovarianceStats(n.clone(), s.clone(), ss.reshape(d, d).clone()) if float(n) > 0 else None
+            holder[k] = CovarianceStats(n.clone(), s.clone(), ss.reshape(d, d).clone()) if float(n) > 0 else None
 
     def take(self, step: int) -> list | None:
         """On the training thread, after the step: this record's statistics (summed over the ranks under
@@ -246,6 +346,11 @@ class ActivationSpectra:
             return None
         self._seen.clear()
         self._tokens.clear()
+        self._ids = None
         self._all_reduce()
         taken, self._stats = self._stats, [None] * len(self._stats)
+        if self.buckets:
+            per_bucket = [[self._bstats[i][j] for i in range(len(self._dims))] for j in range(len(self.buckets))]
+            self._bstats = [[None] * len(self.buckets) for _ in self._dims]
+            taken = (taken, per_bucket)
         return taken if self._writes else None  # other ranks took part in the sum; rank 0 writes it

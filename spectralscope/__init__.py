@@ -21,6 +21,7 @@ except PackageNotFoundError:  # a source tree that was never installed
 #: public name → the module that defines it
 _LAZY = {
     "register_adapter": "adapters",
+    "frequency_buckets": "buckets",
     "PowerLawFit": "fit",
     "fit_scaling": "fit",
     "power_law": "fit",
@@ -52,6 +53,7 @@ __all__ = [
     "__version__",
     "fewest_ns_steps",
     "fit_scaling",
+    "frequency_buckets",
     "newton_schulz",
     "ns_threshold",
     "open_run",
@@ -80,6 +82,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .adapters import register_adapter
+    from .buckets import frequency_buckets
     from .fit import PowerLawFit, fit_scaling, power_law, recommend_ns_steps
     from .hooks.activations import ActivationSpectra
     from .hooks.gradients import GradientSpectra

@@ -114,6 +114,8 @@ def info_text(path: str, storage_options: dict | None = None) -> str:
     for group in ("activations", "gradients"):
         if group in tree.children and tree[group].dataset.sizes.get("step", 0):
             last = tree[group].dataset.isel(step=-1)
+            if "bucket" in last.dims:  # per token-frequency bucket: the row of every token here
+                last = last.sel(bucket="all")
             unit = unit_dim(last.dims)
             table = pd.DataFrame({unit: last[unit].values.tolist(), "kind": last["kind"].values.tolist()})
             for var, da in last.data_vars.items():

@@ -6,6 +6,9 @@ Per optimizer (the run's ``meta["optimizer"]``, else its class):
 - **activation rank exponents**: ``act_soft_rank`` and ``act_hard_rank`` against the swept width (``width`` or
   ``ffn_width`` in meta), by optimizer and kind, with their 95% t-intervals; the FFN activation is the input
   of ``mlp_out``;
+- **per token-frequency bucket** (runs recorded with ``ActivationSpectra(buckets=...)``): the same rank exponents
+  on the rows of each bucket's tokens (``activations["act_hard_rank@tail"]``), the tail-token question of the
+  associative-memory view;
 - **per run** (the settled window, the second half of the recorded steps, as the fits use): the final loss
   (median of the last tenth of ``loss``), NDS over the first and the second half of the probes, the within-layer
   share Σ_l nds_within[l]/nds over the second half, the update isotropy update_erank/min(rows, cols) and the
@@ -38,12 +41,13 @@ class Comparison:
     per_run: object  # one row per run
     momentum: object  # fit_scaling(momentum_sv) by optimizer, kind, depth
     momentum_kind: object  # the same by optimizer and kind
-    activations: dict[str, object]  # act_soft_rank / act_hard_rank: by optimizer and kind, against ``swept``
+    activations: dict[str, object]  # act_soft_rank, act_hard_rank (and "@bucket"): by optimizer and kind, vs ``swept``
     settled: object  # the settled values behind the by-kind fits: optimizer, kind, metric, quantile, size, value
     nds: object  # step, optimizer, size, nds, within, cross
     recommendation: object | None
     target_size: float
     notes: list[str] = field(default_factory=list)
+    buckets: list[str] = field(default_factory=list)  # the token-frequency buckets every run recorded
 
     def write_csv(self, folder: str | Path) -> list[Path]:
         """Write the full tables as CSV files into ``folder``; return their paths."""
@@ -52,7 +56,7 @@ class Comparison:
         tables = {"runs.csv": self.per_run, "fits_momentum.csv": self.momentum,
                   "fits_momentum_by_kind.csv": self.momentum_kind, "settled.csv": self.settled, "nds.csv": self.nds}
         for metric, t in self.activations.items():
-            tables[f"fits_{metric}.csv"] = t
+            tables[f"fits_{metric.replace('@', '_')}.csv"] = t
         if self.recommendation is not None:
             tables["ns_steps.csv"] = self.recommendation
         paths = []
@@ -149,7 +153,15 @@ def _with_names(fits, names: dict[str, str]):
     return fits
 
 
-def _settled_points(runs: Sequence[str], metric: str, size: str, levels, names: dict[str, str]):
+def common_buckets(trees) -> list[str]:
+    """The token-frequency buckets (other than ``all``) every run's activations were recorded with."""
+    sets = [[str(b) for b in t["activations"]["bucket"].values] if "activations" in t.children
+            and "bucket" in t["activations"].dims else [] for t in trees]
+    return [b for b in sets[0] if b != "all" and all(b in s for s in sets)] if sets else []
+
+
+def _settled_points(runs: Sequence[str], metric: str, size: str, levels, names: dict[str, str],
+                    bucket: str = "all"):
     """The per-run, per-kind settled values a by-kind fit is made of (the layers of a kind by their median)."""
     import pandas as pd
 
@@ -160,14 +172,14 @@ def _settled_points(runs: Sequence[str], metric: str, size: str, levels, names: 
     for path in runs:
         tree = open_run(path)
         try:
-            f = settled_values(tree, metric, None, size, (0.5, 1.0), path)
+            f = settled_values(tree, metric, None, size, (0.5, 1.0), path, bucket)
         except ValueError:
             continue
         if levels is not None:
             f = f[np.isclose(f["quantile"].to_numpy()[:, None], np.asarray(levels)[None]).any(1)]
         f = f.assign(optimizer=names.get(run_labels(dict(tree.attrs))["optimizer"], optimizer_name(dict(tree.attrs))))
         frames.append(f.groupby(["optimizer", "kind", "quantile", "size"], dropna=False)["value"].median()
-                      .reset_index().assign(metric=metric))
+                      .reset_index().assign(metric=metric, bucket=bucket))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -198,7 +210,12 @@ def comparison(runs: Sequence[str], swept: str | None = None, target_size: float
     swept = swept or swept_size(trees)
     names = {run_labels(dict(t.attrs))["optimizer"]: optimizer_name(dict(t.attrs)) for t in trees}
     notes: list[str] = []
-    per_run = pd.DataFrame([run_row(t, swept) for t in trees])
+    per_run = pd.DataFrame([{**run_row(t, swept), "run": r} for t, r in zip(trees, runs, strict=True)])
+    untall = [f"{Path(r).parent.name}/{Path(r).name}" for r, v in zip(runs, per_run["neuron_cv_tall"], strict=True)
+              if np.isnan(v)]
+    if untall:
+        notes.append(f"neuron_cv_tall is NaN where a run has no layer with rows > cols or no update recorded: "
+                     f"{', '.join(untall[:6])}{' …' if len(untall) > 6 else ''}")
     order = {o: i for i, o in enumerate(dict.fromkeys(per_run["optimizer"]))}  # as the runs were given
     per_run = per_run.sort_values(["optimizer", "size"], key=lambda s: s.map(order) if s.name == "optimizer" else s)
     nds = pd.concat([nds_series(t, swept) for t in trees], ignore_index=True)
@@ -211,8 +228,18 @@ def comparison(runs: Sequence[str], swept: str | None = None, target_size: float
             activations[metric] = _with_names(fit_scaling(runs, metric, by=by2, size=swept), names)
         except ValueError as exc:
             notes.append(f"{metric} against {swept} not fitted: {exc}")
+    buckets = common_buckets(trees)
+    for metric in ("act_soft_rank", "act_hard_rank"):
+        for b in buckets:
+            try:
+                activations[f"{metric}@{b}"] = _with_names(fit_scaling(runs, metric, by=by2, size=swept, bucket=b),
+                                                           names)
+            except ValueError as exc:
+                notes.append(f"{metric} of bucket {b} against {swept} not fitted: {exc}")
     settled = pd.concat([_settled_points(runs, "momentum_sv", "model_size", LEVELS, names),
-                         *(_settled_points(runs, m, swept, None, names) for m in activations)], ignore_index=True)
+                         *(_settled_points(runs, m.split("@")[0], swept, None, names,
+                                           m.split("@")[1] if "@" in m else "all") for m in activations)],
+                        ignore_index=True)
     sizes = per_run["model_size"].dropna()
     target = float(target_size or 10 * sizes.max())
     ns_fits = momentum[momentum["optimizer"].isin(
@@ -222,7 +249,7 @@ def comparison(runs: Sequence[str], swept: str | None = None, target_size: float
         ns_fits.attrs.update(momentum.attrs)
         recommendation = recommend_ns_steps(ns_fits, target, quantile=0.5)
     return Comparison(swept, runs, per_run.reset_index(drop=True), momentum, momentum_kind, activations, settled,
-                      nds, recommendation, target, notes)
+                      nds, recommendation, target, notes, buckets)
 
 
 def _entries(tree) -> list[dict]:
@@ -258,6 +285,8 @@ def summary_text(c: Comparison) -> str:
             row[f"σ q{q:g}"] = f"{s.median():+.3f}" if len(s) else "—"
         row[f"soft rank β ({FFN_KIND})"] = _ci(c.activations.get("act_soft_rank"), o, FFN_KIND)
         row[f"hard rank β ({FFN_KIND})"] = _ci(c.activations.get("act_hard_rank"), o, FFN_KIND)
+        if "tail" in c.buckets:
+            row["tail hard β"] = _ci(c.activations.get("act_hard_rank@tail"), o, FFN_KIND)
         exp_rows.append(row)
     largest = c.per_run.loc[c.per_run.groupby("optimizer")["size"].idxmax()].set_index("optimizer").loc[opts]
     late = pd.DataFrame({

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import recorder
+from .buckets import frequency_buckets
 from .corpus import load_corpus
 from .gpt import GPT, GPTConfig
 from .hooks.activations import ActivationSpectra
@@ -107,7 +108,9 @@ def train_one(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, corpus, pr
     with recorder.watch(
         main, model, path, every=10, overwrite=True, overhead=None,  # the fits need this cadence
         meta=meta,
-        activations=ActivationSpectra(every=max(1, cfg.steps // 12), max_tokens=2048),
+        # HEAD/MID/TAIL by the corpus's character frequencies (`buckets.frequency_buckets`' default cut)
+        activations=ActivationSpectra(every=max(1, cfg.steps // 12), max_tokens=2048,
+                                      buckets=frequency_buckets(corpus.ids.numpy(), corpus.vocab)),
         gradients=GradientSpectra(every=cadence, max_samples=cfg.batch),
         # a named function: the probe can run in the worker; per layer for the within/cross split
         sharpness=Sharpness(GPT.loss, probe, every=cadence, per_layer=True),

@@ -146,9 +146,10 @@ def window_rows(n: int, window: tuple[float, float]) -> tuple[int, int]:
 
 
 def settled_values(tree, metric: str, quantile: float | None = None, size: str = "model_size",
-                   window: tuple[float, float] = (0.5, 1.0), where: str = "run"):
+                   window: tuple[float, float] = (0.5, 1.0), where: str = "run", bucket: str = "all"):
     """A tidy DataFrame (layer, kind, depth, quantile, size, value) of one run: for each layer (and quantile),
-    the median of ``metric`` over the recorded steps in ``window`` (fractions of the recorded steps)."""
+    the median of ``metric`` over the recorded steps in ``window`` (fractions of the recorded steps). For
+    activations recorded per token-frequency bucket, the values of ``bucket`` (default ``all``: every token)."""
 
 
     lo, hi = window
@@ -163,6 +164,13 @@ def settled_values(tree, metric: str, quantile: float | None = None, size: str =
         raise ValueError(f"fit_scaling: {where} has no recorded steps in {group!r}")
     i0, i1 = window_rows(n, window)
     da = ds[metric].isel(step=slice(i0, i1))
+    if "bucket" in da.dims:
+        have = [str(b) for b in da["bucket"].values]
+        if bucket not in have:
+            raise ValueError(f"fit_scaling: {where} has no bucket {bucket!r} (recorded: {', '.join(have)})")
+        da = da.sel(bucket=bucket)
+    elif bucket != "all":
+        raise ValueError(f"fit_scaling: {where} recorded no token-frequency buckets (ActivationSpectra(buckets=...))")
     if "quantile" in da.dims:
         levels = [quantile] if quantile is not None else list(da["quantile"].values)
         missing = [q for q in levels if not np.isclose(da["quantile"].values, q).any()]
@@ -251,7 +259,7 @@ def group_label(keys: dict) -> str:
 
 def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None, by=None,
                 size: str = "model_size", window: tuple[float, float] = (0.5, 1.0), storage_options=None,
-                chunks=None):
+                chunks=None, bucket: str = "all"):
     """One `power_law` of the settled value against model size per layer group (and quantile).
 
     ``runs``: run paths, globs, opened trees (``ss.open_run``), or a tidy DataFrame with the ``by`` columns,
@@ -261,6 +269,7 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
     By default ``by`` is ``("kind", "depth")``, preceded by ``optimizer`` (the optimizer class) and ``arch``
     (``meta["arch"]``) where the runs differ in them, so unlike runs are never fitted together; the table's
     ``.attrs["note"]`` says so (or that an explicit ``by`` mixes them), ``.attrs["by"]`` holds the keys used.
+    ``bucket``: for activations recorded per token-frequency bucket, which one (default ``all``).
     Stores are opened lazily (``chunks`` as `open_run` takes it: None, or ``{}`` for dask arrays), and only
     the window's chunks of ``metric`` are read. Returns a DataFrame: the ``by`` columns, ``group``,
     ``quantile``, ``slope``, ``intercept``, ``r2``, ``stderr``, ``ci_low``, ``ci_high``, ``n_sizes``;
@@ -302,7 +311,7 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
             trees += [(p, open_run(p, storage_options, chunks)) for p in paths]
         frames, steps, schedules = [], set(), set()
         for i, (where, tree) in enumerate(trees):
-            frame = settled_values(tree, metric, quantile, size, window, where)
+            frame = settled_values(tree, metric, quantile, size, window, where, bucket)
             frame["run"] = i
             frames.append(frame)
             entry = ns_entry(dict(tree.attrs))

@@ -72,11 +72,60 @@ def activation_figure(c: Comparison, optimizers: list[str]):
     metrics = [m for m in ("act_soft_rank", "act_hard_rank") if m in c.activations]
     fig = make_subplots(rows=1, cols=max(1, len(metrics)), subplot_titles=[m.replace("act_", "") for m in metrics])
     for i, m in enumerate(metrics):
-        pts = c.settled[(c.settled["metric"] == m) & (c.settled["kind"] == FFN_KIND)]
+        pts = c.settled[(c.settled["metric"] == m) & (c.settled["kind"] == FFN_KIND) & (c.settled["bucket"] == "all")]
         _fit_traces(fig, pts, optimizers, 1, i + 1, legend=i == 0)
     fig.update_xaxes(title_text=c.swept)
     fig.update_layout(title=f"Activation rank of the FFN hidden layer (input of {FFN_KIND}) against {c.swept}",
                       height=380)
+    return fig
+
+
+def bucket_rank_figure(c: Comparison, optimizers: list[str], metric: str = "act_hard_rank"):
+    """``metric`` of the FFN hidden activation per token-frequency bucket against the swept width, a fit per
+    optimizer, one panel per bucket."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(c.buckets), subplot_titles=c.buckets)
+    for i, b in enumerate(c.buckets):
+        pts = c.settled[(c.settled["metric"] == metric) & (c.settled["kind"] == FFN_KIND) & (c.settled["bucket"] == b)]
+        _fit_traces(fig, pts, optimizers, 1, i + 1, legend=i == 0)
+    fig.update_xaxes(title_text=c.swept)
+    fig.update_layout(title=f"{metric.replace('act_', '')} of the FFN hidden activation per token-frequency bucket "
+                            f"against {c.swept}", height=380)
+    return fig
+
+
+def bucket_spectra_figure(c: Comparison, optimizers: list[str]):
+    """λ_i/Σλ of the FFN hidden activation (the last block's ``mlp_out`` input) at the last recorded step of each
+    optimizer's largest run, one panel per token-frequency bucket."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from .store import open_run
+
+    fig = make_subplots(rows=1, cols=len(c.buckets), subplot_titles=c.buckets)
+    for o in optimizers:
+        d = c.per_run[c.per_run["optimizer"] == o]
+        if d.empty:
+            continue
+        best = d.loc[d["size"].idxmax()]
+        ds = open_run(best["run"])["activations"].dataset
+        mods = [j for j, k in enumerate(ds["kind"].values) if str(k) == FFN_KIND]
+        if not mods or not ds.sizes.get("step"):
+            continue
+        last = ds["act_eig"].isel(step=-1, module=mods[-1])
+        for i, b in enumerate(c.buckets):
+            lam = np.asarray(last.sel(bucket=b).values, dtype=np.float64)
+            lam = lam[np.isfinite(lam) & (lam > 0)]
+            if lam.size == 0:
+                continue
+            fig.add_trace(go.Scatter(x=np.arange(1, lam.size + 1), y=lam / lam.sum(), mode="lines", name=o,
+                                     legendgroup=o, showlegend=i == 0, line=dict(color=colour(o, optimizers))),
+                          row=1, col=i + 1)
+    fig.update_xaxes(type="log", title_text="rank")
+    fig.update_yaxes(type="log")
+    fig.update_layout(title=f"Covariance spectrum λ_i/Σλ of the FFN hidden activation per bucket, at the largest "
+                            f"{c.swept}, last recorded step", height=380)
     return fig
 
 
@@ -162,6 +211,9 @@ def report_html(c: Comparison, title: str = "spectralscope: optimizers compared"
                ("Activation rank against the swept width", activation_figure(c, optimizers)),
                ("Curvature", nds_figure(c, optimizers)),
                ("Update isotropy and neuron balance", balance_figure(c, optimizers))]
+    if c.buckets:
+        figures += [("Token-frequency buckets: rank against the swept width", bucket_rank_figure(c, optimizers)),
+                    ("Token-frequency buckets: spectra", bucket_spectra_figure(c, optimizers))]
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p class='note'>{len(c.runs)} runs, optimizers {', '.join(optimizers)}, swept {c.swept}; written "
              f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC.</p>",
@@ -169,7 +221,7 @@ def report_html(c: Comparison, title: str = "spectralscope: optimizers compared"
     for i, (head, fig) in enumerate(figures):
         parts += [f"<h2>{html.escape(head)}</h2>",
                   pio.to_html(fig, include_plotlyjs=i == 0, full_html=False, default_width="100%")]
-    parts += ["<h2>Runs</h2>", _table(c.per_run)]
+    parts += ["<h2>Runs</h2>", _table(c.per_run.drop(columns=["run"]))]
     parts += [f"<p class='note'>note: {html.escape(n)}</p>" for n in c.notes]
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")

@@ -41,6 +41,8 @@ def scalars(group: str, row: Mapping[str, np.ndarray], names: Sequence[str],
             if not idx:
                 continue
             values = values[..., idx[0]]
+        if group == "activations" and values.ndim == 2:  # (module, bucket): the bucket of every token, stored first
+            values = values[:, 0]
         tag = tag_of(var, q)
         if values.ndim == 0:
             if np.isfinite(values):

@@ -49,7 +49,8 @@ def test_the_per_run_values_are_the_stores_medians(sweep):
     assert row["final_loss"] == pytest.approx(np.median(loss[-2:]), rel=1e-12)
 
 
-def test_by_kind_fits_are_ols_of_the_settled_medians(sweep):
+@pytest.mark.parametrize("bucket", ["all", "tail"])
+def test_by_kind_fits_are_ols_of_the_settled_medians(sweep, bucket):
     runs, c = sweep
     sizes, values = [], []
     for r in runs[6:]:  # normuon
@@ -57,14 +58,17 @@ def test_by_kind_fits_are_ols_of_the_settled_medians(sweep):
         ds = tree["activations"].dataset
         n = ds.sizes["step"]
         mods = ds["kind"].values == FFN_KIND
-        per_layer = np.median(ds["act_hard_rank"].values[n // 2:, mods].astype(np.float64), axis=0)
+        hard = ds["act_hard_rank"].sel(bucket=bucket).values.astype(np.float64)
+        per_layer = np.median(hard[n // 2:, mods], axis=0)
         sizes.append(tree.attrs["meta"]["width"])
         values.append(np.median(per_layer))
     ref = scipy.stats.linregress(np.log(sizes), np.log(values))
     t = scipy.stats.t.ppf(0.975, len(sizes) - 2)
-    fit = c.activations["act_hard_rank"].set_index(["optimizer", "kind"]).loc[("normuon", FFN_KIND)]
+    key = "act_hard_rank" if bucket == "all" else f"act_hard_rank@{bucket}"
+    fit = c.activations[key].set_index(["optimizer", "kind"]).loc[("normuon", FFN_KIND)]
     assert fit["slope"] == pytest.approx(ref.slope, rel=1e-9)
     assert fit["ci_high"] - fit["slope"] == pytest.approx(t * ref.stderr, rel=1e-9)
+    assert c.buckets == ["head", "mid", "tail"]
 
 
 def test_the_summary_fits_on_one_screen_and_names_every_optimizer(sweep):

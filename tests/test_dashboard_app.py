@@ -13,6 +13,7 @@ import pytest
 from dashboard_runs import broken_stores, finished_run, start_run
 from streamlit.testing.v1 import AppTest
 
+import spectralscope as ss
 import spectralscope.dashboards as dashboards
 
 APP = str(Path(dashboards.__file__).parent / "app.py")
@@ -348,10 +349,30 @@ def test_the_compare_page_draws_the_reports_figures_coloured_by_optimizer(monkey
     at.switch_page("views/compare.py").run()
     assert not at.exception, at.exception
     figs = _figures(at)
-    assert len(figs) == 4
+    assert len(figs) == 6  # the report's four, and two of the token-frequency buckets the demo records
+    assert [a["text"] for a in figs[5]["layout"]["annotations"]] == ["head", "mid", "tail"]
     named = {t["name"]: t["marker"]["color"] for t in figs[0]["data"] if t.get("mode") == "markers" and t.get("name")}
     assert named == {o: COLOURS[o] for o in ("muon", "adamw", "normuon")}
     tables = [t.value for t in at.dataframe]
     assert any("momentum σ q0.5 β" in t.columns for t in tables)
     runs = next(t for t in tables if "update_isotropy" in t.columns)
     assert len(runs) == 9 and set(runs["optimizer"]) == {"muon", "adamw", "normuon"}
+
+
+def test_the_activations_page_offers_the_recorded_buckets(monkeypatch, optimizer_sweep):
+    root = Path(optimizer_sweep[0]).parents[1]
+    at = _app(monkeypatch, root)
+    at.multiselect(key="runs").set_value(["muon/w32.zarr"]).run()
+    at.switch_page("views/activations.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="act-bucket").options == ["all", "head", "mid", "tail"]
+    def hard(figs):
+        return next(f for f in figs if f["layout"]["title"]["text"].startswith("hard rank"))["data"][0]["y"]
+
+    before = hard(_figures(at))
+    at.selectbox(key="act-bucket").select("tail").run()
+    assert not at.exception
+    tail = ss.open_run(optimizer_sweep[2])["activations"]["act_hard_rank"].sel(bucket="tail")
+    after = _array(hard(_figures(at)))
+    assert not np.allclose(after, _array(before))
+    assert any(np.allclose(after, tail.isel(module=j).values) for j in range(tail.sizes["module"]))

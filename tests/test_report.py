@@ -17,7 +17,7 @@ CHROMIUM = "/usr/bin/chromium"
 def test_the_report_is_self_contained(optimizer_sweep):
     page = report_html(comparison(optimizer_sweep))
     assert not re.search(r"<script[^>]+src=", page)  # plotly.js inlined: it opens offline
-    assert page.count("Plotly.newPlot") == 4
+    assert page.count("Plotly.newPlot") == 6  # 4, and 2 of the token-frequency buckets
     for o in ("muon", "adamw", "normuon"):
         assert f">{o}<" in page  # the exponents and runs tables
 
@@ -53,8 +53,8 @@ def test_report_opens_in_chromium_with_its_plots(optimizer_sweep, tmp_path):
             page.goto(path.as_uri())
             page.wait_for_selector(".js-plotly-plot .main-svg")
             plots = page.locator(".js-plotly-plot")
-            assert plots.count() == 4
-            for i in range(4):
+            assert plots.count() == 6
+            for i in range(6):
                 assert plots.nth(i).locator(".scatterlayer .trace").count() >= 3  # a trace per optimizer at least
             texts = page.locator(".js-plotly-plot").first.locator(".legendtext")
             legend = {texts.nth(i).text_content() for i in range(texts.count())}

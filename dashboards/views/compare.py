@@ -8,7 +8,15 @@ import streamlit as st
 
 from spectralscope.compare import comparison
 from spectralscope.dashboards import common
-from spectralscope.report import activation_figure, balance_figure, exponents_table, momentum_figure, nds_figure
+from spectralscope.report import (
+    activation_figure,
+    balance_figure,
+    bucket_rank_figure,
+    bucket_spectra_figure,
+    exponents_table,
+    momentum_figure,
+    nds_figure,
+)
 
 common.header("Compare optimizers", "Runs grouped by optimizer; fits per optimizer with 95% bands; settled = the "
               "second half of each run's recorded steps.")
@@ -44,6 +52,9 @@ else:
         st.plotly_chart(activation_figure(c, optimizers), key="cmp-act")
         st.plotly_chart(nds_figure(c, optimizers), key="cmp-nds")
         st.plotly_chart(balance_figure(c, optimizers), key="cmp-balance")
+        if c.buckets:  # recorded with ActivationSpectra(buckets=...)
+            st.plotly_chart(bucket_rank_figure(c, optimizers), key="cmp-bucket-rank")
+            st.plotly_chart(bucket_spectra_figure(c, optimizers), key="cmp-bucket-spectra")
         st.subheader("Runs")
         st.dataframe(c.per_run, hide_index=True)
 
