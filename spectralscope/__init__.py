@@ -29,6 +29,7 @@ _LAZY = {
     "ActivationSpectra": "hooks.activations",
     "GradientSpectra": "hooks.gradients",
     "Sharpness": "hooks.sharpness",
+    "WeightSpectra": "hooks.weights",
     "NSConfig": "newton_schulz",
     "fewest_ns_steps": "newton_schulz",
     "newton_schulz": "newton_schulz",
@@ -50,6 +51,7 @@ __all__ = [
     "PowerLawFit",
     "Recorder",
     "Sharpness",
+    "WeightSpectra",
     "__version__",
     "fewest_ns_steps",
     "fit_scaling",
@@ -87,6 +89,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .hooks.activations import ActivationSpectra
     from .hooks.gradients import GradientSpectra
     from .hooks.sharpness import Sharpness
+    from .hooks.weights import WeightSpectra
     from .newton_schulz import NSConfig, fewest_ns_steps, newton_schulz, ns_threshold, scalar_map
     from .recorder import Recorder, watch
     from .schema import DEFAULT_QUANTILES

@@ -196,6 +196,7 @@ class Options:
     activations: Any = True
     gradients: Any = None
     sharpness: Any = None
+    weights: Any = None
     tensorboard: str | Path | None = None
     background: bool | str = "auto"
     overhead: float | None = DEFAULT_OVERHEAD
@@ -204,6 +205,7 @@ class Options:
         from .hooks.activations import ActivationSpectra
         from .hooks.gradients import GradientSpectra
         from .hooks.sharpness import Sharpness
+        from .hooks.weights import WeightSpectra
 
         check_options(every=self.every, meta=self.meta, name=self.name, model_size=self.model_size,
                       ns_floor=self.ns_floor, flush_seconds=self.flush_seconds, resume=self.resume,
@@ -217,6 +219,8 @@ class Options:
               "an ss.ActivationSpectra, True (defaults) or None/False (off)", self.activations)
         check(self.gradients is None or isinstance(self.gradients, (bool, GradientSpectra)), "gradients",
               "an ss.GradientSpectra, True (defaults) or None/False (off)", self.gradients)
+        check(self.weights is None or isinstance(self.weights, (bool, WeightSpectra)), "weights",
+              "an ss.WeightSpectra, True (every=100) or None/False (off)", self.weights)
         check(self.sharpness is None or isinstance(self.sharpness, Sharpness), "sharpness",
               "an ss.Sharpness(loss_fn, batch, every=..., per_layer=...) or None", self.sharpness)
 

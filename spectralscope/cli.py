@@ -111,7 +111,7 @@ def info_text(path: str, storage_options: dict | None = None) -> str:
         if "sv_method" in ds.coords:  # how each layer's spectra were measured: exact, or the SLQ estimate
             table["spectra"] = [str(v) for v in ds["sv_method"].values]
         lines += ["", table.to_string(index=False, float_format=_fmt)]
-    for group in ("activations", "gradients"):
+    for group in ("activations", "gradients", "weights"):
         if group in tree.children and tree[group].dataset.sizes.get("step", 0):
             last = tree[group].dataset.isel(step=-1)
             if "bucket" in last.dims:  # per token-frequency bucket: the row of every token here

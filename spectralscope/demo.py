@@ -22,6 +22,7 @@ from .gpt import GPT, GPTConfig
 from .hooks.activations import ActivationSpectra
 from .hooks.gradients import GradientSpectra
 from .hooks.sharpness import Sharpness
+from .hooks.weights import WeightSpectra
 from .normuon import NorMuon
 
 #: The optimizer of the hidden matrices and its learning rate, per demo name; embeddings, head and norms always
@@ -114,6 +115,7 @@ def train_one(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, corpus, pr
         gradients=GradientSpectra(every=cadence, max_samples=cfg.batch),
         # a named function: the probe can run in the worker; per layer for the within/cross split
         sharpness=Sharpness(GPT.loss, probe, every=cadence, per_layer=True),
+        weights=WeightSpectra(every=cadence),
     ) as rec:
         for _ in range(cfg.steps):
             loss = model.loss(corpus.batch(cfg.batch, cfg.ctx, gen))

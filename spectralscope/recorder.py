@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from spectralscope.hooks.activations import ActivationSpectra
 from spectralscope.hooks.gradients import GradientSpectra
 from spectralscope.hooks.modules import Context
+from spectralscope.hooks.weights import WeightSpectra
 
 from . import arguments, distributed
 from . import budget as budget_policy
@@ -172,7 +173,8 @@ class Recorder:
         hook (a model with watched linear layers)."""
         activations = ActivationSpectra() if opts.activations is True else opts.activations
         gradients = GradientSpectra() if opts.gradients is True else opts.gradients
-        instruments = [i for i in (activations, gradients, opts.sharpness) if i]
+        weights = WeightSpectra() if opts.weights is True else opts.weights
+        instruments = [i for i in (activations, gradients, opts.sharpness, weights) if i]
         ctx = Context(model, self.layers, self.optimizer, lambda: self._step, self.ledger, self._pause, self.writes,
                       self._spend)
         try:
@@ -542,7 +544,9 @@ def watch(
     each layer got), ``activations`` (an `ss.ActivationSpectra`; True, the default, records
     the inputs of the watched linear layers every 50 steps; None turns it off), ``gradients`` (an
     `ss.GradientSpectra`, or True for every=100, max_samples=64; off by default), ``sharpness`` (an
-    `ss.Sharpness(loss_fn, batch, every=100, per_layer=False)`; off by default), ``tensorboard`` (a log
+    `ss.Sharpness(loss_fn, batch, every=100, per_layer=False)`; off by default), ``weights`` (an
+    `ss.WeightSpectra`, or True for every=100: σ(W) quantiles, the ESD power-law exponent and the stable rank of
+    every watched layer; off by default), ``tensorboard`` (a log
     directory: per-layer scalars of the main metrics with a custom-scalars layout), ``background``
     ("auto", the default: on the CPU, outside torch.distributed, the records are measured off the training
     thread in a worker process shared by the recorders of this process, from copies of M, W_before and

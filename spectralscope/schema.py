@@ -100,8 +100,14 @@ SHARPNESS = Group("sharpness", "layer", (
     Variable("nds_within", _L, "sharpness"),
 ), lost_as="nds")
 
+WEIGHTS = Group("weights", "layer", (
+    Variable("weight_sv", _LQ, "weights", tensorboard=(1.0,)),
+    Variable("weight_alpha", _L, "weights", tensorboard=(None,)),
+    Variable("weight_stable_rank", _L, "weights"),
+), lost_as="weight_sv")
+
 #: The recorded groups (``scalars`` is dynamic: one (step) variable per name passed to ``rec.log``).
-GROUPS: dict[str, Group] = {g.name: g for g in (OPTIMIZER, ACTIVATIONS, GRADIENTS, SHARPNESS)}
+GROUPS: dict[str, Group] = {g.name: g for g in (OPTIMIZER, ACTIVATIONS, GRADIENTS, SHARPNESS, WEIGHTS)}
 SCALARS = "scalars"
 #: Every sub-group a run may hold, in the order readers list them.
 GROUP_NAMES = (*GROUPS, SCALARS)
@@ -124,7 +130,7 @@ def group_of(name: str) -> str:
 
 def family_of(metric: str) -> str:
     """The family a counted metric belongs to, so that it is said once per run: ``momentum``,
-    ``newton_schulz``, ``update``, ``weight``, ``activations``, ``gradients``, ``sharpness``; any other name
+    ``newton_schulz``, ``update``, ``weight``, ``activations``, ``gradients``, ``sharpness``, ``weights``; any other name
     (``optimizer``: a lost record, ``tensorboard``, ``update`` of a failed snapshot) is its own family."""
     found = _BY_NAME.get(metric)
     return found[1].family if found else metric

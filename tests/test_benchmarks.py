@@ -55,3 +55,13 @@ def test_learning_rate_sweep_prints_its_table_and_choice():
     scores = [float(r.split("|")[-2]) for r in rows]
     best = ["0.01", "0.02", "0.04"][scores.index(min(scores))]
     assert f"**normuon: best lr {best}**" in out.stdout and "held-out loss after the last step" in out.stdout
+
+
+def test_weight_alpha_benchmark_prints_agreement_and_speed():
+    out = subprocess.run([sys.executable, "benchmarks/weight_alpha.py", "--repeats", "2", "--shapes", "60x90"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [ln.split("|") for ln in out.stdout.splitlines() if ln.startswith("| student") or ln.startswith("| gauss")]
+    assert len(rows) == 2
+    for r in rows:
+        assert float(r[5]) <= 1e-9 and abs(float(r[3]) - float(r[4])) <= 1e-6  # the same α as WeightWatcher's

@@ -25,7 +25,8 @@ def test_demo_end_to_end_at_a_tiny_setting(tmp_path, capsys):
             meta = tree.attrs["meta"]
             assert tree.attrs["status"] == "finished" and meta["data"] == "pcfg" and meta["optimizer"] == opt
             assert meta["imbalance"] == 1.5 and meta["sweep"] == "width"
-            assert set(tree.children) == {"optimizer", "scalars", "activations", "gradients", "sharpness"}
+            assert set(tree.children) == {"optimizer", "scalars", "activations", "gradients", "sharpness", "weights"}
+            assert tree["weights"].sizes["step"] == 6 and np.isfinite(tree["weights"]["weight_sv"].values).all()
             assert tree["optimizer"].sizes["step"] == 3 and tree["scalars"].sizes["step"] == 24
             assert np.isfinite(tree["sharpness"]["nds"].values).all()
             assert tree["sharpness"]["nds_within"].sizes["layer"] == 12  # per layer: the within/cross split

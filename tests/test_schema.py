@@ -53,7 +53,7 @@ def test_a_run_holds_exactly_the_schema(tmp_path, estimated):
     x = torch.randn(4, 6)
     kw = {"exact_max": 4, "sv_method": "slq"} if estimated else {}
     with ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=False,
-                  gradients=ss.GradientSpectra(every=1, max_samples=4),
+                  gradients=ss.GradientSpectra(every=1, max_samples=4), weights=ss.WeightSpectra(every=1),
                   sharpness=ss.Sharpness(_loss, x, every=1, per_layer=True), **kw) as rec:
         _loss(model, x).backward()
         opt.step()

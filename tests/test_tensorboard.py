@@ -33,6 +33,13 @@ def _check_against_store(acc: EventAccumulator, tree) -> int:
     for j, module in enumerate(act["module"].values.tolist()):
         events = acc.Scalars(f"act_hard_rank/{module}")
         np.testing.assert_allclose([e.value for e in events], act["act_hard_rank"].values[:, j], rtol=1e-6)
+    if "weights" in tree.children:  # ‖W‖₂ = σ(W) at q = 1 (weight_alpha: NaN on these 16-wide layers, skipped)
+        w = tree["weights"].dataset
+        for j, layer in enumerate(w["layer"].values.tolist()):
+            events = acc.Scalars(f"weight_sv_q1/{layer}")
+            assert [e.step for e in events] == w["step"].values.tolist() == [0, 4, 8]
+            np.testing.assert_allclose([e.value for e in events], w["weight_sv"].sel(quantile=1.0).values[:, j],
+                                       rtol=1e-6)
     nds = acc.Scalars("nds")
     np.testing.assert_allclose([e.value for e in nds], tree["sharpness"]["nds"].values, rtol=1e-6)
     loss = acc.Scalars("scalars/loss")  # what rec.log recorded
@@ -50,8 +57,9 @@ def test_live_and_exported_tensorboard_equal_the_store(tmp_path, capsys):
     model = GPT(GPTConfig(vocab=20, width=16, depth=2, heads=2, ctx=8))
     muon = torch.optim.Muon(model.hidden_matrices(), lr=0.02)
     batch = torch.randint(0, 20, (4, 9))
-    with ss.watch(muon, model, tmp_path / "r.zarr", every=2, tensorboard=tmp_path / "tb",
-                  activations=ss.ActivationSpectra(every=3),
+    # overhead=None: the budget would stretch the cadence on a busy machine, and this compares step for step
+    with ss.watch(muon, model, tmp_path / "r.zarr", every=2, tensorboard=tmp_path / "tb", overhead=None,
+                  activations=ss.ActivationSpectra(every=3), weights=ss.WeightSpectra(every=4),
                   sharpness=ss.Sharpness(lambda m, b: m.loss(b), batch, every=4)) as rec:
         for _ in range(9):
             loss = model.loss(torch.randint(0, 20, (4, 9)))
@@ -68,7 +76,7 @@ def test_live_and_exported_tensorboard_equal_the_store(tmp_path, capsys):
     config = layout_pb2.Layout()
     config.ParseFromString(live.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     charts = {c.title: list(c.multiline.tag) for cat in config.category for c in cat.chart}
-    assert charts["momentum_sv_q0.5"] == [r"^momentum_sv_q0.5(/.*)?$"] and "nds" in charts and len(charts) == 9
+    assert charts["momentum_sv_q0.5"] == [r"^momentum_sv_q0.5(/.*)?$"] and "nds" in charts and len(charts) == 11
     assert charts["scalars"] == [r"^scalars/.*$"]
     assert main(["export-tb", str(tmp_path / "r.zarr"), "--logdir", str(tmp_path / "tb2")]) == 0
     assert _check_against_store(_events(tmp_path / "tb2"), tree) == 12 * 5 * 3
