@@ -9,6 +9,8 @@ Per optimizer (the run's ``meta["optimizer"]``, else its class):
 - **per token-frequency bucket** (runs recorded with ``ActivationSpectra(buckets=...)``): the same rank exponents
   on the rows of each bucket's tokens (``activations["act_hard_rank@tail"]``), the tail-token question of the
   associative-memory view;
+- **the μP spectral condition** (`derived`): exponents of ``mup_weight_ratio`` and ``mup_update_ratio`` against
+  the swept width, by optimizer and kind; ``holds`` where the 95% interval contains 0;
 - **per run** (the settled window, the second half of the recorded steps, as the fits use): the final loss
   (median of the last tenth of ``loss``), NDS over the first and the second half of the probes, the within-layer
   share Σ_l nds_within[l]/nds over the second half, the update isotropy update_erank/min(rows, cols) and the
@@ -48,6 +50,7 @@ class Comparison:
     target_size: float
     notes: list[str] = field(default_factory=list)
     buckets: list[str] = field(default_factory=list)  # the token-frequency buckets every run recorded
+    mup: dict[str, object] = field(default_factory=dict)  # mup_weight_ratio / mup_update_ratio fits, with ``holds``
 
     def write_csv(self, folder: str | Path) -> list[Path]:
         """Write the full tables as CSV files into ``folder``; return their paths."""
@@ -57,6 +60,8 @@ class Comparison:
                   "fits_momentum_by_kind.csv": self.momentum_kind, "settled.csv": self.settled, "nds.csv": self.nds}
         for metric, t in self.activations.items():
             tables[f"fits_{metric.replace('@', '_')}.csv"] = t
+        for metric, t in self.mup.items():
+            tables[f"fits_{metric}.csv"] = t
         if self.recommendation is not None:
             tables["ns_steps.csv"] = self.recommendation
         paths = []
@@ -228,6 +233,15 @@ def comparison(runs: Sequence[str], swept: str | None = None, target_size: float
             activations[metric] = _with_names(fit_scaling(runs, metric, by=by2, size=swept), names)
         except ValueError as exc:
             notes.append(f"{metric} against {swept} not fitted: {exc}")
+    from .derived import DERIVED
+
+    mup = {}
+    for metric in DERIVED:
+        try:
+            fits = _with_names(fit_scaling(runs, metric, by=by2, size=swept), names)
+            mup[metric] = fits.assign(holds=(fits["ci_low"] <= 0) & (fits["ci_high"] >= 0))
+        except ValueError as exc:
+            notes.append(f"{metric} against {swept} not fitted: {exc}")
     buckets = common_buckets(trees)
     for metric in ("act_soft_rank", "act_hard_rank"):
         for b in buckets:
@@ -249,7 +263,7 @@ def comparison(runs: Sequence[str], swept: str | None = None, target_size: float
         ns_fits.attrs.update(momentum.attrs)
         recommendation = recommend_ns_steps(ns_fits, target, quantile=0.5)
     return Comparison(swept, runs, per_run.reset_index(drop=True), momentum, momentum_kind, activations, settled,
-                      nds, recommendation, target, notes, buckets)
+                      nds, recommendation, target, notes, buckets, mup)
 
 
 def _entries(tree) -> list[dict]:
@@ -315,5 +329,18 @@ def summary_text(c: Comparison) -> str:
             worst = g.loc[g["sigma"].idxmin()]
             lines.append(f"  {o}: {int(steps.max()) if len(steps) else '—'} steps (lowest σ_0.5 "
                          f"{worst['sigma']:.3g} in {worst['group']})")
+    if c.mup:
+        lines += ["", f"μP spectral condition: exponent of the ratio against {c.swept}, per layer kind (holds: its 95% "
+                      "interval contains 0):"]
+        for o in opts:
+            for metric, label in (("mup_weight_ratio", "‖W‖₂/sqrt(rows/cols) "),
+                                  ("mup_update_ratio", "‖ΔW‖₂·sqrt(cols/rows)")):
+                t = c.mup.get(metric)
+                if t is None:
+                    continue
+                t = t[t["optimizer"] == o]
+                fails = ", ".join(f"{r.kind} {r.slope:+.2g}" for r in t.itertuples() if not r.holds)
+                lines.append(f"  {o:<8} {label} holds in {int(t['holds'].sum())}/{len(t)} kinds"
+                             + (f"; not in {fails}" if fails else ""))
     lines += [f"note: {n}" for n in c.notes]
     return "\n".join(lines)

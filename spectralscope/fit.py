@@ -120,11 +120,18 @@ def _power_law_offset(x: np.ndarray, y: np.ndarray) -> PowerLawFit:
 
 # ---- scaling laws across runs -------------------------------------------------------------------------------
 def group_of(metric: str) -> str:
-    """The store group that records ``metric`` (``ValueError`` listing the per-layer metrics if none)."""
+    """The store group that records ``metric``, or that a `derived` quantity is read from (``ValueError`` listing
+    the per-layer metrics if none)."""
+    from .derived import DERIVED
+
+    if metric in DERIVED:
+        return DERIVED[metric][0]
     for group, names in schema.fit_metrics().items():
         if metric in names:
             return group
-    known = ", ".join(m for names in schema.fit_metrics().values() for m in names)
+    from .derived import DERIVED
+
+    known = ", ".join([*(m for names in schema.fit_metrics().values() for m in names), *DERIVED])
     raise ValueError(f"fit_scaling: unknown metric {metric!r}; per-layer metrics are: {known}")
 
 
@@ -163,7 +170,9 @@ def settled_values(tree, metric: str, quantile: float | None = None, size: str =
     if n == 0:
         raise ValueError(f"fit_scaling: {where} has no recorded steps in {group!r}")
     i0, i1 = window_rows(n, window)
-    da = ds[metric].isel(step=slice(i0, i1))
+    from .derived import DERIVED, derive
+
+    da = (derive(ds, metric) if metric in DERIVED else ds[metric]).isel(step=slice(i0, i1))
     if "bucket" in da.dims:
         have = [str(b) for b in da["bucket"].values]
         if bucket not in have:
