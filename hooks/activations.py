@@ -308,13 +308,13 @@ class ActivationSpectra:
                     rows = x[which == j]
                     if rows.shape[0]:
                         if slots[j] is None:
-                            slots[j] = _Deferred() if self.defer else self.finisher.reused(i, x.shape[-1], x.device,
-                                                                                           j + 1)
+                            slots[j] = self._fresh(i, x.shape[-1], x.device, j + 1)
                         slots[j].add(rows)
 
-    def _fresh(self, i: int, d: int, device: torch.device) -> CovarianceStats | _Deferred:
-        """Empty statistics for module i: copies to sum later (``defer``) or reused zeroed ones."""
-        return _Deferred() if self.defer else self.finisher.reused(i, d, device)
+    def _fresh(self, i: int, d: int, device: torch.device, slot: int = 0) -> CovarianceStats | _Deferred:
+        """Empty statistics for module i (``slot`` 0: all tokens, j + 1: bucket j): copies to sum later
+        (``defer``) or reused zeroed ones."""
+        return _Deferred() if self.defer else self.finisher.reused(i, d, device, slot)
 
     def _all_reduce(self) -> None:
         """Under torch.distributed, sum every module's (n, Σx, Σxxᵀ) over the ranks in one collective (each bucket's

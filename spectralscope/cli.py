@@ -255,14 +255,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def report_runs(items: Sequence[str]) -> list[str]:
-    """Run stores named by paths, globs or folders holding them (searched for ``*.zarr``)."""
+    """Run stores named by paths, globs or folders holding them (searched as the dashboard searches its runs
+    folder, `dashboards.data.find_runs`; a store there that is not a readable run is said on stderr and left out)."""
+    from .dashboards.data import find_runs
     from .store import expand_runs
 
     runs: list[str] = []
     for item in items:
         p = Path(item)
         if p.is_dir() and not (p / "zarr.json").exists():
-            found = sorted(str(f) for f in p.rglob("*.zarr") if (f / "zarr.json").exists())
+            entries = find_runs(p)
+            for e in entries:
+                if not e.ok:
+                    print(f"spectralscope report: skipped {e.rel}: {e.problem}", file=sys.stderr)
+            found = [str(e.path) for e in entries if e.ok]
         else:
             found = expand_runs(item)
         if not found:

@@ -122,15 +122,12 @@ def run_row(tree, swept: str) -> dict:
             tall = ds["rows"].values > ds["cols"].values  # where Muon's row norms are leverage scores
             row["neuron_cv_tall"] = _median(cv[tall]) if tall.any() else np.nan
             row["ns_consistency"] = _median(_layer_medians(ds["ns_consistency"], i0, i1))
-    if "sharpness" in tree.children:
-        sh = tree["sharpness"].dataset
-        nds = np.asarray(sh["nds"].values, dtype=np.float64)
-        half = len(nds) // 2
-        if len(nds) >= 2:
-            row["nds_early"], row["nds_late"] = _median(nds[:half]), _median(nds[half:])
-        if "nds_within" in sh and len(nds):
-            within = np.nansum(np.asarray(sh["nds_within"].values, dtype=np.float64), axis=1) / nds
-            row["within_share"] = _median(within[half:])
+    probes = nds_series(tree, swept)
+    nds, half = probes["nds"].to_numpy(np.float64), len(probes) // 2
+    if len(nds) >= 2:
+        row["nds_early"], row["nds_late"] = _median(nds[:half]), _median(nds[half:])
+    if len(nds) and "sharpness" in tree.children and "nds_within" in tree["sharpness"].dataset:
+        row["within_share"] = _median((probes["within"].to_numpy(np.float64) / nds)[half:])
     return row
 
 
@@ -165,17 +162,16 @@ def common_buckets(trees) -> list[str]:
     return [b for b in sets[0] if b != "all" and all(b in s for s in sets)] if sets else []
 
 
-def _settled_points(runs: Sequence[str], metric: str, size: str, levels, names: dict[str, str],
+def _settled_points(runs: Sequence[str], trees, metric: str, size: str, levels, names: dict[str, str],
                     bucket: str = "all"):
-    """The per-run, per-kind settled values a by-kind fit is made of (the layers of a kind by their median)."""
+    """The per-run, per-kind settled values a by-kind fit is made of (the layers of a kind by their median), from
+    the runs already opened (``trees``, one per path of ``runs``)."""
     import pandas as pd
 
     from .fit import run_labels, settled_values
-    from .store import open_run
 
     frames = []
-    for path in runs:
-        tree = open_run(path)
+    for path, tree in zip(runs, trees, strict=True):
         try:
             f = settled_values(tree, metric, None, size, (0.5, 1.0), path, bucket)
         except ValueError:
@@ -250,8 +246,8 @@ def comparison(runs: Sequence[str], swept: str | None = None, target_size: float
                                                            names)
             except ValueError as exc:
                 notes.append(f"{metric} of bucket {b} against {swept} not fitted: {exc}")
-    settled = pd.concat([_settled_points(runs, "momentum_sv", "model_size", LEVELS, names),
-                         *(_settled_points(runs, m.split("@")[0], swept, None, names,
+    settled = pd.concat([_settled_points(runs, trees, "momentum_sv", "model_size", LEVELS, names),
+                         *(_settled_points(runs, trees, m.split("@")[0], swept, None, names,
                                            m.split("@")[1] if "@" in m else "all") for m in activations)],
                         ignore_index=True)
     sizes = per_run["model_size"].dropna()
@@ -272,12 +268,10 @@ def _entries(tree) -> list[dict]:
     return optimizer_entries(dict(tree.attrs))
 
 
-def _ci(fits, optimizer: str, kind: str, quantile: float | None = None) -> str:
+def _ci(fits, optimizer: str, kind: str) -> str:
     if fits is None:
         return "—"
     sel = fits[(fits["optimizer"] == optimizer) & (fits["kind"] == kind)]
-    if quantile is not None:
-        sel = sel[np.isclose(sel["quantile"], quantile)]
     if sel.empty:
         return "—"
     r = sel.iloc[0]
