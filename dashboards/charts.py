@@ -133,10 +133,11 @@ def spectra(curves: Sequence[tuple[str, str, int, np.ndarray]], title: str, y: s
     return _layout(fig, title, "rank", y, log_x=True, log_y=True)
 
 
-def scaling(tidy: pd.DataFrame, fits: pd.DataFrame, target_size: float | None, metric: str) -> go.Figure:
-    """Settled values against model size on log-log axes, per layer group: the points, the fitted power
-    law, its 95% band (slope within its t-interval, pivoting at the mean log size), extended to
-    ``target_size`` when given."""
+def scaling(tidy: pd.DataFrame, fits: pd.DataFrame, target_size: float | None, metric: str,
+            against: str = "model_size") -> go.Figure:
+    """Settled values against model size (or the run attribute ``against``, e.g. ``width``) on log-log axes, per
+    layer group: the points, the fitted power law, its 95% band (slope within its t-interval, pivoting at the mean
+    log size), extended to ``target_size`` when given."""
     fig = go.Figure()
     for i, (_, fit) in enumerate(fits.iterrows()):
         colour = PALETTE[i % len(PALETTE)]
@@ -170,5 +171,5 @@ def scaling(tidy: pd.DataFrame, fits: pd.DataFrame, target_size: float | None, m
         ))
     if target_size:
         fig.add_vline(x=target_size, line={"color": "grey", "dash": "dash"}, annotation_text="target size")
-    return _layout(fig, f"settled {metric} against model size", "model size (parameters)", metric,
-                   log_x=True, log_y=True)
+    x_title = "model size (parameters)" if against == "model_size" else against
+    return _layout(fig, f"settled {metric} against {x_title.split(' (')[0]}", x_title, metric, log_x=True, log_y=True)

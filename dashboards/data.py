@@ -22,7 +22,8 @@ import xarray as xr
 import zarr
 
 from spectralscope import schema
-from spectralscope.fit import combine_runs, run_labels, settled_frame, window_rows
+from spectralscope.derived import DERIVED, ratio
+from spectralscope.fit import combine_runs, run_labels, run_size, settled_frame, window_rows
 from spectralscope.integrity import run_status
 from spectralscope.store import beside_a_writer, check_run, committed_rows, is_url, ns_entry, open_store, optimizer_entries
 
@@ -237,14 +238,15 @@ def _group(path: Where, group: str, storage_options: Options = None) -> zarr.Gro
 
 
 def variables(path: Where, group: str, storage_options: Options = None) -> list[str]:
-    """The data variables of ``group`` (everything with a leading ``step`` dimension but ``step`` itself)."""
+    """The data variables of ``group`` (everything with a leading ``step`` dimension but ``step`` itself), and the
+    `spectralscope.derived` quantities made from them."""
     g = _group(path, group, storage_options)
     if g is None:
         return []
     with beside_a_writer():
         arrays = list(g.arrays())
-    return sorted(name for name, arr in arrays
-                  if name != "step" and (arr.metadata.dimension_names or ("",))[0] == "step")
+    stored = {name for name, arr in arrays if name != "step" and (arr.metadata.dimension_names or ("",))[0] == "step"}
+    return sorted(stored | {n for n, d in DERIVED.items() if d.group == group and d.source in stored})
 
 
 def unit_names(path: Where, group: str, storage_options: Options = None) -> tuple[list[str], list[str]]:
@@ -288,7 +290,18 @@ def read(path: Where, group: str, var: str, *, window: tuple[float, float] = (0.
     ``quantile``: only the nearest recorded level (that dimension dropped); ``units``: only these layer or
     module indices; ``at_steps``: only the committed rows of these steps (instead of the window); ``bucket``: for
     activations recorded per token-frequency bucket, that bucket (that dimension dropped; None keeps it). None when
-    the group or variable does not exist or has no committed rows."""
+    the group or variable does not exist or has no committed rows. ``var`` may be a `spectralscope.derived`
+    quantity (``mup_weight_ratio``), made from the variable it is derived from."""
+    if var in DERIVED:
+        d = DERIVED[var]
+        g = _group(path, group, storage_options)
+        if group != d.group or g is None or d.source not in g:
+            return None
+        if d.level is not None and ("quantile" not in g or not np.isclose(g["quantile"][...], d.level).any()):
+            raise ValueError(f"{var} needs {d.source} at quantile {d.level:g}, which this run did not record")
+        src = read(path, group, d.source, window=window, max_steps=max_steps, quantile=d.level, units=units,
+                   at_steps=at_steps, storage_options=storage_options, bucket=bucket)
+        return None if src is None else ratio(src, var)
     g = _group(path, group, storage_options)
     if g is None or var not in g:
         return None
@@ -335,12 +348,13 @@ def read(path: Where, group: str, var: str, *, window: tuple[float, float] = (0.
 
 
 def settled(entries: Sequence[RunEntry], metric: str, group: str, quantile: float | None,
-            window: tuple[float, float] = (0.5, 1.0), storage_options: Options = None) -> tuple[pd.DataFrame, list[str]]:
+            window: tuple[float, float] = (0.5, 1.0), storage_options: Options = None,
+            size: str = "model_size") -> tuple[pd.DataFrame, list[str]]:
     """The settled value (median over ``window`` of the committed rows) of ``metric`` per run and layer, as
     the tidy frame `spectralscope.fit_scaling` takes (``run``, ``layer``, ``kind``, ``depth``, ``quantile``,
     ``size``, ``value``, and the run's ``optimizer`` and ``arch``: `fit.run_labels`), depth rounded to 0.25 when
-    the runs' depth grids differ; plus one line per run
-    that could not be used."""
+    the runs' depth grids differ; ``size`` is the run attribute (root or ``meta``) named by ``size``; plus one line
+    per run that could not be used."""
     frames, skipped = [], []
     for e in entries:
         try:
@@ -348,11 +362,14 @@ def settled(entries: Sequence[RunEntry], metric: str, group: str, quantile: floa
         except Exception as exc:
             skipped.append(f"{e.rel}: {type(exc).__name__}: {exc}")
             continue
-        size = e.attrs.get("model_size")
-        if da is None or not isinstance(size, (int, float)):
-            skipped.append(f"{e.rel}: no committed {metric}" if da is None else f"{e.rel}: no model_size")
+        try:
+            value = run_size(e.attrs, size, e.rel)
+        except (TypeError, ValueError):
+            value = None
+        if da is None or value is None:
+            skipped.append(f"{e.rel}: no committed {metric}" if da is None else f"{e.rel}: no {size}")
             continue
-        frames.append(settled_frame(da, float(size), run_labels(e.attrs), quantile=quantile).assign(run=e.rel))
+        frames.append(settled_frame(da, value, run_labels(e.attrs), quantile=quantile).assign(run=e.rel))
     if not frames:
         return pd.DataFrame(columns=["run", "layer", "kind", "depth", "quantile", "size", "value", "optimizer",
                                      "arch"]), skipped

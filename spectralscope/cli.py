@@ -132,21 +132,32 @@ def info_text(path: str, storage_options: dict | None = None) -> str:
 
 
 def fit_text(runs: Sequence[str], metric: str, quantile: float | None, target_size: float | None,
-             csv: str | None, storage_options: dict | None = None) -> str:
-    """The report of ``spectralscope fit``: the power-law table, and the NS recommendation at ``target_size``."""
+             csv: str | None, storage_options: dict | None = None, size: str | None = None) -> str:
+    """The report of ``spectralscope fit``: the power-law table against ``size`` (default model_size; width for a
+    `derived` μP ratio, with its ``holds`` column), and the NS recommendation at ``target_size``."""
+    from .derived import DERIVED, holds
     from .fit import fit_scaling, recommend_ns_steps
 
+    size = size or ("width" if metric in DERIVED else "model_size")
     try:
-        fits = fit_scaling(list(runs), metric=metric, quantile=quantile, storage_options=storage_options)
+        fits = fit_scaling(list(runs), metric=metric, quantile=quantile, storage_options=storage_options, size=size)
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from exc
+    if metric in DERIVED:
+        fits = holds(fits)
     if csv:
         fits.to_csv(csv, index=False)
     shown = fits.drop(columns=["intercept"])
-    lines = [f"power laws of settled {metric} against model size ({len(fits)} fits)"]
+    against = "model size" if size == "model_size" else size
+    lines = [f"power laws of settled {metric} against {against} ({len(fits)} fits)"]
+    if metric in DERIVED:
+        lines.append(f"μP spectral condition: {metric} = {DERIVED[metric].text} holds where the exponent's 95% "
+                     f"interval contains 0: {int(fits['holds'].sum())} of {len(fits)} groups")
     if fits.attrs.get("note"):
         lines.append(f"note: {fits.attrs['note']}")
     lines.append(shown.to_string(index=False, float_format=_fmt))
+    if target_size is not None and size != "model_size":
+        raise UserError("--target-size recommends NS steps for a model size; fit against --size model_size")
     if target_size is not None:
         q = quantile if quantile is not None else 0.5
         if metric not in ("momentum_sv",):
@@ -243,6 +254,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--quantile", type=float, default=None, help="one quantile level (default: every recorded one)")
     fit.add_argument("--target-size", type=float, default=None, help="recommend NS steps for this model size")
     fit.add_argument("--csv", default=None, help="also write the fit table to this CSV file")
+    fit.add_argument("--size", default=None,
+                     help="fit against this run attribute (root or meta): model_size (default), width, ffn_width; "
+                          "the μP ratios mup_weight_ratio/mup_update_ratio default to width")
     fit.add_argument("--storage-options", default=None, help="fsspec options for URLs, as a JSON object")
     report = sub.add_parser("report", help="compare optimizers across runs: a self-contained report.html")
     report.add_argument("runs", nargs="+", help="run stores, globs, or folders holding them (runs/demo)")
@@ -317,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.execve(cmd[0], cmd, env)
         elif args.command == "fit":
             print(fit_text(args.runs, args.metric, args.quantile, args.target_size, args.csv,
-                           storage_options_arg(args.storage_options)))
+                           storage_options_arg(args.storage_options), args.size))
         elif args.command == "report":
             from .compare import comparison
             from .report import write_report

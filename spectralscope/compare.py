@@ -229,13 +229,13 @@ def comparison(runs: Sequence[str], swept: str | None = None, target_size: float
             activations[metric] = _with_names(fit_scaling(runs, metric, by=by2, size=swept), names)
         except ValueError as exc:
             notes.append(f"{metric} against {swept} not fitted: {exc}")
-    from .derived import DERIVED
+    from .derived import DERIVED, holds
 
     mup = {}
     for metric in DERIVED:
         try:
             fits = _with_names(fit_scaling(runs, metric, by=by2, size=swept), names)
-            mup[metric] = fits.assign(holds=(fits["ci_low"] <= 0) & (fits["ci_high"] >= 0))
+            mup[metric] = holds(fits)
         except ValueError as exc:
             notes.append(f"{metric} against {swept} not fitted: {exc}")
     buckets = common_buckets(trees)

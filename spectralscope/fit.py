@@ -125,17 +125,15 @@ def group_of(metric: str) -> str:
     from .derived import DERIVED
 
     if metric in DERIVED:
-        return DERIVED[metric][0]
+        return DERIVED[metric].group
     for group, names in schema.fit_metrics().items():
         if metric in names:
             return group
-    from .derived import DERIVED
-
     known = ", ".join([*(m for names in schema.fit_metrics().values() for m in names), *DERIVED])
     raise ValueError(f"fit_scaling: unknown metric {metric!r}; per-layer metrics are: {known}")
 
 
-def _run_size(attrs: dict, size: str, where: str) -> float:
+def run_size(attrs: dict, size: str, where: str) -> float:
     if size in attrs:
         return float(attrs[size])
     meta = attrs.get("meta", {})
@@ -189,7 +187,7 @@ def settled_values(tree, metric: str, quantile: float | None = None, size: str =
     else:
         levels = None
     attrs = dict(tree.attrs)
-    return settled_frame(da, _run_size(attrs, size, where), run_labels(attrs), levels, quantile)
+    return settled_frame(da, run_size(attrs, size, where), run_labels(attrs), levels, quantile)
 
 
 def settled_frame(da, size: float, labels: dict[str, str | None], levels: list[float] | None = None,

@@ -91,3 +91,18 @@ def test_dashboard_refuses_a_missing_folder_and_a_bad_port(tmp_path, capsys):
     assert err.count("\n") == 1 and "does not exist" in err
     assert main(["dashboard", str(tmp_path), "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_fit_of_a_mup_ratio_is_against_width_and_says_where_it_holds(optimizer_sweep, tmp_path, capsys):
+    import pandas as pd
+
+    csv = tmp_path / "mup.csv"
+    assert main(["fit", *optimizer_sweep[:3], "--metric", "mup_weight_ratio", "--csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    table = pd.read_csv(csv)
+    ref = ss.fit_scaling(optimizer_sweep[:3], "mup_weight_ratio", size="width")
+    assert table["slope"].tolist() == pytest.approx(ref["slope"].tolist(), rel=1e-12)
+    assert table["holds"].tolist() == [bool(lo <= 0 <= hi) for lo, hi in zip(ref["ci_low"], ref["ci_high"], strict=True)]
+    assert "against width" in out and f"{int(table['holds'].sum())} of {len(table)} groups" in out
+    assert main(["fit", *optimizer_sweep[:3], "--metric", "mup_weight_ratio", "--target-size", "1e8"]) == 2
+    assert "--size model_size" in capsys.readouterr().err

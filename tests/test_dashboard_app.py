@@ -376,3 +376,30 @@ def test_the_activations_page_offers_the_recorded_buckets(monkeypatch, optimizer
     after = _array(hard(_figures(at)))
     assert not np.allclose(after, _array(before))
     assert any(np.allclose(after, tail.isel(module=j).values) for j in range(tail.sizes["module"]))
+
+
+def test_the_mup_ratios_are_drawn_per_layer_and_fitted_against_width_with_holds(monkeypatch, optimizer_sweep):
+    root = Path(optimizer_sweep[0]).parents[1]
+    at = _app(monkeypatch, root)
+    muon = sorted(str(Path(p).relative_to(root)) for p in optimizer_sweep if "/muon/" in str(p))
+    at.multiselect(key="runs").set_value(muon).run()
+    at.switch_page("views/updates.py").run()
+    assert not at.exception, at.exception
+    fig = next(f for f in _figures(at) if "‖ΔW‖₂ · sqrt(cols/rows)" in f["layout"]["title"]["text"])
+    ds = ss.open_run(optimizer_sweep[2])["optimizer"].dataset  # muon w32
+    ref = ds["update_sv"].sel(quantile=1.0).values * np.sqrt(ds["cols"].values / ds["rows"].values)
+    traces = [t for t in fig["data"] if t["name"].endswith("muon/w32.zarr")]
+    assert traces and all(any(np.allclose(_array(t["y"]), ref[:, j], rtol=1e-12, equal_nan=True)
+                              for j in range(ref.shape[1])) for t in traces)
+    at.switch_page("views/scaling.py").run()
+    at.selectbox(key="sc-metric").select("mup_update_ratio").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="sc-against-mup").value == "width"
+    fig = _figures(at)[0]
+    assert fig["layout"]["xaxis"]["title"]["text"] == "width"
+    table = next(t.value for t in at.dataframe if "holds" in t.value.columns)
+    ref = ss.fit_scaling(optimizer_sweep[:3], "mup_update_ratio", size="width")
+    np.testing.assert_allclose(sorted(table["slope"]), sorted(ref["slope"]), rtol=1e-9)
+    assert list(table["holds"]) == [bool(lo <= 0 <= hi) for lo, hi in zip(table["ci_low"], table["ci_high"],
+                                                                           strict=True)]
+    assert any("μP spectral condition" in c.value for c in at.caption)

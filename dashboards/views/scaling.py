@@ -10,19 +10,27 @@ import streamlit as st
 
 from spectralscope import schema
 from spectralscope.dashboards import charts, common, data
-from spectralscope.fit import fit_scaling, group_label, group_of, recommend_ns_steps
+from spectralscope.derived import DERIVED, holds
+from spectralscope.fit import fit_scaling, group_label, group_of, recommend_ns_steps, run_size
 from spectralscope.store import ns_entry
 
 common.header("Scaling laws", "Settled value = median over the chosen window of each run's committed steps; "
               "groups = layer kind @ relative depth; bands = slope within its 95% t-interval.")
 runs = common.selected_runs()
+SWEPT = ("width", "ffn_width")
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def settled(keys: tuple[tuple[str, int], ...], metric: str, quantile: float | None,
-            window: tuple[float, float]) -> tuple[pd.DataFrame, list[str]]:
+            window: tuple[float, float], against: str) -> tuple[pd.DataFrame, list[str]]:
     entries = [e for e in common.find_runs(str(common.runs_dir())) if e.rel in dict(keys)]
-    return data.settled(entries, metric, group_of(metric), quantile, window, common.storage_options())
+    return data.settled(entries, metric, group_of(metric), quantile, window, common.storage_options(), against)
+
+
+def sizes_of(runs) -> list[str]:
+    """What the settled values can be fitted against: model size, and the swept widths every run's meta gives."""
+    return ["model_size", *(k for k in SWEPT if all(isinstance((e.attrs.get("meta") or {}).get(k), (int, float))
+                                                   for e in runs))]
 
 
 def default_groups(fits: pd.DataFrame, most: int = 8) -> list[str]:
@@ -38,22 +46,28 @@ def default_groups(fits: pd.DataFrame, most: int = 8) -> list[str]:
 if len(runs) < 3:
     st.info("A power law needs runs of at least 3 model sizes: pick them in the sidebar.")
 else:
-    metrics = [m for names in schema.fit_metrics().values() for m in names]
-    c1, c2, c3, c4 = st.columns(4)
-    metric = c1.selectbox("metric", metrics, index=metrics.index("momentum_sv"), key="sc-metric")
+    metrics = [*(m for names in schema.fit_metrics().values() for m in names), *DERIVED]
+    c1, c2, c3, c4, c5 = st.columns(5)
+    metric = c1.selectbox("metric", metrics, index=metrics.index("momentum_sv"), key="sc-metric",
+                          format_func=lambda m: f"{m} = {DERIVED[m].text}" if m in DERIVED else m)
     levels = list(schema.DEFAULT_QUANTILES)
-    quantile = c2.selectbox("quantile", levels, index=levels.index(0.5),
-                            key="sc-quantile") if schema.variable(metric).quantiled else None
+    quantile = c2.selectbox("quantile", levels, index=levels.index(0.5), key="sc-quantile") if (
+        metric not in DERIVED and schema.variable(metric).quantiled) else None
     window = c3.slider("window (fraction of each run)", 0.0, 1.0, (0.5, 1.0), 0.05, key="sc-window")
-    largest = max(float(e.attrs.get("model_size", 0) or 0) for e in runs)
-    target = c4.number_input("target model size", min_value=1.0, value=float(10 ** np.ceil(np.log10(largest * 10))),
+    options = sizes_of(runs)
+    # the μP condition is about width: fitted against it where the runs say theirs
+    against = c4.selectbox("against", options, index=options.index("width") if metric in DERIVED and "width" in
+                           options else 0, key="sc-against-mup" if metric in DERIVED else "sc-against")
+    largest = max(run_size(e.attrs, against, e.rel) for e in runs) if against != "model_size" else max(
+        float(e.attrs.get("model_size", 0) or 0) for e in runs)
+    target = c5.number_input(f"target {against}", min_value=1.0, value=float(10 ** np.ceil(np.log10(largest * 10))),
                              format="%.3g", key="sc-target")
 
     @st.fragment(run_every=common.REFRESH)
     def charts_() -> None:
         group = group_of(metric)
         keys = tuple((e.rel, common.n_rows(str(e.path)).get(group, 0)) for e in runs)
-        tidy, skipped = settled(keys, metric, quantile, tuple(window))
+        tidy, skipped = settled(keys, metric, quantile, tuple(window), against)
         for line in skipped:
             st.caption(f"skipped {line}")
         if tidy.empty:
@@ -71,12 +85,17 @@ else:
                                   for keys in tidy[by].itertuples(index=False, name=None)])
         labels = list(dict.fromkeys(fits["group"]))
         shown_groups = st.multiselect("groups drawn", labels, default=default_groups(fits), key="sc-groups")
-        st.plotly_chart(charts.scaling(tidy, fits[fits["group"].isin(shown_groups)], target, metric), key="sc-figure")
+        st.plotly_chart(charts.scaling(tidy, fits[fits["group"].isin(shown_groups)], target, metric, against),
+                        key="sc-figure")
         shown = fits.drop(columns=["kind", "depth", "optimizer", "arch"], errors="ignore").assign(
             at_target=[float(np.exp(r.intercept) * target ** r.slope) for r in fits.itertuples()])
         st.subheader("Fits")
+        if metric in DERIVED:
+            shown = holds(shown)
+            st.caption(f"μP spectral condition: {DERIVED[metric].text} should not change with width; it holds where "
+                       f"the exponent's 95% interval contains 0 ({int(shown['holds'].sum())} of {len(shown)} groups)")
         st.dataframe(shown, hide_index=True)
-        if metric == "momentum_sv":
+        if metric == "momentum_sv" and against == "model_size":
             steps = {ns_entry(e.attrs).get("ns_steps") for e in runs} - {None}
             fits.attrs["current_steps"] = steps.pop() if len(steps) == 1 else None
             st.subheader(f"Newton–Schulz steps for {target:.3g} parameters")

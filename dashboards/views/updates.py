@@ -1,11 +1,13 @@
 """Neurons and updates: the realised step ΔW per layer — rms, effective rank, σ at a quantile — the balance
-of its rows across output neurons (neuron_cv, neuron_norm), and σ_1 of the weights."""
+of its rows across output neurons (neuron_cv, neuron_norm), σ_1 of the weights, and the μP spectral condition's two
+ratios (`spectralscope.derived`), which stay O(1) and flat across widths where it holds."""
 
 from __future__ import annotations
 
 import streamlit as st
 
 from spectralscope.dashboards import charts, common
+from spectralscope.derived import DERIVED
 
 common.header("Neurons and updates", "ΔW = W_after − W_before. neuron_cv = std/mean of the row norms of ΔW: "
               "0 when every output neuron moves by the same amount.")
@@ -25,6 +27,8 @@ if runs:
             ("update_erank", None, "effective rank of ΔW", False),
             ("update_sv", q, f"σ(ΔW) at q={q:g}", True),
             ("weight_spectral_norm", None, "σ_1(W)", True),
+            ("mup_weight_ratio", None, f"μP: {DERIVED['mup_weight_ratio'].text}", True),
+            ("mup_update_ratio", None, f"μP: {DERIVED['mup_update_ratio'].text}", True),
         ]
         for i, (var, level, title, log) in enumerate(panels):
             series = {e.rel: d for e in runs
