@@ -27,6 +27,7 @@ _LAZY = {
     "power_law": "fit",
     "recommend_ns_steps": "fit",
     "ActivationSpectra": "hooks.activations",
+    "AttentionLogits": "hooks.attention",
     "GradientSpectra": "hooks.gradients",
     "Sharpness": "hooks.sharpness",
     "WeightSpectra": "hooks.weights",
@@ -46,6 +47,7 @@ _LAZY = {
 __all__ = [
     "DEFAULT_QUANTILES",
     "ActivationSpectra",
+    "AttentionLogits",
     "GradientSpectra",
     "NSConfig",
     "PowerLawFit",
@@ -87,6 +89,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .buckets import frequency_buckets
     from .fit import PowerLawFit, fit_scaling, power_law, recommend_ns_steps
     from .hooks.activations import ActivationSpectra
+    from .hooks.attention import AttentionLogits
     from .hooks.gradients import GradientSpectra
     from .hooks.sharpness import Sharpness
     from .hooks.weights import WeightSpectra

@@ -197,12 +197,14 @@ class Options:
     gradients: Any = None
     sharpness: Any = None
     weights: Any = None
+    attention: Any = None
     tensorboard: str | Path | None = None
     background: bool | str = "auto"
     overhead: float | None = DEFAULT_OVERHEAD
 
     def __post_init__(self) -> None:
         from .hooks.activations import ActivationSpectra
+        from .hooks.attention import AttentionLogits
         from .hooks.gradients import GradientSpectra
         from .hooks.sharpness import Sharpness
         from .hooks.weights import WeightSpectra
@@ -221,6 +223,8 @@ class Options:
               "an ss.GradientSpectra, True (defaults) or None/False (off)", self.gradients)
         check(self.weights is None or isinstance(self.weights, (bool, WeightSpectra)), "weights",
               "an ss.WeightSpectra, True (every=100) or None/False (off)", self.weights)
+        check(self.attention is None or isinstance(self.attention, (bool, AttentionLogits)), "attention",
+              "an ss.AttentionLogits, True (every=50) or None/False (off)", self.attention)
         check(self.sharpness is None or isinstance(self.sharpness, Sharpness), "sharpness",
               "an ss.Sharpness(loss_fn, batch, every=..., per_layer=...) or None", self.sharpness)
 

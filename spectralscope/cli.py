@@ -111,7 +111,7 @@ def info_text(path: str, storage_options: dict | None = None) -> str:
         if "sv_method" in ds.coords:  # how each layer's spectra were measured: exact, or the SLQ estimate
             table["spectra"] = [str(v) for v in ds["sv_method"].values]
         lines += ["", table.to_string(index=False, float_format=_fmt)]
-    for group in ("activations", "gradients", "weights"):
+    for group in ("activations", "gradients", "weights", "attention"):
         if group in tree.children and tree[group].dataset.sizes.get("step", 0):
             last = tree[group].dataset.isel(step=-1)
             if "bucket" in last.dims:  # per token-frequency bucket: the row of every token here
@@ -121,6 +121,8 @@ def info_text(path: str, storage_options: dict | None = None) -> str:
             for var, da in last.data_vars.items():
                 if da.dims == (unit,):
                     table[var] = da.values
+                elif da.dims == (unit, "head"):  # attention logits: the largest head's
+                    table[f"{var} (top head)"] = da.max("head", skipna=True).values
             lines += ["", f"[{group}] last recorded step {int(last['step'].values)}",
                       table.to_string(index=False, float_format=_fmt)]
     for group in ("sharpness", "scalars"):

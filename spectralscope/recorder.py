@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from spectralscope.hooks.activations import ActivationSpectra
+from spectralscope.hooks.attention import AttentionLogits
 from spectralscope.hooks.gradients import GradientSpectra
 from spectralscope.hooks.modules import Context
 from spectralscope.hooks.weights import WeightSpectra
@@ -174,7 +175,8 @@ class Recorder:
         activations = ActivationSpectra() if opts.activations is True else opts.activations
         gradients = GradientSpectra() if opts.gradients is True else opts.gradients
         weights = WeightSpectra() if opts.weights is True else opts.weights
-        instruments = [i for i in (activations, gradients, opts.sharpness, weights) if i]
+        attention = AttentionLogits() if opts.attention is True else opts.attention
+        instruments = [i for i in (activations, gradients, opts.sharpness, weights, attention) if i]
         ctx = Context(model, self.layers, self.optimizer, lambda: self._step, self.ledger, self._pause, self.writes,
                       self._spend)
         try:
@@ -546,7 +548,9 @@ def watch(
     `ss.GradientSpectra`, or True for every=100, max_samples=64; off by default), ``sharpness`` (an
     `ss.Sharpness(loss_fn, batch, every=100, per_layer=False)`; off by default), ``weights`` (an
     `ss.WeightSpectra`, or True for every=100: σ(W) quantiles, the ESD power-law exponent and the stable rank of
-    every watched layer; off by default), ``tensorboard`` (a log
+    every watched layer; off by default), ``attention`` (an `ss.AttentionLogits`, or True for every=50: per attention
+module and head the max, mean and 99th percentile of the logits scale·q·k of the ``scaled_dot_product_attention``
+calls of a recorded step's forward; off by default), ``tensorboard`` (a log
     directory: per-layer scalars of the main metrics with a custom-scalars layout), ``background``
     ("auto", the default: on the CPU, outside torch.distributed, the records are measured off the training
     thread in a worker process shared by the recorders of this process, from copies of M, W_before and

@@ -106,8 +106,15 @@ WEIGHTS = Group("weights", "layer", (
     Variable("weight_stable_rank", _L, "weights"),
 ), lost_as="weight_sv")
 
+_MH = ("module", "head")
+ATTENTION = Group("attention", "module", (
+    Variable("attn_logit_max", _MH, "attention", fit=False),
+    Variable("attn_logit_mean", _MH, "attention", fit=False),
+    Variable("attn_logit_q99", _MH, "attention", fit=False),
+), lost_as="attn_logit_max")
+
 #: The recorded groups (``scalars`` is dynamic: one (step) variable per name passed to ``rec.log``).
-GROUPS: dict[str, Group] = {g.name: g for g in (OPTIMIZER, ACTIVATIONS, GRADIENTS, SHARPNESS, WEIGHTS)}
+GROUPS: dict[str, Group] = {g.name: g for g in (OPTIMIZER, ACTIVATIONS, GRADIENTS, SHARPNESS, WEIGHTS, ATTENTION)}
 SCALARS = "scalars"
 #: Every sub-group a run may hold, in the order readers list them.
 GROUP_NAMES = (*GROUPS, SCALARS)
@@ -130,8 +137,8 @@ def group_of(name: str) -> str:
 
 def family_of(metric: str) -> str:
     """The family a counted metric belongs to, so that it is said once per run: ``momentum``,
-    ``newton_schulz``, ``update``, ``weight``, ``activations``, ``gradients``, ``sharpness``, ``weights``; any other name
-    (``optimizer``: a lost record, ``tensorboard``, ``update`` of a failed snapshot) is its own family."""
+    ``newton_schulz``, ``update``, ``weight``, ``activations``, ``gradients``, ``sharpness``, ``weights``,
+    ``attention``; any other name (``optimizer``: a lost record, ``tensorboard``, ``update`` of a failed snapshot) is its own family."""
     found = _BY_NAME.get(metric)
     return found[1].family if found else metric
 

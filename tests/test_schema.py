@@ -32,13 +32,25 @@ def test_top_level_names_load_on_first_use():
         ss.nope  # noqa: B018
 
 
+class Attn(nn.Module):
+    heads = 2
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        q, k = (p(x).view(1, -1, 2, 4).transpose(1, 2) for p in (self.q_proj, self.k_proj))
+        return x + nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True).transpose(1, 2).reshape(-1, 8)
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.fc1, self.attn, self.fc2 = nn.Linear(6, 8), Attn(), nn.Linear(8, 3)
 
     def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
+        return self.fc2(self.attn(torch.tanh(self.fc1(x))))
 
 
 def _loss(model, x):
@@ -54,6 +66,7 @@ def test_a_run_holds_exactly_the_schema(tmp_path, estimated):
     kw = {"exact_max": 4, "sv_method": "slq"} if estimated else {}
     with ss.watch(opt, model, tmp_path / "r.zarr", every=1, background=False,
                   gradients=ss.GradientSpectra(every=1, max_samples=4), weights=ss.WeightSpectra(every=1),
+                  attention=ss.AttentionLogits(every=1),
                   sharpness=ss.Sharpness(_loss, x, every=1, per_layer=True), **kw) as rec:
         _loss(model, x).backward()
         opt.step()
