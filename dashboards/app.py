@@ -26,6 +26,7 @@ PAGES = [
     st.Page(HERE / "views" / "sharpness.py", title="Sharpness", url_path="sharpness"),
     st.Page(HERE / "views" / "scalars.py", title="Scalars", url_path="scalars"),
     st.Page(HERE / "views" / "scaling.py", title="Scaling laws", url_path="scaling"),
+    st.Page(HERE / "views" / "health.py", title="Health", url_path="health"),
     st.Page(HERE / "views" / "compare.py", title="Compare optimizers", url_path="compare"),
 ]
 

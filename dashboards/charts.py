@@ -173,3 +173,27 @@ def scaling(tidy: pd.DataFrame, fits: pd.DataFrame, target_size: float | None, m
         fig.add_vline(x=target_size, line={"color": "grey", "dash": "dash"}, annotation_text="target size")
     x_title = "model size (parameters)" if against == "model_size" else against
     return _layout(fig, f"settled {metric} against {x_title.split(' (')[0]}", x_title, metric, log_x=True, log_y=True)
+
+
+SEVERITY_COLOURS = {"critical": "#d62728", "warning": "#ff7f0e", "info": "#1f77b4"}
+
+
+def alert_timeline(spans: Sequence[Mapping], last_step: int, run: str) -> go.Figure:
+    """One bar per health alert from the step it started to the step it ended (or the run's last record, while
+    active), a row per rule and layer, coloured by severity."""
+    fig = go.Figure()
+    shown: set[str] = set()
+    for s in spans:
+        end = s["end"] if s["end"] is not None else last_step
+        label = f"{s['rule']} · {s['layer']}"
+        fig.add_trace(go.Scatter(
+            x=[s["start"], max(end, s["start"])], y=[label, label], mode="lines+markers",
+            line={"color": SEVERITY_COLOURS.get(s["severity"], "grey"), "width": 8}, name=s["severity"],
+            legendgroup=s["severity"], showlegend=s["severity"] not in shown,
+            hovertemplate=(f"run {run}<br>{s['severity']} {label}<br>steps {s['start']}–"
+                           f"{'active' if s['end'] is None else s['end']}<br>value {s['value']:.4g}<extra></extra>"),
+        ))
+        shown.add(s["severity"])
+    _layout(fig, f"health alerts · {run}", "step", "rule · layer")
+    fig.update_layout(height=max(HEIGHT, 22 * len({f"{s['rule']} · {s['layer']}" for s in spans}) + 140))
+    return fig

@@ -21,7 +21,7 @@ import pandas as pd
 import xarray as xr
 import zarr
 
-from spectralscope import schema
+from spectralscope import health, schema
 from spectralscope.derived import DERIVED, ratio
 from spectralscope.fit import combine_runs, run_labels, run_size, settled_frame, window_rows
 from spectralscope.integrity import run_status
@@ -205,7 +205,7 @@ def last_update(path: Where, storage_options: Options = None) -> _dt.datetime | 
 def overview(entries: Sequence[RunEntry], storage_options: Options = None) -> pd.DataFrame:
     """One row per readable run: name, folder, model size, optimizer, NS steps, training steps seen, optimizer
     records committed, status, last update, the number of metric values that came out NaN (the run's ``errors``),
-    and what the run does not record by construction, with why (its ``notes``)."""
+    its health (`health_badge`) and what the run does not record by construction, with why (its ``notes``)."""
     rows = []
     for e in entries:
         if not e.ok:
@@ -226,10 +226,43 @@ def overview(entries: Sequence[RunEntry], storage_options: Options = None) -> pd
             "status": run_status(a),
             "last_update": updated.strftime("%Y-%m-%d %H:%M:%S UTC") if updated else None,
             "nan_values": int(sum(sum(v.values()) for v in errors.values() if isinstance(v, dict))),
+            "health": health_badge(health_events(e.path, storage_options)),
             "notes": "; ".join(f"{k}: {v}" for k, v in (a.get("notes") or {}).items()),
         })
     return pd.DataFrame(rows, columns=["run", "name", "model_size", "optimizer", "ns_steps", "steps", "records",
-                                       "status", "last_update", "nan_values", "notes"])
+                                       "status", "last_update", "nan_values", "health", "notes"])
+
+
+HEALTH_TEXT = schema.HEALTH.strings()
+
+
+def health_events(path: Where, storage_options: Options = None) -> list[dict[str, Any]] | None:
+    """The committed rows of a run's ``health`` group (an alert starting or ending each: step, rule, group, layer,
+    value, severity, state, message), in order; None when the run was recorded without health rules."""
+    g = _group(path, "health", storage_options)
+    if g is None:
+        return None
+    n = committed_rows(g)
+    if n == 0:
+        return []
+    cols = {v: [str(x) for x in _plain(np.asarray(g[v][:n])).tolist()] for v in HEALTH_TEXT}
+    steps, values = np.asarray(g["step"][:n]).tolist(), np.asarray(g["value"][:n], dtype=np.float64).tolist()
+    return [{"step": s, "value": v, **{k: c[i] for k, c in cols.items()}} for i, (s, v) in enumerate(zip(
+        steps, values, strict=True))]
+
+
+def health_badge(events: list[dict[str, Any]] | None) -> str:
+    """A run's health in a few characters: the alerts still active at its last record, by severity, and how many
+    there were in all ("not recorded" without health rules)."""
+    if events is None:
+        return "not recorded"
+    spans = health.spans(events)
+    if not spans:
+        return "✅ healthy"
+    active = [s["severity"] for s in spans if s["end"] is None]
+    icons = {"critical": "🔴", "warning": "🟠", "info": "🔵"}
+    now = " ".join(f"{icons[s]} {active.count(s)} {s}" for s in reversed(health.SEVERITIES) if active.count(s))
+    return f"{now or '✅ none active'} ({len(spans)} alert{'s' if len(spans) != 1 else ''} in all)"
 
 
 def _group(path: Where, group: str, storage_options: Options = None) -> zarr.Group | None:

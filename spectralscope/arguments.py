@@ -198,6 +198,7 @@ class Options:
     sharpness: Any = None
     weights: Any = None
     attention: Any = None
+    health: Any = True
     tensorboard: str | Path | None = None
     background: bool | str = "auto"
     overhead: float | None = DEFAULT_OVERHEAD
@@ -225,6 +226,10 @@ class Options:
               "an ss.WeightSpectra, True (every=100) or None/False (off)", self.weights)
         check(self.attention is None or isinstance(self.attention, (bool, AttentionLogits)), "attention",
               "an ss.AttentionLogits, True (every=50) or None/False (off)", self.attention)
+        check(self.health in (None, False, True) or (isinstance(self.health, (list, tuple)) and all(
+            callable(r) or hasattr(r, "check") for r in self.health)), "health",
+              "True (the built-in rules), None/False (off) or a list of rules (functions of a record) added to them",
+              self.health)
         check(self.sharpness is None or isinstance(self.sharpness, Sharpness), "sharpness",
               "an ss.Sharpness(loss_fn, batch, every=..., per_layer=...) or None", self.sharpness)
 

@@ -260,6 +260,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="fit against this run attribute (root or meta): model_size (default), width, ffn_width; "
                           "the μP ratios mup_weight_ratio/mup_update_ratio default to width")
     fit.add_argument("--storage-options", default=None, help="fsspec options for URLs, as a JSON object")
+    doctor = sub.add_parser("doctor", help="print a run's health alerts with what to do; exit 1 on a critical one")
+    doctor.add_argument("run")
+    doctor.add_argument("--storage-options", default=None, help="fsspec options for a URL, as a JSON object")
     report = sub.add_parser("report", help="compare optimizers across runs: a self-contained report.html")
     report.add_argument("runs", nargs="+", help="run stores, globs, or folders holding them (runs/demo)")
     report.add_argument("-o", "--output", default="report.html")
@@ -331,6 +334,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                   flush=True)
             # become the server: signals (Ctrl-C, a supervisor's SIGTERM) reach Streamlit itself, no orphan left
             os.execve(cmd[0], cmd, env)
+        elif args.command == "doctor":
+            from .doctor import report as doctor_report
+
+            try:
+                tree = open_run(args.run, storage_options_arg(args.storage_options))
+            except (FileNotFoundError, ValueError) as exc:
+                raise UserError(str(exc)) from exc
+            text, code = doctor_report(tree, args.run)
+            print(text)
+            return code
         elif args.command == "fit":
             print(fit_text(args.runs, args.metric, args.quantile, args.target_size, args.csv,
                            storage_options_arg(args.storage_options), args.size))

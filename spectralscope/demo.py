@@ -20,6 +20,7 @@ from .buckets import frequency_buckets
 from .corpus import load_corpus
 from .gpt import GPT, GPTConfig
 from .hooks.activations import ActivationSpectra
+from .hooks.attention import AttentionLogits
 from .hooks.gradients import GradientSpectra
 from .hooks.sharpness import Sharpness
 from .hooks.weights import WeightSpectra
@@ -116,6 +117,7 @@ def train_one(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, corpus, pr
         # a named function: the probe can run in the worker; per layer for the within/cross split
         sharpness=Sharpness(GPT.loss, probe, every=cadence, per_layer=True),
         weights=WeightSpectra(every=cadence),
+        attention=AttentionLogits(every=cadence),
     ) as rec:
         for _ in range(cfg.steps):
             loss = model.loss(corpus.batch(cfg.batch, cfg.ctx, gen))
@@ -128,6 +130,23 @@ def train_one(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, corpus, pr
             progress.update(1)
             progress.set_postfix(opt=name, width=width, ffn=ffn_ratio * width, loss=f"{loss.item():.3f}")
     return path
+
+
+def health_line(runs: list[str]) -> str:
+    """The alerts the health rules raised in the demo's runs, per optimizer: how many of each severity, by rule."""
+    from collections import Counter
+
+    from .doctor import alerts
+    from .store import open_run
+
+    per: dict[str, Counter] = {}
+    for r in runs:
+        frame, _ = alerts(open_run(r))
+        c = per.setdefault(Path(r).parent.name, Counter())
+        c.update(f"{s} {rule}" for s, rule in zip(frame["severity"], frame["rule"], strict=True))
+    said = "; ".join(f"{o}: " + (", ".join(f"{n} {k}" for k, n in sorted(c.items())) or "none")
+                     for o, c in per.items())
+    return f"health alerts (spectralscope doctor RUN for each, with what to do): {said}"
 
 
 def run_demo(cfg: DemoConfig) -> str:
@@ -159,6 +178,8 @@ def run_demo(cfg: DemoConfig) -> str:
         f"({lrs}; AdamW lr {REST_LR:g} on embeddings, head and norms); runs in {cfg.out}/<optimizer>/",
         "",
         summary_text(result),
+        "",
+        health_line(runs),
         "",
         f"full tables: {', '.join(p.name for p in written)} in {cfg.out}/; plots: {report}",
         f"demo done in {time.time() - start:.0f} s wall time (training {trained:.0f} s; torch on "

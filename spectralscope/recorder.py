@@ -34,7 +34,7 @@ from spectralscope.hooks.gradients import GradientSpectra
 from spectralscope.hooks.modules import Context
 from spectralscope.hooks.weights import WeightSpectra
 
-from . import arguments, distributed
+from . import arguments, distributed, health, schema
 from . import budget as budget_policy
 from .adapters import adapter_for, qualified_name
 from .budget import Budget
@@ -131,6 +131,7 @@ class Recorder:
         self._lock = threading.Lock()  # the TensorBoard sink is shared with the measuring threads
         self._scalars: dict[str, float] = {}
         self._scalar_step: int | None = None
+        self.monitor = self._monitor(opts)
         start = self._open(path, opts, model)
         if opts.tensorboard is not None and self.writes:
             from .tensorboard import TensorBoardSink
@@ -194,6 +195,21 @@ class Recorder:
             raise
         return instruments
 
+    def _monitor(self, opts: arguments.Options) -> health.Monitor | None:
+        """The health rules' monitor (None with ``health=None``), told each layer's shape and NS configuration."""
+        if not opts.health or not self.writes:
+            return None
+        extra = [health.as_rule(r) for r in opts.health] if isinstance(opts.health, (list, tuple)) else []
+        layers = {}
+        for lay in self.layers:
+            opt, adapter = self.optimizers[lay.optimizer], self.adapters[lay.optimizer]
+            group = next((g for g in opt.param_groups if any(p is lay.param for p in g["params"])), None)
+            ns = ns_of(adapter, group) if group is not None else None
+            layers[lay.name] = health.LayerInfo(lay.rows, lay.cols, getattr(ns, "steps", None),
+                                                getattr(ns, "coefficients", None))
+        self._health_lock = threading.Lock()
+        return health.Monitor([*health.RULES, *extra], layers, self.ns_floor)
+
     def _attributes(self, opts: arguments.Options, model: nn.Module | None) -> dict[str, Any]:
         size = opts.model_size
         if size is None:
@@ -215,6 +231,8 @@ class Recorder:
     def _open(self, path: str | Path, opts: arguments.Options, model: nn.Module | None) -> int:
         """Lay the store out (rank 0), agree on the first step with the other ranks; returns it."""
         specs = [self.record.spec(), GroupSpec("scalars", dynamic=True), *(inst.spec() for inst in self.instruments)]
+        if self.monitor is not None:
+            specs.append(GroupSpec("health", {}, schema.HEALTH.dims(), strings=schema.HEALTH.strings()))
         self._specs = {sp.name: sp for sp in specs}
         self._tb_axes = {sp.name: sp.axes() for sp in specs}  # what TensorBoard tags are named after
         try:
@@ -477,6 +495,29 @@ class Recorder:
         if group == self.record.group:
             self.record.inspect(step, row)
         self._to_tensorboard(group, step, row)
+        self._check_health(group, step, row)
+
+    def _check_health(self, group: str, step: int, row: Mapping[str, Any]) -> None:
+        """Run the health rules on a committed record: each alert that starts or ends is one log line and one row
+        of the ``health`` group (`spectralscope.health`)."""
+        if self.monitor is None:
+            return
+        units, levels = self._tb_axes.get(group, ([], []))
+        with self._health_lock:
+            failed = set(self.monitor.failed)
+            events = self.monitor.observe(group, step, row, units, levels)
+            new = {k: v for k, v in self.monitor.failed.items() if k not in failed}
+        for name, why in new.items():
+            log.warning("spectralscope: health rule %s failed at step %d (%s); it is skipped from now on", name,
+                        step, why)
+            self._note("health", f"rule {name} failed ({why})")
+        for e in events:
+            self.writer.append("health", e.step, e.row())
+            level = {"critical": logging.ERROR, "warning": logging.WARNING}.get(e.severity, logging.INFO)
+            where = "" if e.layer == "*" else f" {e.layer}"
+            log.log(level, "spectralscope health: %s %s %s%s at step %d: %s", e.severity, e.rule,
+                    "started" if e.state == "start" else "ended", where, e.step,
+                    e.message if e.state == "start" else f"value {e.value:.4g}")
 
     def _to_tensorboard(self, group: str, step: int, row: Mapping[str, Any]) -> None:
         if self._tb is not None:
@@ -497,6 +538,7 @@ class Recorder:
                 values[k] = float("nan")
         self.writer.append("scalars", self._scalar_step, values)
         self._to_tensorboard("scalars", self._scalar_step, values)
+        self._check_health("scalars", self._scalar_step, values)
         self._scalars = {}
         self._scalar_step = None
 

@@ -29,6 +29,7 @@ class Variable:
     fit: bool = True
     tensorboard: tuple[float | None, ...] = ()
     optional: bool = False
+    text: bool = False  # stored as strings (the health group's rule, layer, severity, …)
 
     @property
     def quantiled(self) -> bool:
@@ -51,6 +52,10 @@ class Group:
     def dims(self, optional: bool = True) -> dict[str, tuple[str, ...]]:
         """{variable: its dimensions, ``step`` first}."""
         return {v.name: ("step", *v.dims) for v in self.variables if optional or not v.optional}
+
+    def strings(self) -> tuple[str, ...]:
+        """The variables stored as strings."""
+        return tuple(v.name for v in self.variables if v.text)
 
 
 _L, _LQ = ("layer",), ("layer", "quantile")
@@ -113,8 +118,16 @@ ATTENTION = Group("attention", "module", (
     Variable("attn_logit_q99", _MH, "attention", fit=False),
 ), lost_as="attn_logit_max")
 
+# One row per alert that starts or ends (`spectralscope.health`): ``step`` repeats where several do at one step.
+HEALTH = Group("health", None, (
+    *(Variable(name, (), "health", fit=False, text=True) for name in ("rule", "group", "layer", "severity", "state",
+                                                                      "message")),
+    Variable("value", (), "health", fit=False),
+), lost_as="health")
+
 #: The recorded groups (``scalars`` is dynamic: one (step) variable per name passed to ``rec.log``).
-GROUPS: dict[str, Group] = {g.name: g for g in (OPTIMIZER, ACTIVATIONS, GRADIENTS, SHARPNESS, WEIGHTS, ATTENTION)}
+GROUPS: dict[str, Group] = {g.name: g for g in (OPTIMIZER, ACTIVATIONS, GRADIENTS, SHARPNESS, WEIGHTS, ATTENTION,
+                                                HEALTH)}
 SCALARS = "scalars"
 #: Every sub-group a run may hold, in the order readers list them.
 GROUP_NAMES = (*GROUPS, SCALARS)
@@ -138,7 +151,8 @@ def group_of(name: str) -> str:
 def family_of(metric: str) -> str:
     """The family a counted metric belongs to, so that it is said once per run: ``momentum``,
     ``newton_schulz``, ``update``, ``weight``, ``activations``, ``gradients``, ``sharpness``, ``weights``,
-    ``attention``; any other name (``optimizer``: a lost record, ``tensorboard``, ``update`` of a failed snapshot) is its own family."""
+    ``attention``; any other name (``optimizer``: a lost record, ``tensorboard``, ``update`` of a failed snapshot)
+    is its own family."""
     found = _BY_NAME.get(metric)
     return found[1].family if found else metric
 

@@ -82,6 +82,7 @@ class GroupSpec:
     coords: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
     variables: dict[str, tuple[str, ...]] = field(default_factory=dict)
     dynamic: bool = False
+    strings: tuple[str, ...] = ()  # variables stored as (variable-length UTF-8) strings, "" where missing
 
     def axes(self) -> tuple[list[str], list[float]]:
         """The names along the group's ``layer`` (or ``module``) axis and its quantile levels (empty if none)."""
@@ -428,7 +429,9 @@ class RunWriter:
     def _add_variable(self, g: zarr.Group, spec: GroupSpec, var: str, capacity: int) -> None:
         dims = spec.variables[var]
         inner = spec.shape(var)
-        a = self._create_array(g, var, (capacity, *inner), dims, "float64", (self.chunk, *inner), np.nan)
+        text = var in spec.strings
+        a = self._create_array(g, var, (capacity, *inner), dims, str if text else "float64", (self.chunk, *inner),
+                               "" if text else np.nan)
         aux = [c for c, (d, _) in spec.coords.items() if c != d and d in dims]
         if aux:
             a.attrs["coordinates"] = " ".join(aux)
@@ -609,7 +612,8 @@ class RunWriter:
             st.capacity = new
         for var in spec.variables:
             shape = spec.shape(var)
-            block = np.full((len(rows), *shape), np.nan)
+            block = np.full((len(rows), *shape), "", dtype=object) if var in spec.strings else np.full(
+                (len(rows), *shape), np.nan)
             for i, (_, values) in enumerate(rows):
                 if var in values:
                     block[i] = values[var]

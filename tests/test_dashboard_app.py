@@ -403,3 +403,36 @@ def test_the_mup_ratios_are_drawn_per_layer_and_fitted_against_width_with_holds(
     assert list(table["holds"]) == [bool(lo <= 0 <= hi) for lo, hi in zip(table["ci_low"], table["ci_high"],
                                                                            strict=True)]
     assert any("μP spectral condition" in c.value for c in at.caption)
+
+
+def test_the_health_page_draws_each_alert_and_the_runs_page_shows_badges(monkeypatch, tmp_path):
+    from test_health import _run
+
+    from spectralscope.health import spans
+
+    _run(tmp_path / "qk.zarr", qk=12.0, attention=ss.AttentionLogits(every=2))
+    _run(tmp_path / "ok.zarr")
+    _run(tmp_path / "off.zarr", health=None)
+    at = _app(monkeypatch, tmp_path)
+    table = next(t.value for t in at.table if "health" in t.value.columns)
+    assert table.loc["ok.zarr", "health"] == "✅ healthy" and table.loc["off.zarr", "health"] == "not recorded"
+    assert table.loc["qk.zarr", "health"].startswith("🔴")
+    at.multiselect(key="runs").set_value(["qk.zarr", "off.zarr"]).run()
+    at.switch_page("views/health.py").run()
+    assert not at.exception, at.exception
+    figs = _figures(at)
+    timeline = next(f for f in figs if f["layout"]["title"]["text"].startswith("health alerts"))
+    from spectralscope.dashboards import data
+
+    expected = spans(data.health_events(tmp_path / "qk.zarr"))
+    assert len(timeline["data"]) == len(expected) > 0
+    for trace, s in zip(timeline["data"], expected, strict=True):
+        assert trace["x"][0] == s["start"] and trace["y"][0] == f"{s['rule']} · {s['layer']}"
+        assert trace["line"]["color"] == {"critical": "#d62728", "warning": "#ff7f0e"}[s["severity"]]
+    rows = next(t.value for t in at.dataframe if "message" in t.value.columns)
+    assert len(rows) == len(expected) and "MuonClip" in " ".join(rows["message"])
+    logits = next(f for f in figs if f["layout"]["title"]["text"].startswith("max attention logit"))
+    stored = ss.open_run(tmp_path / "qk.zarr")["attention"]["attn_logit_max"].max("head")
+    assert any(np.allclose(_array(t["y"]), stored.isel(module=0).values) for t in logits["data"])
+    assert any("τ = 100" in str(a.get("text")) for a in logits["layout"].get("annotations", []))
+    assert any("recorded without health rules" in c.value for c in at.caption)

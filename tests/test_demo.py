@@ -25,7 +25,9 @@ def test_demo_end_to_end_at_a_tiny_setting(tmp_path, capsys):
             meta = tree.attrs["meta"]
             assert tree.attrs["status"] == "finished" and meta["data"] == "pcfg" and meta["optimizer"] == opt
             assert meta["imbalance"] == 1.5 and meta["sweep"] == "width"
-            assert set(tree.children) == {"optimizer", "scalars", "activations", "gradients", "sharpness", "weights"}
+            assert set(tree.children) == {"optimizer", "scalars", "activations", "gradients", "sharpness", "weights",
+                                          "attention", "health"}
+            assert tree["attention"].sizes["step"] == 6 and np.isfinite(tree["attention"]["attn_logit_max"]).all()
             assert tree["weights"].sizes["step"] == 6 and np.isfinite(tree["weights"]["weight_sv"].values).all()
             assert tree["optimizer"].sizes["step"] == 3 and tree["scalars"].sizes["step"] == 24
             assert np.isfinite(tree["sharpness"]["nds"].values).all()
@@ -37,6 +39,8 @@ def test_demo_end_to_end_at_a_tiny_setting(tmp_path, capsys):
     assert float(line[7]) == pytest.approx(fits.loc[("adamw", "mlp_out"), "slope"], abs=0.006)  # hard β
     assert (out / "report.html").stat().st_size > 1e6 and (out / "runs.csv").exists()
     assert "Newton–Schulz steps for σ_0.5" in text and "hard rank β" in text
+    health = next(ln for ln in text.splitlines() if ln.startswith("health alerts"))
+    assert all(f"{o}: " in health for o in ("muon", "adamw", "normuon")) and "critical" not in health
     done = re.search(r"demo done in (\d+) s wall time \(training (\d+) s; torch on (\d+) threads\)", text)
     assert done and int(done[1]) >= int(done[2]) and int(done[3]) == torch.get_num_threads()
 
