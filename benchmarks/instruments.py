@@ -44,6 +44,9 @@ def main() -> None:
     cases = {
         "activation record (every=1, max_tokens=4096)": {"activations": ss.ActivationSpectra(every=1)},
         "gradient spectra record (every=1, max_samples=64)": {"activations": None, "gradients": ss.GradientSpectra(every=1)},
+        "attention logits (every=1, max_queries=256)": {"activations": None,
+                                                        "attention": ss.AttentionLogits(every=1)},
+        "weight spectra (every=1)": {"activations": None, "weights": ss.WeightSpectra(every=1)},
         "sharpness probe (per_layer=False)": {"activations": None, "sharpness": ss.Sharpness(loss_fn, probe_batch, every=1)},
         "sharpness probe (per_layer=True)": {"activations": None,
                                              "sharpness": ss.Sharpness(loss_fn, probe_batch, every=1, per_layer=True)},

@@ -10,7 +10,8 @@ model-specific code. It cannot see eager attention (an explicit softmax(QKᵀ)),
 ``need_weights=True`` or its fused fast path, and flash kernels called directly (``flash_attn_func``): a module
 that made no SDPA call on a recorded step gets NaN, and the reason is said once.
 
-The attention modules are the parents of the watched q/k/v (or fused qkv) projections, or those named in
+The attention modules are the parents of the watched q/k/v (or fused qkv) projections (a container such as an
+``nn.ModuleDict`` of them is never called, so the module above it that calls them), or those named in
 ``modules``; the number of heads is read off the module (``num_heads``, ``heads``, ``n_head``, …) or its
 ``config.num_attention_heads``, or given as ``heads``.
 """
@@ -57,6 +58,14 @@ def _parent(layer_name: str) -> str:
     else:
         parts = parts[:-1]
     return ".".join(parts)
+
+
+def _called(name: str, named: dict[str, nn.Module]) -> str:
+    """``name``, or where it is a container that is never called (``nn.ModuleDict``, ``nn.ModuleList``: no forward
+    of its own), the nearest module above it that is."""
+    while name and name in named and type(named[name]).forward is nn.Module.forward:
+        name = name.rpartition(".")[0]
+    return name
 
 
 def _call(args: tuple, kwargs: dict) -> dict:
@@ -155,7 +164,8 @@ class AttentionLogits:
                 raise ValueError(f"AttentionLogits: no module named {missing[0]!r} in the model")
             names = list(self.modules)
         else:
-            names = list(dict.fromkeys(_parent(lay.name) for lay in ctx.layers if lay.kind in _PROJECTIONS))
+            names = list(dict.fromkeys(_called(_parent(lay.name), named) for lay in ctx.layers
+                                       if lay.kind in _PROJECTIONS))
             names = [n for n in names if n in named]
             if not names:
                 raise ValueError("AttentionLogits: no watched q/k/v projection, so no attention module to hook; "

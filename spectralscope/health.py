@@ -9,9 +9,11 @@ one log line and one row of the ``health`` group (`schema.HEALTH`). ``spectralsc
 
 The built-in rules (`RULES`; thresholds in `Thresholds`), each with the evidence behind it:
 
-- ``ns_undershoot`` (optimizer, warning): the median over the last `Thresholds.settle` records of ``ns_fail_frac``
-  is above `Thresholds.ns_fail_frac` (0.5: the median singular value of M/‖M‖_F is below the NS threshold, so k
-  Newton–Schulz steps leave most directions of the momentum under the f_k floor, SPEC §4). Action: raise ns_steps
+- ``ns_undershoot`` (optimizer, warning): from step `Thresholds.ns_burn_in` (50) on, the median over the last
+  `Thresholds.settle` records of ``ns_fail_frac`` is above `Thresholds.ns_fail_frac` (0.5: the median singular value
+  of M/‖M‖_F is below the NS threshold, so k Newton–Schulz steps leave most directions of the momentum under the f_k
+  floor, SPEC §4). The first steps are not judged: a momentum that has seen few batches is low-rank, and the
+  directions it has not seen yet are ones no step count helps. Action: raise ns_steps
   to the fewest k that lift that median σ to the floor (`newton_schulz.fewest_ns_steps`; ``recommend_ns_steps``
   for a larger model).
 - ``curvature`` (sharpness, warning): ``predicted_delta`` = gᵀu + ½uᵀHu > 0 on `Thresholds.curvature_probes`
@@ -64,6 +66,7 @@ class Thresholds:
 
     settle: int = 3
     ns_fail_frac: float = 0.5
+    ns_burn_in: int = 50
     curvature_probes: int = 2
     max_logit: float = 100.0
     logit_growth: float = 4.0
@@ -157,6 +160,8 @@ def _settled(rec: Record, var: str) -> np.ndarray | None:
 def ns_undershoot(rec: Record) -> Iterable[Finding]:
     from .newton_schulz import MUON_COEFFICIENTS, fewest_ns_steps
 
+    if rec.step < rec.thresholds.ns_burn_in:
+        return
     frac = _settled(rec, "ns_fail_frac")
     if frac is None:
         return

@@ -123,7 +123,7 @@ HEALTH = Group("health", None, (
     *(Variable(name, (), "health", fit=False, text=True) for name in ("rule", "group", "layer", "severity", "state",
                                                                       "message")),
     Variable("value", (), "health", fit=False),
-), lost_as="health")
+), lost_as="rule")
 
 #: The recorded groups (``scalars`` is dynamic: one (step) variable per name passed to ``rec.log``).
 GROUPS: dict[str, Group] = {g.name: g for g in (OPTIMIZER, ACTIVATIONS, GRADIENTS, SHARPNESS, WEIGHTS, ATTENTION,

@@ -612,8 +612,11 @@ class RunWriter:
             st.capacity = new
         for var in spec.variables:
             shape = spec.shape(var)
-            block = np.full((len(rows), *shape), "", dtype=object) if var in spec.strings else np.full(
-                (len(rows), *shape), np.nan)
+            if var in spec.strings:  # (step,) strings: numpy sizes the array to the longest
+                block = np.array([str(values.get(var, "")) for _, values in rows], dtype=str)
+                st.write(var, start, block, self.chunk)
+                continue
+            block = np.full((len(rows), *shape), np.nan)
             for i, (_, values) in enumerate(rows):
                 if var in values:
                     block[i] = values[var]

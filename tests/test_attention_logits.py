@@ -156,3 +156,31 @@ def test_bad_arguments_and_unknown_heads_are_one_line_errors():
         ss.watch(opt, model, "unused.zarr", attention=ss.AttentionLogits(modules=["nope"], heads=2))
     with pytest.raises(ValueError, match="attention"):
         ss.watch(opt, model, "unused.zarr", attention="yes")
+
+
+def test_projections_kept_in_a_container_are_seen_from_the_module_that_calls_them(tmp_path):
+    class Block(torch.nn.Module):
+        heads = 2
+
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.ModuleDict({n: torch.nn.Linear(8, 8, bias=False) for n in ("q_proj", "k_proj")})
+
+        def forward(self, x):
+            q, k = (self.attn[n](x).view(1, -1, 2, 4).transpose(1, 2) for n in ("q_proj", "k_proj"))
+            self.seen = (q.detach().double().numpy(), k.detach().double().numpy())
+            return x + torch.nn.functional.scaled_dot_product_attention(q, k, k).transpose(1, 2).reshape(-1, 8)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Block())
+    opt = torch.optim.Muon(model.parameters(), lr=0.02)
+    with ss.watch(opt, model, tmp_path / "c.zarr", every=1, activations=None, background=False,
+                  attention=ss.AttentionLogits(every=1, max_queries=None)):
+        model(torch.randn(6, 8)).square().mean().backward()
+        opt.step()
+    ds = ss.open_run(tmp_path / "c.zarr")["attention"].dataset
+    assert ds["module"].values.tolist() == ["0"]  # the Block, not its never-called ModuleDict
+    q, k = model[0].seen
+    s = (np.einsum("bhie,bhje->hij", q, k) / 2.0).reshape(2, -1)  # no mask; scale 1/sqrt(4)
+    np.testing.assert_allclose(ds["attn_logit_max"].values[0, 0], s.max(1), rtol=1e-5)
+    np.testing.assert_allclose(ds["attn_logit_q99"].values[0, 0], np.quantile(s, 0.99, axis=1), rtol=1e-5)

@@ -184,7 +184,7 @@ def test_gpt2_conv1d_is_read_as_out_by_in(tmp_path):
     grads = tree["gradients"].dataset
     assert "transformer.h.0.mlp.c_proj.weight" in grads["layer"].values
     assert np.isfinite(grads["grad_sv"].values[:, :, :4]).all()
-    assert set(tree.children) == {"optimizer", "activations", "gradients", "sharpness", "scalars"}
+    assert set(tree.children) == {"optimizer", "activations", "gradients", "sharpness", "scalars", "health"}
     assert np.isfinite(tree["sharpness"]["nds"].values).all() and np.isfinite(tree["sharpness"]["nds_within"]).all()
 
 
@@ -221,7 +221,7 @@ def test_llama_records_every_group_with_numpy_neuron_cv(tmp_path):
                          gradients=ss.GradientSpectra(every=1, max_samples=4),
                          sharpness=ss.Sharpness(_lm_loss, batch, every=1, per_layer=True))
     tree = ss.open_run(rec.path)
-    assert set(tree.children) == {"optimizer", "activations", "gradients", "sharpness", "scalars"}
+    assert set(tree.children) == {"optimizer", "activations", "gradients", "sharpness", "scalars", "health"}
     ds = tree["optimizer"].dataset
     for step in range(2):
         for j, name in enumerate(ds["layer"].values):
