@@ -100,8 +100,8 @@ def report(tree, name: str) -> tuple[str, int]:
            "replayed now over its stored records (recorded without health rules)")
     lines = [f"{name}: {len(frame)} alert{'s' if len(frame) != 1 else ''}{f' ({said})' if said else ''}, {how}"]
     if len(frame):
-        by_rule = frame.groupby("rule", sort=False).agg(n=("layer", "size"), severity=("severity", "first"))
-        lines.append("by rule: " + ", ".join(f"{rule} ×{r.n} ({r.severity})" for rule, r in by_rule.iterrows()))
+        by_rule = frame.groupby(["severity", "rule"], sort=False).size()
+        lines.append("by rule: " + ", ".join(f"{rule} ×{n} ({sev})" for (sev, rule), n in by_rule.items()))
     for r in frame.itertuples():
         until = "still active at the last record" if r.end is None or pd.isna(r.end) else f"ended at step {int(r.end)}"
         where = "" if r.layer == "*" else f" {r.layer}"

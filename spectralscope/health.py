@@ -22,9 +22,10 @@ The built-in rules (`RULES`; thresholds in `Thresholds`), each with the evidence
   (or warm up longer) for the layers whose ``nds_within`` is largest.
 - ``attention_logit`` (attention): a head's max logit above τ = `Thresholds.max_logit` (100, where Kimi K2's MuonClip
   clips; its Muon runs diverged past it) is critical; one that grew monotonically by ×`Thresholds.logit_growth` or
-  more over the last `Thresholds.settle` + 1 records while above 10 is a warning (the exponential growth MuonClip
-  was made for). Action: MuonClip-style qk clipping (rescale W_q, W_k of that head when its max logit exceeds τ), or
-  QK-norm.
+  more over the last `Thresholds.settle` + 1 records, all of them above `Thresholds.logit_floor` (10), is a warning
+  (the exponential growth MuonClip was made for; logits rising from their initial O(1) as attention sharpens early
+  in training are not it). Action: MuonClip-style qk clipping (rescale W_q, W_k of that head when its max logit
+  exceeds τ), or QK-norm.
 - ``weight_alpha`` (weights, warning): a layer's ``weight_alpha`` below `Thresholds.alpha` (2): WeightWatcher's
   heavy-tailed self-regularisation reads α < 2 as over-trained/over-fit (well-trained layers lie in 2–6, Martin &
   Mahoney 2021). Action: lower that layer's learning rate, add weight decay, or stop earlier.
@@ -70,6 +71,7 @@ class Thresholds:
     curvature_probes: int = 2
     max_logit: float = 100.0
     logit_growth: float = 4.0
+    logit_floor: float = 10.0
     alpha: float = 2.0
     mup_drift: float = 4.0
 
@@ -225,8 +227,8 @@ def attention_logit(rec: Record) -> Iterable[Finding]:
             if series is None or len(series) < t.settle + 1:
                 continue
             s = series[:, i, h]
-            if np.isfinite(s).all() and (np.diff(s) > 0).all() and s[0] > 0 and s[-1] >= t.logit_growth * s[0] \
-                    and s[-1] > 10:
+            if np.isfinite(s).all() and (np.diff(s) > 0).all() and s[0] > t.logit_floor and \
+                    s[-1] >= t.logit_growth * s[0]:
                 rate = math.log(s[-1] / s[0]) / (len(s) - 1)
                 left = math.log(t.max_logit / s[-1]) / rate
                 yield Finding(f"{name}[head {h}]", float(v), "warning",

@@ -66,7 +66,8 @@ def test_a_healthy_run_raises_nothing_and_one_ns_step_raises_exactly_ns_undersho
     assert set(frame["layer"]) == {lay.name for lay in rec.layers if np.median(frac[-3:, [
         list(ds["layer"].values).index(lay.name)]]) > 0.5}
     assert main(["doctor", str(tmp_path / "ns1.zarr")]) == 0  # warnings only
-    assert "WARNING  ns_undershoot" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "WARNING  ns_undershoot" in out and f"by rule: ns_undershoot ×{len(frame)} (warning)" in out
 
 
 def test_a_too_large_learning_rate_raises_curvature_from_the_second_positive_probe(tmp_path):
@@ -207,3 +208,18 @@ def test_the_demo_runs_raise_no_critical_alert(optimizer_sweep, capsys):
         assert [tuple(e[k] for k in key) for e in recorded_events(tree)] == \
                [tuple(e[k] for k in key) for e in replayed_events(tree)], run
     capsys.readouterr()
+
+
+def test_max_logits_growing_fourfold_from_above_ten_warn_and_early_sharpening_does_not():
+    from spectralscope.health import Record, attention_logit
+
+    def found(series):
+        rows = [{"attn_logit_max": np.array([[v]])} for v in series]
+        rec = Record("attention", 6, rows[-1], ["h.0.attn"], (), rows[:-1])
+        return [(f.layer, f.severity) for f in attention_logit(rec)]
+
+    assert found([12, 20, 35, 60]) == [("h.0.attn[head 0]", "warning")]
+    assert found([1.5, 5, 9, 12]) == []  # attention sharpening from its O(1) start
+    assert found([12, 11, 30, 60]) == []  # not monotonic
+    assert found([30, 40, 50, 60]) == []  # ×2, not ×4
+    assert found([12, 20, 35, 101]) == [("h.0.attn[head 0]", "critical")]  # over τ: critical, not both
