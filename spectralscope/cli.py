@@ -133,23 +133,38 @@ def info_text(path: str, storage_options: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def window_arg(text: str | None):
+    """``--window``: ``settled``, or two fractions ``LO,HI`` (default 0.5,1: the second half of each run)."""
+    if text is None:
+        return (0.5, 1.0)
+    if text == "settled":
+        return "settled"
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--window takes 'settled' or two fractions LO,HI (e.g. 0.5,1), got {text!r}") from None
+    return (lo, hi)
+
+
 def fit_text(runs: Sequence[str], metric: str, quantile: float | None, target_size: float | None,
-             csv: str | None, storage_options: dict | None = None, size: str | None = None) -> str:
+             csv: str | None, storage_options: dict | None = None, size: str | None = None,
+             window: tuple[float, float] | str = (0.5, 1.0)) -> str:
     """The report of ``spectralscope fit``: the power-law table against ``size`` (default model_size; width for a
     `derived` μP ratio, with its ``holds`` column), and the NS recommendation at ``target_size``."""
     from .derived import DERIVED, holds
-    from .fit import fit_scaling, recommend_ns_steps
+    from .fit import INTERVAL_COLUMNS, fit_scaling, recommend_ns_steps
 
     size = size or ("width" if metric in DERIVED else "model_size")
     try:
-        fits = fit_scaling(list(runs), metric=metric, quantile=quantile, storage_options=storage_options, size=size)
+        fits = fit_scaling(list(runs), metric=metric, quantile=quantile, storage_options=storage_options, size=size,
+                           target_size=target_size, window=window)
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     if metric in DERIVED:
         fits = holds(fits)
     if csv:
         fits.to_csv(csv, index=False)
-    shown = fits.drop(columns=["intercept"])
+    shown = fits.drop(columns=["intercept", *INTERVAL_COLUMNS])
     against = "model size" if size == "model_size" else size
     lines = [f"power laws of settled {metric} against {against} ({len(fits)} fits)"]
     if metric in DERIVED:
@@ -157,6 +172,12 @@ def fit_text(runs: Sequence[str], metric: str, quantile: float | None, target_si
                      f"interval contains 0: {int(fits['holds'].sum())} of {len(fits)} groups")
     if fits.attrs.get("note"):
         lines.append(f"note: {fits.attrs['note']}")
+    moving = fits[~fits["settled"].astype(bool)]
+    if len(moving):
+        groups = list(dict.fromkeys(moving["group"]))
+        lines.append(f"not settled: {len(groups)} group(s) still moving at the end of some run's window "
+                     f"({', '.join(groups[:6])}{', …' if len(groups) > 6 else ''}): their settled values are "
+                     f"not yet final (--window settled fits each series' own settled records)")
     lines.append(shown.to_string(index=False, float_format=_fmt))
     if target_size is not None and size != "model_size":
         raise UserError("--target-size recommends NS steps for a model size; fit against --size model_size")
@@ -168,8 +189,11 @@ def fit_text(runs: Sequence[str], metric: str, quantile: float | None, target_si
             rec = recommend_ns_steps(fits, target_size, quantile=q)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
-        lines += ["", f"Newton–Schulz steps for a model of {target_size:g} parameters (σ at q={q} ≥ the 0.5 floor)",
+        lines += ["", f"Newton–Schulz steps for a model of {target_size:g} parameters (σ at q={q} ≥ the 0.5 floor; "
+                      "conservative: for the lower end of σ's 95% prediction interval)",
                   rec.to_string(index=False, float_format=_fmt)]
+        if rec.attrs.get("note"):
+            lines.append(f"note: {rec.attrs['note']}")
     if csv:
         lines += ["", f"fit table written to {csv}"]
     return "\n".join(lines)
@@ -256,6 +280,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--quantile", type=float, default=None, help="one quantile level (default: every recorded one)")
     fit.add_argument("--target-size", type=float, default=None, help="recommend NS steps for this model size")
     fit.add_argument("--csv", default=None, help="also write the fit table to this CSV file")
+    fit.add_argument("--window", default=None,
+                     help="which records give a run's settled value: LO,HI fractions (default 0.5,1) or 'settled' "
+                          "(each series from where it settled)")
     fit.add_argument("--size", default=None,
                      help="fit against this run attribute (root or meta): model_size (default), width, ffn_width; "
                           "the μP ratios mup_weight_ratio/mup_update_ratio default to width")
@@ -346,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
         elif args.command == "fit":
             print(fit_text(args.runs, args.metric, args.quantile, args.target_size, args.csv,
-                           storage_options_arg(args.storage_options), args.size))
+                           storage_options_arg(args.storage_options), args.size, window_arg(args.window)))
         elif args.command == "report":
             from .compare import comparison
             from .report import write_report

@@ -8,6 +8,7 @@ y = A·x^b + c by nonlinear least squares instead.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,9 @@ from . import schema
 
 @dataclass(frozen=True)
 class PowerLawFit:
-    """y ≈ exp(intercept) · x^slope (+ offset). ``ci_low``/``ci_high``: the 95% t-interval of the slope."""
+    """y ≈ exp(intercept) · x^slope (+ offset). ``ci_low``/``ci_high``: the 95% t-interval of the slope;
+    ``u_mean``, ``sxx``: the mean and the sum of squared deviations of ln x over the fitted pairs (for
+    prediction intervals; NaN for an offset fit)."""
 
     slope: float
     intercept: float
@@ -29,10 +32,27 @@ class PowerLawFit:
     ci_high: float
     n: int
     offset: float = 0.0
+    u_mean: float = float("nan")
+    sxx: float = float("nan")
 
-    def predict(self, x: np.ndarray | float) -> np.ndarray:
-        """exp(intercept) · x^slope + offset."""
-        return np.exp(self.intercept) * np.asarray(x, dtype=np.float64) ** self.slope + self.offset
+    def predict(self, x: np.ndarray | float, interval: float | None = None):
+        """exp(intercept) · x^slope + offset; with ``interval`` (e.g. 0.95) the tuple (point, low, high) of the
+        t-based prediction interval for a new observation at x, on the log scale:
+        exp(a + b·u₀ ± t·s·sqrt(1 + 1/n + (u₀ − ū)²/Sxx)), u₀ = ln x, s = stderr·sqrt(Sxx) the residual standard
+        deviation, t the two-sided ``interval`` quantile on n − 2 degrees of freedom."""
+        point = np.exp(self.intercept) * np.asarray(x, dtype=np.float64) ** self.slope + self.offset
+        if interval is None:
+            return point
+        if not 0 < interval < 1:
+            raise ValueError(f"predict: interval must be in (0, 1), got {interval!r}")
+        if self.offset != 0.0 or not np.isfinite(self.sxx):
+            raise ValueError("predict: prediction intervals are for log-log fits (offset=False)")
+        u0 = np.log(np.asarray(x, dtype=np.float64))
+        s = self.stderr * np.sqrt(self.sxx)
+        half = float(scipy.stats.t.ppf(0.5 + interval / 2, self.n - 2)) * s * np.sqrt(
+            1 + 1 / self.n + (u0 - self.u_mean) ** 2 / self.sxx)
+        mid = self.intercept + self.slope * u0
+        return point, np.exp(mid - half), np.exp(mid + half)
 
 
 def power_law(x: np.ndarray, y: np.ndarray, offset: bool = False) -> PowerLawFit:
@@ -69,7 +89,8 @@ def power_law(x: np.ndarray, y: np.ndarray, offset: bool = False) -> PowerLawFit
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
     stderr = float(np.sqrt(ss_res / (n - 2) / sxx)) if n > 2 else float("nan")
     t = float(scipy.stats.t.ppf(0.975, n - 2))
-    return PowerLawFit(slope, intercept, r2, stderr, slope - t * stderr, slope + t * stderr, n)
+    return PowerLawFit(slope, intercept, r2, stderr, slope - t * stderr, slope + t * stderr, n, u_mean=float(u.mean()),
+                       sxx=sxx)
 
 
 def confidence_band(x: np.ndarray, y: np.ndarray, at: np.ndarray, level: float = 0.95
@@ -151,13 +172,15 @@ def window_rows(n: int, window: tuple[float, float]) -> tuple[int, int]:
 
 
 def settled_values(tree, metric: str, quantile: float | None = None, size: str = "model_size",
-                   window: tuple[float, float] = (0.5, 1.0), where: str = "run", bucket: str = "all"):
-    """A tidy DataFrame (layer, kind, depth, quantile, size, value) of one run: for each layer (and quantile),
-    the median of ``metric`` over the recorded steps in ``window`` (fractions of the recorded steps). For
+                   window: tuple[float, float] | str = (0.5, 1.0), where: str = "run", bucket: str = "all"):
+    """A tidy DataFrame (layer, kind, depth, quantile, size, value, settled, burn_in) of one run: for each layer
+    (and quantile), the median of ``metric`` over the recorded steps in ``window`` (fractions of the recorded
+    steps), or with ``window="settled"`` over that series' own settled records (`settle.settled_from`). For
     activations recorded per token-frequency bucket, the values of ``bucket`` (default ``all``: every token)."""
-
-
-    lo, hi = window
+    own = isinstance(window, str)
+    if own and window != "settled":
+        raise ValueError(f"fit_scaling: window must be (start, end) fractions or 'settled', got {window!r}")
+    lo, hi = (0.0, 1.0) if own else window
     if not 0 <= lo < hi <= 1:
         raise ValueError(f"fit_scaling: window must satisfy 0 <= start < end <= 1, got {window!r}")
     group = group_of(metric)
@@ -167,7 +190,7 @@ def settled_values(tree, metric: str, quantile: float | None = None, size: str =
     n = ds.sizes.get("step", 0)
     if n == 0:
         raise ValueError(f"fit_scaling: {where} has no recorded steps in {group!r}")
-    i0, i1 = window_rows(n, window)
+    i0, i1 = window_rows(n, (lo, hi))
     from .derived import DERIVED, derive
 
     da = (derive(ds, metric) if metric in DERIVED else ds[metric]).isel(step=slice(i0, i1))
@@ -187,32 +210,50 @@ def settled_values(tree, metric: str, quantile: float | None = None, size: str =
     else:
         levels = None
     attrs = dict(tree.attrs)
-    return settled_frame(da, run_size(attrs, size, where), run_labels(attrs), levels, quantile)
+    return settled_frame(da, run_size(attrs, size, where), run_labels(attrs), levels, quantile, own=own)
 
 
 def settled_frame(da, size: float, labels: dict[str, str | None], levels: list[float] | None = None,
-                  quantile: float | None = None):
-    """The tidy rows (layer, kind, depth, quantile, size, value, and ``labels``) of one run's windowed metric
-    ``da`` (step, layer or module[, quantile]): value = the median over its steps, NaNs skipped, at each of
-    ``levels`` (the quantile axis), else at ``quantile`` (a level already selected, or None). The one
-    definition of a settled value: `fit_scaling` and the dashboard's scaling page both use it."""
+                  quantile: float | None = None, own: bool = False):
+    """The tidy rows (layer, kind, depth, quantile, size, value, settled, burn_in, and ``labels``) of one run's
+    windowed metric ``da`` (step, layer or module[, quantile]), at each of ``levels`` (the quantile axis), else at
+    ``quantile`` (a level already selected, or None). value = the median over its steps, NaNs skipped, and
+    ``settled`` says whether the series has settled by `settle.settled_from` within them (``burn_in``: the step it
+    settled from, NaN if not). With ``own``: value = the median over the series' own settled records, from
+    ``burn_in`` on; a series that never settled takes the second half of its records and ``settled`` False. The
+    one definition of a settled value: `fit_scaling` and the dashboard's scaling page both use it."""
     import pandas as pd
 
+    from .settle import settled_starts
     from .store import unit_dim
 
     unit = unit_dim(da.dims)
-    med = da.median("step", skipna=True).load()  # once: with dask every .values below would recompute it
-    rows = []
-    for j, name in enumerate(med[unit].values.tolist()):
-        kind, depth = str(med["kind"].values[j]), float(med["depth"].values[j])
-        if levels is not None:
-            for q in levels:
-                v = float(med.isel({unit: j}).sel(quantile=q, method="nearest").values)
-                rows.append((str(name), kind, depth, float(q), size, v))
-        else:
-            q = np.nan if quantile is None else float(quantile)
-            rows.append((str(name), kind, depth, q, size, float(med.isel({unit: j}).values)))
-    return pd.DataFrame(rows, columns=["layer", "kind", "depth", "quantile", "size", "value"]).assign(**labels)
+    if levels is not None:
+        idx = [int(np.argmin(np.abs(da["quantile"].values - q))) for q in levels]
+        da = da.isel(quantile=idx).transpose("step", unit, "quantile")
+        qs = [float(q) for q in levels]
+    else:
+        da = da.transpose("step", unit)
+        qs = [np.nan if quantile is None else float(quantile)]
+    values = np.asarray(da.values, dtype=np.float64).reshape(da.sizes["step"], -1)  # one read of the window
+    n = values.shape[0]
+    starts = settled_starts(values)
+    settled = starts >= 0
+    first = np.where(settled, starts, n // 2) if own else np.zeros_like(starts)
+    keep = np.arange(n)[:, None] >= first[None, :]
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN series: NaN
+        medians = np.nanmedian(np.where(keep, values, np.nan), axis=0)
+    steps = np.asarray(da["step"].values, dtype=np.float64)
+    burn_in = np.where(settled, steps[np.clip(starts, 0, n - 1)], np.nan) if n else np.full(starts.shape, np.nan)
+    names = [str(v) for v in da[unit].values.tolist()]
+    nq = len(qs)
+    frame = pd.DataFrame({
+        "layer": np.repeat(names, nq), "kind": np.repeat([str(v) for v in da["kind"].values.tolist()], nq),
+        "depth": np.repeat(np.asarray(da["depth"].values, dtype=np.float64), nq),
+        "quantile": np.tile(np.asarray(qs, dtype=np.float64), len(names)), "size": float(size), "value": medians,
+        "settled": settled, "burn_in": burn_in})
+    return frame.assign(**labels)
 
 
 def run_labels(attrs: dict) -> dict[str, str | None]:
@@ -264,9 +305,15 @@ def group_label(keys: dict) -> str:
     return label if depth is None or (isinstance(depth, float) and np.isnan(depth)) else f"{label}@{depth:.3g}"
 
 
+#: the columns a fit table carries for prediction intervals (not shown by the CLI and the dashboard)
+INTERVAL_COLUMNS = ("u_mean", "sxx", "n_points", "max_size")
+#: a recommendation more than this factor beyond the largest fitted size is flagged as a far extrapolation
+FAR = 10.0
+
+
 def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None, by=None,
                 size: str = "model_size", window: tuple[float, float] = (0.5, 1.0), storage_options=None,
-                chunks=None, bucket: str = "all"):
+                chunks=None, bucket: str = "all", target_size: float | None = None, interval: float = 0.95):
     """One `power_law` of the settled value against model size per layer group (and quantile).
 
     ``runs``: run paths, globs, opened trees (``ss.open_run``), or a tidy DataFrame with the ``by`` columns,
@@ -278,8 +325,13 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
     ``.attrs["note"]`` says so (or that an explicit ``by`` mixes them), ``.attrs["by"]`` holds the keys used.
     ``bucket``: for activations recorded per token-frequency bucket, which one (default ``all``).
     Stores are opened lazily (``chunks`` as `open_run` takes it: None, or ``{}`` for dask arrays), and only
-    the window's chunks of ``metric`` are read. Returns a DataFrame: the ``by`` columns, ``group``,
-    ``quantile``, ``slope``, ``intercept``, ``r2``, ``stderr``, ``ci_low``, ``ci_high``, ``n_sizes``;
+    the window's chunks of ``metric`` are read. ``window="settled"``: each layer's own settled records
+    (`settle.settled_from`; a series that never settled takes its second half). Returns a DataFrame: the ``by``
+    columns, ``group``, ``quantile``, ``slope``, ``intercept``, ``r2``, ``stderr``, ``ci_low``, ``ci_high``,
+    ``n_sizes``, ``settled`` (whether every run's series of the group settled within the window), and for
+    prediction intervals ``u_mean``, ``sxx`` (of ln size), ``n_points``, ``max_size``; with ``target_size`` also
+    ``prediction``, ``pred_low``, ``pred_high``: the fitted value there and its ``interval`` prediction interval
+    (`PowerLawFit.predict`);
     ``.attrs["current_steps"]`` and ``["current_coefficients"]`` hold the runs' NS steps and coefficients (None
     where the runs differ).
     """
@@ -333,8 +385,10 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
     if quantile is not None:
         tidy = tidy[np.isclose(tidy["quantile"], quantile) | tidy["quantile"].isna()]
     keys = [*by, "quantile"]
-    per_run = tidy.groupby([*keys, "run"], dropna=False, sort=True).agg(size=("size", "first"),
-                                                                        value=("value", "median")).reset_index()
+    if "settled" not in tidy.columns:
+        tidy["settled"] = True  # a tidy frame given without it: taken as settled
+    per_run = tidy.groupby([*keys, "run"], dropna=False, sort=True).agg(
+        size=("size", "first"), value=("value", "median"), settled=("settled", "all")).reset_index()
     rows = []
     too_few = []
     for group_keys, g in per_run.groupby(keys, dropna=False, sort=True):
@@ -350,24 +404,40 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
             raise ValueError(f"fit_scaling: group {label} has non-positive or missing {metric} values at size(s) "
                              f"{sorted(bad['size'].tolist())}; a power law needs positive values")
         fit = power_law(g["size"].to_numpy(), g["value"].to_numpy())
-        rows.append({**{k: kv[k] for k in by}, "group": label, "quantile": kv["quantile"], "slope": fit.slope,
-                     "intercept": fit.intercept, "r2": fit.r2, "stderr": fit.stderr, "ci_low": fit.ci_low,
-                     "ci_high": fit.ci_high, "n_sizes": int(n_sizes)})
+        row = {**{k: kv[k] for k in by}, "group": label, "quantile": kv["quantile"], "slope": fit.slope,
+               "intercept": fit.intercept, "r2": fit.r2, "stderr": fit.stderr, "ci_low": fit.ci_low,
+               "ci_high": fit.ci_high, "n_sizes": int(n_sizes), "settled": bool(g["settled"].all()),
+               "u_mean": fit.u_mean, "sxx": fit.sxx, "n_points": fit.n, "max_size": float(g["size"].max())}
+        if target_size is not None:
+            point, low, high = fit.predict(float(target_size), interval)
+            row.update(prediction=float(point), pred_low=float(low), pred_high=float(high))
+        rows.append(row)
     if not rows:
         raise ValueError("fit_scaling: no layer group has runs of at least 3 sizes"
                          + (f" (sizes per group: {', '.join(too_few[:6])}{', …' if len(too_few) > 6 else ''})"
                             if too_few else "") + (f"; {note}" if note else ""))
     out = pd.DataFrame(rows)
-    out.attrs.update(current_steps=current_steps, current_coefficients=current_coefficients, by=by, note=note)
+    out.attrs.update(current_steps=current_steps, current_coefficients=current_coefficients, by=by, note=note,
+                     target_size=target_size, interval=interval)
     return out
 
 
+def fit_of(row) -> PowerLawFit:
+    """The `PowerLawFit` of one row of a `fit_scaling` table."""
+    return PowerLawFit(float(row["slope"]), float(row["intercept"]), float(row["r2"]), float(row["stderr"]),
+                       float(row["ci_low"]), float(row["ci_high"]), int(row["n_points"]), u_mean=float(row["u_mean"]),
+                       sxx=float(row["sxx"]))
+
+
 def recommend_ns_steps(fits, model_size: float, quantile: float = 0.5, floor: float = 0.5,
-                       coefficients=None):
+                       coefficients=None, interval: float = 0.95):
     """Per group: ``sigma`` = the fitted settled σ_q extrapolated to ``model_size`` (exp(intercept)·size^slope),
-    ``ns_steps`` = the fewest k with ns_threshold(k, coefficients, floor) ≤ sigma, ``current_steps`` = the k
-    of the recorded optimizer (from ``fits.attrs``). ``coefficients``: one (a, b, c) triple or a per-step
-    schedule (run for k steps as `newton_schulz.run_for` says); by default the recorded optimizer's
+    ``ns_steps`` = the fewest k with ns_threshold(k, coefficients, floor) ≤ sigma, ``sigma_low`` = the lower end of
+    its ``interval`` prediction interval (`PowerLawFit.predict`) and ``ns_steps_conservative`` = the steps for it,
+    ``current_steps`` = the k of the recorded optimizer (from ``fits.attrs``), ``extrapolation`` = model_size over
+    the largest fitted size and ``far`` = whether that exceeds `FAR` (10×; the recommendation is then a long
+    extrapolation, said in ``.attrs["note"]``). ``coefficients``: one (a, b, c) triple or a per-step schedule (run
+    for k steps as `newton_schulz.run_for` says); by default the recorded optimizer's
     (``fits.attrs["current_coefficients"]``, when the runs agree on one), else Muon's quintic."""
     import pandas as pd
 
@@ -381,11 +451,29 @@ def recommend_ns_steps(fits, model_size: float, quantile: float = 0.5, floor: fl
         raise ValueError(f"recommend_ns_steps: the fits hold no quantile {quantile} "
                          f"(they hold {sorted(set(fits['quantile'].dropna()))})")
     by = [c for c in fits.columns if c not in ("group", "quantile", "slope", "intercept", "r2", "stderr", "ci_low",
-                                                "ci_high", "n_sizes")]
+                                                "ci_high", "n_sizes", "settled", "prediction", "pred_low", "pred_high",
+                                                *INTERVAL_COLUMNS)]
+
+    def steps_for(sigma: float) -> int | None:
+        if not sigma > 0:
+            return None
+        try:
+            return fewest_ns_steps(min(sigma, 1.0), coefficients, floor)
+        except ValueError:  # no k up to 100 lifts it
+            return None
+
     rows = []
     for _, r in sel.iterrows():
         sigma = float(np.exp(r["intercept"]) * model_size ** r["slope"])
-        steps = fewest_ns_steps(min(sigma, 1.0), coefficients, floor) if sigma > 0 else None
+        low = float(fit_of(r).predict(model_size, interval)[1]) if all(c in r for c in INTERVAL_COLUMNS) else np.nan
+        factor = float(model_size / r["max_size"]) if "max_size" in r else np.nan
         rows.append({**{k: r[k] for k in by}, "group": r["group"], "quantile": r["quantile"], "sigma": sigma,
-                     "ns_steps": steps, "current_steps": fits.attrs.get("current_steps")})
-    return pd.DataFrame(rows)
+                     "ns_steps": steps_for(sigma), "sigma_low": low, "ns_steps_conservative": steps_for(low),
+                     "current_steps": fits.attrs.get("current_steps"), "extrapolation": factor,
+                     "far": bool(factor > FAR)})
+    out = pd.DataFrame(rows)
+    far = out[out["far"]]
+    if len(far):
+        out.attrs["note"] = (f"{model_size:g} is {far['extrapolation'].max():.3g}× the largest fitted size (more than "
+                             f"{FAR:g}×): a long extrapolation; trust ns_steps_conservative over ns_steps")
+    return out

@@ -76,9 +76,12 @@ def test_fit_prints_the_table_and_the_recommendation(tmp_path, capsys):
     assert "attn_o@1" in out and "Newton–Schulz steps for a model of 1.6e+08 parameters" in out
     sigma = 0.25 * 1.6e8 ** -0.66
     steps = ss.fewest_ns_steps(sigma)
+    # kind depth group quantile sigma ns_steps sigma_low ns_steps_conservative current_steps extrapolation far
     row = next(line.split() for line in out.splitlines() if line.split()[:1] == ["attn_o"] and "@1" in line
-               and len(line.split()) == 7)
-    assert int(row[5]) == steps and int(row[6]) == 5
+               and len(line.split()) == 11)
+    assert int(row[5]) == steps and int(row[8]) == 5 and float(row[9]) == pytest.approx(10) and row[10] == "False"
+    assert int(row[7]) == steps  # an exact power law: a zero-width prediction interval
+    assert {"pred_low", "pred_high", "prediction"} <= set(table.columns)
     assert main(["fit", str(tmp_path / "nothing*.zarr")]) == 2
     assert "no run matches" in capsys.readouterr().err
 

@@ -6,6 +6,7 @@ import scipy.stats
 
 import spectralscope as ss
 from spectralscope.cli import fit_text
+from spectralscope.fit import fit_of
 
 
 def test_power_law_matches_linregress_and_t_interval(rng):
@@ -86,7 +87,7 @@ def test_fit_scaling_recovers_known_exponents_from_real_stores(tmp_path):
         _write_run(tmp_path / f"m{int(size)}.zarr", size, layers, _law)
     fits = ss.fit_scaling([str(tmp_path / "*.zarr")], metric="momentum_sv")
     assert list(fits.columns) == ["kind", "depth", "group", "quantile", "slope", "intercept", "r2", "stderr", "ci_low",
-                                  "ci_high", "n_sizes"]
+                                  "ci_high", "n_sizes", "settled", "u_mean", "sxx", "n_points", "max_size"]
     assert len(fits) == 3 * 3 and set(fits["group"]) == {"attn_o@0", "attn_o@1", "mlp_in@1"}
     for _, r in fits.iterrows():
         assert r["slope"] == pytest.approx(-ALPHA[(r["kind"], r["depth"])], abs=1e-9)
@@ -99,7 +100,8 @@ def test_fit_scaling_recovers_known_exponents_from_real_stores(tmp_path):
     assert ss.fit_scaling(trees, quantile=0.9)["slope"].tolist() == pytest.approx(one["slope"].tolist(), abs=1e-9)
 
     rec = ss.recommend_ns_steps(fits, model_size=6.4e8, quantile=0.5)
-    assert list(rec.columns) == ["kind", "depth", "group", "quantile", "sigma", "ns_steps", "current_steps"]
+    assert list(rec.columns) == ["kind", "depth", "group", "quantile", "sigma", "ns_steps", "sigma_low",
+                                 "ns_steps_conservative", "current_steps", "extrapolation", "far"]
     for _, r in rec.iterrows():
         sigma = 0.25 * 6.4e8 ** -ALPHA[(r["kind"], r["depth"])]
         assert r["sigma"] == pytest.approx(sigma, rel=1e-8)
@@ -246,3 +248,107 @@ def test_too_few_sizes_names_each_group_once(tmp_path):
         ss.fit_scaling([str(tmp_path / "*.zarr")])  # three quantiles per group
     assert str(caught.value) == ("fit_scaling: no layer group has runs of at least 3 sizes (sizes per group: "
                                  "attn_o@0 (2), attn_o@1 (2))")
+
+
+def test_the_prediction_interval_is_statsmodels_ols_get_prediction_on_the_log_scale():
+    import statsmodels.api as sm
+
+    rng = np.random.default_rng(4)
+    x = np.array([1e5, 3e5, 1e6, 3e6, 1e7])
+    y = 2.0 * x ** -0.4 * np.exp(rng.normal(0, 0.1, x.size))
+    fit = ss.power_law(x, y)
+    ols = sm.OLS(np.log(y), sm.add_constant(np.log(x))).fit()
+    for x0 in (1e7, 1e8, 5e9):
+        for level in (0.8, 0.95):
+            frame = ols.get_prediction(np.array([[1.0, np.log(x0)]])).summary_frame(alpha=1 - level)
+            point, low, high = fit.predict(x0, interval=level)
+            assert np.log(point) == pytest.approx(float(frame["mean"].iloc[0]), rel=1e-12)
+            assert np.log(low) == pytest.approx(float(frame["obs_ci_lower"].iloc[0]), rel=1e-10)
+            assert np.log(high) == pytest.approx(float(frame["obs_ci_upper"].iloc[0]), rel=1e-10)
+    assert float(fit.predict(1e8)) == pytest.approx(float(fit.predict(1e8, 0.95)[0]))
+    with pytest.raises(ValueError, match="interval"):
+        fit.predict(1e8, interval=1.5)
+    with pytest.raises(ValueError, match="log-log"):
+        ss.power_law(x, y + 0.1, offset=True).predict(1e8, interval=0.95)
+
+
+def test_prediction_intervals_cover_new_points_at_their_nominal_rate():
+    """Synthetic power laws with known log-normal noise: the 95% (80%) interval at a held-out larger size holds the
+    new observation in about 95% (80%) of 2,000 draws."""
+    rng = np.random.default_rng(5)
+    x = np.array([32.0, 48, 64, 96])
+    for level in (0.8, 0.95):
+        hits = 0
+        for _ in range(2000):
+            noise = rng.normal(0, 0.2, x.size + 1)
+            y = 0.5 * x ** -0.3 * np.exp(noise[:-1])
+            new = 0.5 * 384.0 ** -0.3 * np.exp(noise[-1])
+            _, low, high = ss.power_law(x, y).predict(384.0, interval=level)
+            hits += low <= new <= high
+        assert abs(hits / 2000 - level) < 0.025, (level, hits / 2000)
+
+
+def test_fit_tables_carry_the_interval_at_the_target_and_the_conservative_steps(tmp_path):
+    layers = [("h.0.attn.o_proj.weight", "attn_o", 0.0)]
+    rng = np.random.default_rng(6)
+    for size in (1e6, 4e6, 1.6e7):
+        _write_run(tmp_path / f"m{int(size)}.zarr", size, layers,
+                   lambda k, d, q, n: q * n ** -0.5 * float(np.exp(rng.normal(0, 0.3))))
+    fits = ss.fit_scaling(str(tmp_path / "*.zarr"), quantile=0.5, target_size=1.6e9)
+    r = fits.iloc[0]
+    assert r["n_points"] == 3 and r["max_size"] == 1.6e7
+    # the row's interval is its PowerLawFit's (which the statsmodels test above checks)
+    _, low, high = ss.fit_scaling(str(tmp_path / "*.zarr"), quantile=0.5).pipe(
+        lambda f: fit_of(f.iloc[0]).predict(1.6e9, interval=0.95))
+    assert (r["pred_low"], r["pred_high"]) == (pytest.approx(low, rel=1e-12), pytest.approx(high, rel=1e-12))
+    assert r["pred_low"] < r["prediction"] < r["pred_high"]
+    assert r["prediction"] == pytest.approx(np.exp(r["intercept"]) * 1.6e9 ** r["slope"])
+    rec = ss.recommend_ns_steps(fits, 1.6e9, quantile=0.5)
+    row = rec.iloc[0]
+    assert row["sigma_low"] == pytest.approx(r["pred_low"], rel=1e-12) and row["sigma"] >= row["sigma_low"]
+    assert row["ns_steps_conservative"] == ss.fewest_ns_steps(min(row["sigma_low"], 1.0))
+    assert row["ns_steps_conservative"] >= row["ns_steps"]
+    assert row["extrapolation"] == pytest.approx(100) and row["far"] and "100× the largest fitted size" in rec.attrs["note"]
+    assert not ss.recommend_ns_steps(fits, 1.6e8, quantile=0.5)["far"].iloc[0]
+
+
+def _write_series(path, size: float, series) -> None:
+    """A run whose two attn_o layers' momentum_sv at every quantile is series(depth, size, step), 40 steps."""
+    from spectralscope.store import GroupSpec, RunWriter
+
+    qs = np.array([0.1, 0.5, 0.9])
+    coords = {"layer": ("layer", np.array(["h.0.attn.o_proj.weight", "h.1.attn.o_proj.weight"])),
+              "kind": ("layer", np.array(["attn_o", "attn_o"])), "depth": ("layer", np.array([0.0, 1.0])),
+              "quantile": ("quantile", qs)}
+    w = RunWriter(path, [GroupSpec("optimizer", coords, {"momentum_sv": ("step", "layer", "quantile")})],
+                  {"name": path.name, "model_size": int(size), "optimizer": {"class": "torch.optim.Muon"}})
+    for s in range(40):
+        w.append("optimizer", s, {"momentum_sv": np.array([[q * series(d, size, s) for q in qs] for d in (0.0, 1.0)])})
+    w.close()
+
+
+def test_settled_windows_start_where_each_series_settled_and_unsettled_groups_are_flagged(tmp_path, capsys):
+    from spectralscope.cli import main
+    from spectralscope.fit import settled_values
+    from spectralscope.settle import settled_from
+
+    def series(depth, n, step):  # depth 0 settles after a transient; depth 1 still grows at the end
+        return n ** -0.5 * ((1 + 3 * np.exp(-step / 4.0)) if depth == 0 else np.exp(step / 10.0))
+
+    for size in (1e6, 4e6, 1.6e7):
+        _write_series(tmp_path / f"m{int(size)}.zarr", size, series)
+    fits = ss.fit_scaling(str(tmp_path / "*.zarr"), quantile=0.5, window="settled")
+    by = fits.set_index("group")
+    assert bool(by.loc["attn_o@0", "settled"]) and not bool(by.loc["attn_o@1", "settled"])
+    assert by.loc["attn_o@0", "slope"] == pytest.approx(-0.5, abs=1e-3)
+    tree = ss.open_run(tmp_path / "m1000000.zarr")
+    sv = tree["optimizer"]["momentum_sv"].sel(quantile=0.5).values
+    start = settled_from(sv[:, 0]).start
+    assert start is not None and not settled_from(sv[:, 1]).settled
+    frame = settled_values(tree, "momentum_sv", 0.5, window="settled")
+    assert frame["burn_in"].iloc[0] == float(start) and np.isnan(frame["burn_in"].iloc[1])
+    assert frame["value"].iloc[0] == pytest.approx(np.median(sv[start:, 0]), rel=1e-12)
+    assert frame["value"].iloc[1] == pytest.approx(np.median(sv[20:, 1]), rel=1e-12)  # never settled: 2nd half
+    assert main(["fit", str(tmp_path / "*.zarr"), "--quantile", "0.5", "--window", "settled"]) == 0
+    assert "not settled: 1 group(s) still moving" in capsys.readouterr().out
+    assert main(["fit", str(tmp_path / "*.zarr"), "--window", "half"]) == 2

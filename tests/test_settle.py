@@ -44,3 +44,28 @@ def test_bad_arguments_are_one_line_errors():
     with pytest.raises(ValueError, match="tol"):
         settled_from(np.ones(10), tol=0)
     assert not settled_from(np.ones(3)).settled and not settled_from(np.full(20, np.nan)).settled
+
+
+def _reference(y, w=5, tol=0.1):
+    """The rule written out plainly, one series at a time."""
+    n = len(y)
+    m = {t: np.nanmedian(y[t - w + 1 : t + 1]) for t in range(w - 1, n) if np.isfinite(y[t - w + 1 : t + 1]).any()}
+    end = m.get(n - 1, np.nan)
+    if not np.isfinite(end):
+        return -1
+    t_star = next(t for t in range(w - 1, n + 1) if all(abs(m[u] - end) <= tol * abs(end) for u in m if u >= t))
+    b = 0 if t_star == w - 1 else t_star - (w - 1) // 2
+    return b if n - b >= max(2 * w, int(np.ceil(n / 4))) else -1
+
+
+def test_many_series_at_once_follow_the_rule_written_out():
+    from spectralscope.settle import settled_starts
+
+    rng = np.random.default_rng(1)
+    t = np.arange(60)[:, None]
+    y = (1 + rng.uniform(0.5, 3, 8) * np.exp(-t / rng.uniform(3, 20, 8))) * (1 + 0.02 * rng.normal(size=(60, 8)))
+    y[:, 3] = np.exp(t[:, 0] / 20)  # never settles
+    y[10:20, 5] = np.nan
+    starts = settled_starts(y)
+    assert starts[3] == -1 and (starts >= 0).sum() >= 5
+    assert starts.tolist() == [_reference(y[:, j]) for j in range(8)]
