@@ -23,6 +23,7 @@ _LAZY = {
     "register_adapter": "adapters",
     "frequency_buckets": "buckets",
     "PowerLawFit": "fit",
+    "backtest": "fit",
     "fit_scaling": "fit",
     "power_law": "fit",
     "recommend_ns_steps": "fit",
@@ -55,6 +56,7 @@ __all__ = [
     "Sharpness",
     "WeightSpectra",
     "__version__",
+    "backtest",
     "fewest_ns_steps",
     "fit_scaling",
     "frequency_buckets",
@@ -87,7 +89,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .adapters import register_adapter
     from .buckets import frequency_buckets
-    from .fit import PowerLawFit, fit_scaling, power_law, recommend_ns_steps
+    from .fit import PowerLawFit, backtest, fit_scaling, power_law, recommend_ns_steps
     from .hooks.activations import ActivationSpectra
     from .hooks.attention import AttentionLogits
     from .hooks.gradients import GradientSpectra

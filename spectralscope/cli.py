@@ -146,6 +146,30 @@ def window_arg(text: str | None):
     return (lo, hi)
 
 
+def backtest_text(runs: Sequence[str], metric: str, quantile: float | None, size: str | None,
+                  window: tuple[float, float] | str, each: bool, storage_options: dict | None = None) -> str:
+    """``spectralscope fit --backtest``: refit without the largest size (or each in turn), the error of predicting
+    it per group and quantile, whether it fell inside the 95% prediction interval, and the coverage."""
+    from .fit import backtest
+
+    try:
+        table = backtest(list(runs), metric, quantile, size=size or "model_size", window=window, each=each,
+                         storage_options=storage_options)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    held = ", ".join(f"{s:g}" for s in dict.fromkeys(table["held_out"]))
+    per_q = table.groupby("quantile", dropna=False)["fold"].median()
+    lines = [f"backtest of settled {metric}: refit without {'each size in turn' if each else 'the largest size'} "
+             f"({held}) and predict it",
+             table.drop(columns=[c for c in ("kind", "depth", "optimizer", "arch") if c in table.columns]).to_string(
+                 index=False, float_format=_fmt),
+             "", "median error (× either way) by quantile: " + ", ".join(
+                 f"q{q:g} ×{v:.3g}" for q, v in per_q.items() if np.isfinite(v)),
+             f"coverage: {int(table['inside'].sum())}/{len(table)} = {100 * table.attrs['coverage']:.0f}% of the "
+             f"held-out values inside their 95% prediction interval"]
+    return "\n".join(lines)
+
+
 def fit_text(runs: Sequence[str], metric: str, quantile: float | None, target_size: float | None,
              csv: str | None, storage_options: dict | None = None, size: str | None = None,
              window: tuple[float, float] | str = (0.5, 1.0)) -> str:
@@ -280,6 +304,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--quantile", type=float, default=None, help="one quantile level (default: every recorded one)")
     fit.add_argument("--target-size", type=float, default=None, help="recommend NS steps for this model size")
     fit.add_argument("--csv", default=None, help="also write the fit table to this CSV file")
+    fit.add_argument("--backtest", action="store_true",
+                     help="refit without the largest size and report the error of predicting it, and the coverage")
+    fit.add_argument("--each", action="store_true", help="with --backtest: hold out each size in turn")
     fit.add_argument("--window", default=None,
                      help="which records give a run's settled value: LO,HI fractions (default 0.5,1) or 'settled' "
                           "(each series from where it settled)")
@@ -371,6 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             text, code = doctor_report(tree, args.run)
             print(text)
             return code
+        elif args.command == "fit" and args.backtest:
+            print(backtest_text(args.runs, args.metric, args.quantile, args.size, window_arg(args.window), args.each,
+                                storage_options_arg(args.storage_options)))
         elif args.command == "fit":
             print(fit_text(args.runs, args.metric, args.quantile, args.target_size, args.csv,
                            storage_options_arg(args.storage_options), args.size, window_arg(args.window)))

@@ -132,6 +132,24 @@ def train_one(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, corpus, pr
     return path
 
 
+def backtest_line(runs: list[str], optimizers: list[str]) -> str:
+    """One line: per optimizer, refitting the momentum σ quantiles without the largest run and predicting it."""
+    from .fit import backtest
+
+    said = []
+    for name in optimizers:
+        mine = [r for r in runs if Path(r).parent.name == name]
+        try:
+            t = backtest(mine, "momentum_sv")
+        except ValueError:
+            continue
+        folds = t.groupby("quantile")["fold"].median()
+        q = {lv: folds[min(folds.index, key=lambda x, lv=lv: abs(x - lv))] for lv in (0.1, 0.5, 0.9)}
+        said.append(f"{name} ×{q[0.1]:.2f}/×{q[0.5]:.2f}/×{q[0.9]:.2f}, {100 * t.attrs['coverage']:.0f}% inside")
+    return ("backtest (momentum σ refitted without the largest model, predicting it; median error at q 0.1/0.5/0.9, share "
+            "inside the 95% prediction interval): " + ("; ".join(said) or "not enough sizes"))
+
+
 def health_line(runs: list[str]) -> str:
     """The alerts the health rules raised in the demo's runs, per optimizer: how many of each severity, by rule."""
     from collections import Counter
@@ -179,6 +197,7 @@ def run_demo(cfg: DemoConfig) -> str:
         "",
         summary_text(result),
         "",
+        backtest_line(runs, cfg.optimizers),
         health_line(runs),
         "",
         f"full tables: {', '.join(p.name for p in written)} in {cfg.out}/; plots: {report}",

@@ -477,3 +477,57 @@ def recommend_ns_steps(fits, model_size: float, quantile: float = 0.5, floor: fl
         out.attrs["note"] = (f"{model_size:g} is {far['extrapolation'].max():.3g}× the largest fitted size (more than "
                              f"{FAR:g}×): a long extrapolation; trust ns_steps_conservative over ns_steps")
     return out
+
+
+def backtest(runs, metric: str = "momentum_sv", quantile: float | None = None, by=None, size: str = "model_size",
+             window: tuple[float, float] | str = (0.5, 1.0), each: bool = False, interval: float = 0.95,
+             storage_options=None, bucket: str = "all"):
+    """How well the power laws extrapolate on these runs: refit without the largest size (``each``: without each
+    size in turn) and predict the held-out size. Per held-out size, group and quantile: ``predicted`` (with
+    ``pred_low``/``pred_high``, the ``interval`` prediction interval), ``actual`` (the held-out runs' settled value,
+    their layers' median as `fit_scaling` takes it), ``error`` = predicted/actual, ``fold`` = max(error, 1/error)
+    and ``inside`` (actual within the interval). ``.attrs["coverage"]``: the share inside. Groups with fewer than 3
+    sizes left are not backtested."""
+    import pandas as pd
+    import xarray as xr
+
+    from .store import expand_runs, open_run
+
+    items = [runs] if isinstance(runs, (str, xr.DataTree)) or hasattr(runs, "__fspath__") else list(runs)
+    frames = []
+    for item in items:
+        trees = [item] if isinstance(item, xr.DataTree) else [open_run(p, storage_options) for p in
+                                                              (expand_runs(str(item), storage_options) or [])]
+        if not trees:
+            raise ValueError(f"backtest: no run matches {str(item)!r}")
+        for tree in trees:
+            frame = settled_values(tree, metric, quantile, size, window, "run", bucket)
+            frames.append(frame.assign(run=len(frames)))
+    tidy = combine_runs(frames)
+    sizes = sorted(tidy["size"].unique())
+    if len(sizes) < 4:
+        raise ValueError(f"backtest: needs runs of at least 4 sizes (3 to fit, 1 to predict), got {len(sizes)}")
+    rows = []
+    for held in (sizes if each else sizes[-1:]):
+        train, test = tidy[tidy["size"] != held], tidy[tidy["size"] == held]
+        try:
+            fits = fit_scaling(train.drop(columns="run"), metric, quantile, by=by, target_size=float(held),
+                               interval=interval)
+        except ValueError:
+            continue
+        keys = [*fits.attrs["by"], "quantile"]
+        actual = test.groupby(keys, dropna=False).agg(actual=("value", "median")).reset_index()
+        merged = fits.merge(actual, on=keys, how="inner")
+        for _, r in merged.iterrows():
+            err = float(r["prediction"] / r["actual"]) if r["actual"] > 0 else float("nan")
+            rows.append({**{k: r[k] for k in keys}, "group": r["group"], "held_out": float(held),
+                         "predicted": float(r["prediction"]), "pred_low": float(r["pred_low"]),
+                         "pred_high": float(r["pred_high"]), "actual": float(r["actual"]), "error": err,
+                         "fold": max(err, 1 / err) if err > 0 else float("nan"),
+                         "inside": bool(r["pred_low"] <= r["actual"] <= r["pred_high"]),
+                         "settled": bool(r["settled"])})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        raise ValueError("backtest: no group has runs of 3 sizes besides the held-out one")
+    out.attrs.update(coverage=float(out["inside"].mean()), interval=interval, sizes=[float(s) for s in sizes])
+    return out

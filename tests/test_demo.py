@@ -14,12 +14,12 @@ from spectralscope.cli import main
 @pytest.mark.slow
 def test_demo_end_to_end_at_a_tiny_setting(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--widths", "16", "24", "32", "--depth", "2", "--steps", "24",
+    assert main(["demo", "--out", str(out), "--widths", "16", "24", "32", "40", "--depth", "2", "--steps", "24",
                  "--data", "pcfg", "--imbalance", "1.5"]) == 0
     text = capsys.readouterr().out
     for opt in ("muon", "adamw", "normuon"):
         runs = sorted((out / opt).glob("w*.zarr"))
-        assert [p.name for p in runs] == ["w16.zarr", "w24.zarr", "w32.zarr"]
+        assert [p.name for p in runs] == ["w16.zarr", "w24.zarr", "w32.zarr", "w40.zarr"]
         for p in runs:
             tree = ss.open_run(p)
             meta = tree.attrs["meta"]
@@ -39,6 +39,8 @@ def test_demo_end_to_end_at_a_tiny_setting(tmp_path, capsys):
     assert float(line[7]) == pytest.approx(fits.loc[("adamw", "mlp_out"), "slope"], abs=0.006)  # hard β
     assert (out / "report.html").stat().st_size > 1e6 and (out / "runs.csv").exists()
     assert "Newton–Schulz steps for σ_0.5" in text and "hard rank β" in text
+    back = next(ln for ln in text.splitlines() if ln.startswith("backtest (momentum σ"))
+    assert all(re.search(rf"{o} ×[\d.]+/×[\d.]+/×[\d.]+, \d+% inside", back) for o in ("muon", "adamw", "normuon"))
     health = next(ln for ln in text.splitlines() if ln.startswith("health alerts"))
     assert all(f"{o}: " in health for o in ("muon", "adamw", "normuon")) and "critical" not in health
     done = re.search(r"demo done in (\d+) s wall time \(training (\d+) s; torch on (\d+) threads\)", text)

@@ -352,3 +352,31 @@ def test_settled_windows_start_where_each_series_settled_and_unsettled_groups_ar
     assert main(["fit", str(tmp_path / "*.zarr"), "--quantile", "0.5", "--window", "settled"]) == 0
     assert "not settled: 1 group(s) still moving" in capsys.readouterr().out
     assert main(["fit", str(tmp_path / "*.zarr"), "--window", "half"]) == 2
+
+
+def test_backtest_predicts_the_held_out_size_from_the_others(tmp_path, capsys):
+    from spectralscope.cli import main
+
+    rng = np.random.default_rng(7)
+    sizes = (1e6, 2e6, 4e6, 8e6, 1.6e7)
+    noise = {s: float(np.exp(rng.normal(0, 0.1))) for s in sizes}
+    for s in sizes:
+        _write_series(tmp_path / f"m{int(s)}.zarr", s, lambda d, n, step, s=s: n ** (-0.5 - 0.2 * d) * noise[s])
+    table = ss.backtest(str(tmp_path / "*.zarr"), quantile=0.5)
+    assert set(table["held_out"]) == {1.6e7} and len(table) == 2
+    for r in table.itertuples():
+        x = np.array(sizes[:-1])
+        y = np.array([0.5 * n ** (-0.5 - 0.2 * r.depth) * noise[n] for n in x])
+        b, a = np.polyfit(np.log(x), np.log(y), 1)
+        assert r.predicted == pytest.approx(np.exp(a + b * np.log(1.6e7)), rel=1e-9)
+        assert r.actual == pytest.approx(0.5 * 1.6e7 ** (-0.5 - 0.2 * r.depth) * noise[1.6e7], rel=1e-12)
+        assert r.error == pytest.approx(r.predicted / r.actual) and r.fold >= 1
+        assert r.inside == (r.pred_low <= r.actual <= r.pred_high)
+    assert table.attrs["coverage"] == pytest.approx(table["inside"].mean())
+    each = ss.backtest(str(tmp_path / "*.zarr"), quantile=0.5, each=True)
+    assert set(each["held_out"]) == set(sizes) and len(each) == 10
+    assert main(["fit", str(tmp_path / "*.zarr"), "--backtest", "--quantile", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert f"coverage: {int(table['inside'].sum())}/2" in out and "median error" in out
+    with pytest.raises(ValueError, match="at least 4 sizes"):
+        ss.backtest([str(tmp_path / f"m{int(s)}.zarr") for s in sizes[:3]])
