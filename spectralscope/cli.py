@@ -196,6 +196,12 @@ def fit_text(runs: Sequence[str], metric: str, quantile: float | None, target_si
                      f"interval contains 0: {int(fits['holds'].sum())} of {len(fits)} groups")
     if fits.attrs.get("note"):
         lines.append(f"note: {fits.attrs['note']}")
+    favoured = fits[fits["offset_gain"] > 2]
+    if len(favoured):
+        groups = list(dict.fromkeys(favoured["group"]))
+        lines.append(f"offset favoured (AICc lower by more than 2 for y = A·x^b + c): {len(groups)} group(s) "
+                     f"({', '.join(groups[:6])}{', …' if len(groups) > 6 else ''}); the table's slopes are of the plain "
+                     f"law (ss.power_law(x, y, offset=True) fits the other)")
     moving = fits[~fits["settled"].astype(bool)]
     if len(moving):
         groups = list(dict.fromkeys(moving["group"]))

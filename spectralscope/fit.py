@@ -111,6 +111,38 @@ def confidence_band(x: np.ndarray, y: np.ndarray, at: np.ndarray, level: float =
     return np.exp(mid), np.exp(mid - half), np.exp(mid + half)
 
 
+def aicc(rss: float, n: int, k: int) -> float:
+    """The small-sample Akaike criterion of a least-squares fit with k parameters: n·ln(RSS/n) + 2k +
+    2k(k + 1)/(n − k − 1); NaN when n ≤ k + 1."""
+    if n <= k + 1 or not rss > 0:
+        return float("nan")
+    return n * float(np.log(rss / n)) + 2 * k + 2 * k * (k + 1) / (n - k - 1)
+
+
+def offset_gain(x: np.ndarray, y: np.ndarray) -> float:
+    """How much the data favour y = A·x^b + c over y = A·x^b: AICc(plain) − AICc(offset), both on the residuals of
+    ln y (so the two models are judged on one scale; the offset model where its prediction is positive). > 2: the
+    offset is favoured. NaN with fewer than 5 pairs (AICc of 3 parameters needs n > 4) or when the offset fit fails
+    or predicts a non-positive value."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+    x, y = x[keep], y[keep]
+    if x.size < 5:
+        return float("nan")
+    plain = power_law(x, y)
+    try:
+        off = power_law(x, y, offset=True)
+    except (ValueError, RuntimeError):
+        return float("nan")
+    pred = off.predict(x)
+    if not (pred > 0).all():
+        return float("nan")
+    r_plain = np.log(y) - np.log(plain.predict(x))
+    r_off = np.log(y) - np.log(pred)
+    return aicc(float(r_plain @ r_plain), x.size, 2) - aicc(float(r_off @ r_off), x.size, 3)
+
+
 def _power_law_offset(x: np.ndarray, y: np.ndarray) -> PowerLawFit:
     n = x.size
     if n < 4:
@@ -328,7 +360,9 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
     the window's chunks of ``metric`` are read. ``window="settled"``: each layer's own settled records
     (`settle.settled_from`; a series that never settled takes its second half). Returns a DataFrame: the ``by``
     columns, ``group``, ``quantile``, ``slope``, ``intercept``, ``r2``, ``stderr``, ``ci_low``, ``ci_high``,
-    ``n_sizes``, ``settled`` (whether every run's series of the group settled within the window), and for
+    ``n_sizes``, ``settled`` (whether every run's series of the group settled within the window), ``offset_gain``
+    (AICc of the plain law minus that of y = A·x^b + c, `offset_gain`: above 2 the data favour an offset; NaN below
+    5 runs), and for
     prediction intervals ``u_mean``, ``sxx`` (of ln size), ``n_points``, ``max_size``; with ``target_size`` also
     ``prediction``, ``pred_low``, ``pred_high``: the fitted value there and its ``interval`` prediction interval
     (`PowerLawFit.predict`);
@@ -407,6 +441,7 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
         row = {**{k: kv[k] for k in by}, "group": label, "quantile": kv["quantile"], "slope": fit.slope,
                "intercept": fit.intercept, "r2": fit.r2, "stderr": fit.stderr, "ci_low": fit.ci_low,
                "ci_high": fit.ci_high, "n_sizes": int(n_sizes), "settled": bool(g["settled"].all()),
+               "offset_gain": offset_gain(g["size"].to_numpy(), g["value"].to_numpy()),
                "u_mean": fit.u_mean, "sxx": fit.sxx, "n_points": fit.n, "max_size": float(g["size"].max())}
         if target_size is not None:
             point, low, high = fit.predict(float(target_size), interval)
@@ -451,7 +486,8 @@ def recommend_ns_steps(fits, model_size: float, quantile: float = 0.5, floor: fl
         raise ValueError(f"recommend_ns_steps: the fits hold no quantile {quantile} "
                          f"(they hold {sorted(set(fits['quantile'].dropna()))})")
     by = [c for c in fits.columns if c not in ("group", "quantile", "slope", "intercept", "r2", "stderr", "ci_low",
-                                                "ci_high", "n_sizes", "settled", "prediction", "pred_low", "pred_high",
+                                                "ci_high", "n_sizes", "settled", "offset_gain", "prediction",
+                                                "pred_low", "pred_high",
                                                 *INTERVAL_COLUMNS)]
 
     def steps_for(sigma: float) -> int | None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 
@@ -87,7 +88,8 @@ def test_fit_scaling_recovers_known_exponents_from_real_stores(tmp_path):
         _write_run(tmp_path / f"m{int(size)}.zarr", size, layers, _law)
     fits = ss.fit_scaling([str(tmp_path / "*.zarr")], metric="momentum_sv")
     assert list(fits.columns) == ["kind", "depth", "group", "quantile", "slope", "intercept", "r2", "stderr", "ci_low",
-                                  "ci_high", "n_sizes", "settled", "u_mean", "sxx", "n_points", "max_size"]
+                                  "ci_high", "n_sizes", "settled", "offset_gain", "u_mean", "sxx", "n_points",
+                                  "max_size"]
     assert len(fits) == 3 * 3 and set(fits["group"]) == {"attn_o@0", "attn_o@1", "mlp_in@1"}
     for _, r in fits.iterrows():
         assert r["slope"] == pytest.approx(-ALPHA[(r["kind"], r["depth"])], abs=1e-9)
@@ -380,3 +382,23 @@ def test_backtest_predicts_the_held_out_size_from_the_others(tmp_path, capsys):
     assert f"coverage: {int(table['inside'].sum())}/2" in out and "median error" in out
     with pytest.raises(ValueError, match="at least 4 sizes"):
         ss.backtest([str(tmp_path / f"m{int(s)}.zarr") for s in sizes[:3]])
+
+
+def test_the_offset_is_said_where_aicc_favours_it_and_not_otherwise():
+    from spectralscope.fit import aicc, offset_gain
+
+    x = np.geomspace(1e5, 1e8, 8)
+    rng = np.random.default_rng(8)
+    pure = 3.0 * x ** -0.4 * np.exp(rng.normal(0, 0.02, x.size))
+    floored = 3.0 * x ** -0.4 + 0.01 + 0.0005 * rng.normal(size=x.size)  # a floor the plain law cannot bend to
+    assert offset_gain(x, floored) > 2 and not offset_gain(x, pure) > 2
+    assert np.isnan(offset_gain(x[:4], pure[:4]))
+    # AICc against its definition, with the residuals of a numpy log-log fit
+    b, a = np.polyfit(np.log(x), np.log(pure), 1)
+    r = np.log(pure) - (a + b * np.log(x))
+    rss = float(r @ r)
+    assert aicc(rss, 8, 2) == pytest.approx(8 * np.log(rss / 8) + 4 + 12 / 5)
+    tidy = pd.DataFrame({"kind": "attn_o", "depth": 0.0, "size": np.r_[x, x], "value": np.r_[floored, floored],
+                         "quantile": 0.5})
+    fits = ss.fit_scaling(tidy, "momentum_sv")
+    assert fits["offset_gain"].iloc[0] == pytest.approx(offset_gain(x, floored))
