@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 import xarray as xr
 from plotly.colors import qualitative
 
+from spectralscope.settle import settled_from
 from spectralscope.store import unit_dim
 
 PALETTE = qualitative.Plotly + qualitative.D3
@@ -72,11 +73,14 @@ def heatmap(da: xr.DataArray, title: str, run: str, log: bool = False) -> go.Fig
 
 
 def lines(series: Mapping[str, xr.DataArray], title: str, y: str, log_y: bool = False,
-          threshold: tuple[float, str] | None = None, errors: Mapping[str, xr.DataArray] | None = None) -> go.Figure:
+          threshold: tuple[float, str] | None = None, errors: Mapping[str, xr.DataArray] | None = None,
+          burn_in: bool = False) -> go.Figure:
     """One line per (run, layer) of (step, layer) arrays: colour by layer, dash by run.
     ``threshold`` = (value, label) draws a horizontal reference line (e.g. the NS threshold). ``errors``:
     per run, the stored bound on |recorded − true| of an estimated quantile (``*_sv_err``), drawn as error
-    bars where it is positive; layers the store marks ``sv_method = "slq"`` are labelled "(estimated)"."""
+    bars where it is positive; layers the store marks ``sv_method = "slq"`` are labelled "(estimated)".
+    ``burn_in``: a diamond where each line has settled (`spectralscope.settle.settled_from`; none on a line that
+    has not)."""
     fig = go.Figure()
     colours: dict[str, str] = {}
     for r, (run, da) in enumerate(series.items()):
@@ -100,6 +104,16 @@ def lines(series: Mapping[str, xr.DataArray], title: str, y: str, log_y: bool = 
                 hovertemplate=(f"run {run}<br>{unit} {name}<br>step %{{x}}<br>value %{{y:.4g}}"
                                + (" ± %{customdata:.2g} (SLQ bound)" if err is not None else "") + "<extra></extra>"),
             ))
+            if burn_in:
+                values = np.asarray(da.isel({unit: j}).values, dtype=np.float64)
+                start = settled_from(values).start
+                if start is not None:
+                    step = int(da["step"].values[start])
+                    fig.add_trace(go.Scatter(
+                        x=[step], y=[values[start]], mode="markers", name=f"settled · {name} · {run}",
+                        marker={"color": colour, "symbol": "diamond", "size": 9}, showlegend=False,
+                        hovertemplate=(f"run {run}<br>{unit} {name}<br>settled from step {step} (the burn-in is "
+                                       "before it)<extra></extra>")))
     if threshold is not None:
         fig.add_hline(y=threshold[0], line={"color": "crimson", "dash": "dash"}, annotation_text=threshold[1],
                       annotation_position="bottom right")

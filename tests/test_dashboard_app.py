@@ -436,3 +436,23 @@ def test_the_health_page_draws_each_alert_and_the_runs_page_shows_badges(monkeyp
     assert any(np.allclose(_array(t["y"]), stored.isel(module=0).values) for t in logits["data"])
     assert any("τ = 100" in str(a.get("text")) for a in logits["layout"].get("annotations", []))
     assert any("recorded without health rules" in c.value for c in at.caption)
+
+
+def test_the_per_layer_lines_mark_where_each_series_settled(monkeypatch, tmp_path):
+    from test_fit import _write_series
+
+    from spectralscope.settle import settled_from
+
+    def series(depth, n, step):  # depth 0 settles after a transient; depth 1 still grows at the end
+        return n ** -0.5 * ((1 + 3 * np.exp(-step / 4.0)) if depth == 0 else np.exp(step / 10.0))
+
+    _write_series(tmp_path / "s.zarr", 1e6, series)
+    at = _app(monkeypatch, tmp_path)
+    at.switch_page("views/optimizer.py").run()
+    assert not at.exception, at.exception
+    lines = next(f for f in _figures(at) if "per layer" in f["layout"]["title"]["text"])
+    marks = [t for t in lines["data"] if t["name"].startswith("settled · ")]
+    sv = ss.open_run(tmp_path / "s.zarr")["optimizer"]["momentum_sv"].sel(quantile=0.5)
+    start = settled_from(sv.isel(layer=0).values).start
+    assert [t["name"] for t in marks] == ["settled · h.0.attn.o_proj.weight · s.zarr"]  # not the one still moving
+    assert marks[0]["x"] == [int(sv["step"].values[start])] and "settled from step" in marks[0]["hovertemplate"]

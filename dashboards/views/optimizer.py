@@ -48,8 +48,8 @@ if runs:
                                                                units=units)) is not None}
         thr = threshold(runs[0])
         bounds = common.bounds(runs, "momentum_sv", q, units)
-        st.plotly_chart(charts.lines(series, f"momentum σ̃ at q={q:g} per layer", "σ̃", log_y=True, threshold=thr,
-                                     errors=bounds), key="opt-lines")
+        st.plotly_chart(charts.lines(series, f"momentum σ̃ at q={q:g} per layer (◆ settled from)", "σ̃", log_y=True,
+                                     threshold=thr, errors=bounds, burn_in=True), key="opt-lines")
         fails = {e.rel: d for e in runs if (d := common.read(e, "optimizer", "ns_fail_frac", units=units)) is not None}
         st.plotly_chart(charts.lines(fails, "fraction of σ̃ below the NS threshold (ns_fail_frac)", "fraction"),
                         key="opt-fail")
