@@ -200,8 +200,8 @@ class AttentionLogits:
     # ---- hooks --------------------------------------------------------------------------------------
     def _enter(self, i: int):
         def hook(module: nn.Module, args: tuple) -> None:
-            if self.paused or self._current is not None or self._step() % self.every != 0:
-                return
+            if not self._writes or self.paused or self._current is not None or self._step() % self.every != 0:
+                return  # ranks other than 0 write nothing: they do not measure either
             self._current = i
             self._mode.__enter__()
 

@@ -163,7 +163,7 @@ def _power_law_offset(x: np.ndarray, y: np.ndarray) -> PowerLawFit:
     ss_tot = float(((y - y.mean()) ** 2).sum())
     try:
         cov = np.linalg.inv(sol.jac.T @ sol.jac) * ss_res / dof
-        stderr = float(np.sqrt(cov[1, 1]))
+        stderr = float(np.sqrt(cov[1, 1])) if cov[1, 1] >= 0 else float("nan")  # an ill-conditioned Jacobian
     except np.linalg.LinAlgError:
         stderr = float("nan")
     t = float(scipy.stats.t.ppf(0.975, dof))

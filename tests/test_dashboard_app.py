@@ -171,7 +171,7 @@ def test_estimated_layers_are_labelled_and_drawn_with_their_bounds(monkeypatch, 
                              ("views/updates.py", "update_sv", "σ(ΔW) at q=0.1")):
         at.switch_page(page).run()
         assert not at.exception, (page, at.exception)
-        fig = next(f for f in _figures(at) if f["layout"]["title"]["text"] == title)
+        fig = next(f for f in _figures(at) if f["layout"]["title"]["text"].startswith(title))
         q = float(title.split("q=")[1].split()[0])
         err = stored[f"{var}_err"].sel(quantile=q, method="nearest")
         layer0 = str(stored["layer"].values[0])
