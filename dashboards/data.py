@@ -245,10 +245,9 @@ def health_events(path: Where, storage_options: Options = None) -> list[dict[str
     n = committed_rows(g)
     if n == 0:
         return []
-    cols = {v: [str(x) for x in _plain(np.asarray(g[v][:n])).tolist()] for v in HEALTH_TEXT}
-    steps, values = np.asarray(g["step"][:n]).tolist(), np.asarray(g["value"][:n], dtype=np.float64).tolist()
-    return [{"step": s, "value": v, **{k: c[i] for k, c in cols.items()}} for i, (s, v) in enumerate(zip(
-        steps, values, strict=True))]
+    return health.events({"step": np.asarray(g["step"][:n]).tolist(),
+                          "value": np.asarray(g["value"][:n], dtype=np.float64).tolist(),
+                          **{v: [str(x) for x in _plain(np.asarray(g[v][:n])).tolist()] for v in HEALTH_TEXT}})
 
 
 def health_badge(events: list[dict[str, Any]] | None) -> str:

@@ -170,6 +170,12 @@ def backtest_text(runs: Sequence[str], metric: str, quantile: float | None, size
     return "\n".join(lines)
 
 
+def _groups(rows, most: int = 6) -> tuple[int, str]:
+    """How many distinct groups the fit-table ``rows`` hold, and "a, b, …" naming at most ``most`` of them."""
+    groups = list(dict.fromkeys(rows["group"]))
+    return len(groups), f"{', '.join(groups[:most])}{', …' if len(groups) > most else ''}"
+
+
 def fit_text(runs: Sequence[str], metric: str, quantile: float | None, target_size: float | None,
              csv: str | None, storage_options: dict | None = None, size: str | None = None,
              window: tuple[float, float] | str = (0.5, 1.0)) -> str:
@@ -196,18 +202,14 @@ def fit_text(runs: Sequence[str], metric: str, quantile: float | None, target_si
                      f"interval contains 0: {int(fits['holds'].sum())} of {len(fits)} groups")
     if fits.attrs.get("note"):
         lines.append(f"note: {fits.attrs['note']}")
-    favoured = fits[fits["offset_gain"] > 2]
-    if len(favoured):
-        groups = list(dict.fromkeys(favoured["group"]))
-        lines.append(f"offset favoured (AICc lower by more than 2 for y = A·x^b + c): {len(groups)} group(s) "
-                     f"({', '.join(groups[:6])}{', …' if len(groups) > 6 else ''}); the table's slopes are of the plain "
-                     f"law (ss.power_law(x, y, offset=True) fits the other)")
-    moving = fits[~fits["settled"].astype(bool)]
-    if len(moving):
-        groups = list(dict.fromkeys(moving["group"]))
-        lines.append(f"not settled: {len(groups)} group(s) still moving at the end of some run's window "
-                     f"({', '.join(groups[:6])}{', …' if len(groups) > 6 else ''}): their settled values are "
-                     f"not yet final (--window settled fits each series' own settled records)")
+    n, names = _groups(fits[fits["offset_gain"] > 2])
+    if n:
+        lines.append(f"offset favoured (AICc lower by more than 2 for y = A·x^b + c): {n} group(s) ({names}); the "
+                     f"table's slopes are of the plain law (ss.power_law(x, y, offset=True) fits the other)")
+    n, names = _groups(fits[~fits["settled"].astype(bool)])
+    if n:
+        lines.append(f"not settled: {n} group(s) still moving at the end of some run's window ({names}): their "
+                     f"settled values are not yet final (--window settled fits each series' own settled records)")
     lines.append(shown.to_string(index=False, float_format=_fmt))
     if target_size is not None and size != "model_size":
         raise UserError("--target-size recommends NS steps for a model size; fit against --size model_size")

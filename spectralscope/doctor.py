@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import health
+from . import health, schema
 from .store import optimizer_entries, unit_dim
 
 #: the groups the built-in rules read
@@ -29,12 +29,8 @@ def _text(values) -> list[str]:
 def recorded_events(tree) -> list[dict[str, Any]]:
     """The start/end rows of a run's ``health`` group, in order."""
     ds = tree["health"].dataset
-    if ds.sizes.get("step", 0) == 0:
-        return []
-    cols = {v: _text(ds[v].values) for v in ("rule", "group", "layer", "severity", "state", "message")}
-    steps, values = ds["step"].values.tolist(), ds["value"].values.tolist()
-    return [{"step": s, "value": v, **{k: c[i] for k, c in cols.items()}} for i, (s, v) in enumerate(zip(steps, values,
-                                                                                                          strict=True))]
+    return health.events({"step": ds["step"].values.tolist(), "value": ds["value"].values.tolist(),
+                          **{v: _text(ds[v].values) for v in schema.HEALTH.strings()}})
 
 
 def _layer_info(tree) -> dict[str, health.LayerInfo]:

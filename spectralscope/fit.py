@@ -47,12 +47,18 @@ class PowerLawFit:
             raise ValueError(f"predict: interval must be in (0, 1), got {interval!r}")
         if self.offset != 0.0 or not np.isfinite(self.sxx):
             raise ValueError("predict: prediction intervals are for log-log fits (offset=False)")
+        _, low, high = self.band(x, interval, new=True)
+        return point, low, high
+
+    def band(self, x: np.ndarray | float, level: float = 0.95, new: bool = False):
+        """The log-log line at x and its ``level`` t-interval: of the mean, exp(a + b·u₀ ± t·s·sqrt(1/n +
+        (u₀ − ū)²/Sxx)), or with ``new`` of a new observation (1 + 1/n + …). Returns (line, low, high)."""
         u0 = np.log(np.asarray(x, dtype=np.float64))
-        s = self.stderr * np.sqrt(self.sxx)
-        half = float(scipy.stats.t.ppf(0.5 + interval / 2, self.n - 2)) * s * np.sqrt(
-            1 + 1 / self.n + (u0 - self.u_mean) ** 2 / self.sxx)
+        s = self.stderr * np.sqrt(self.sxx)  # stderr = s/sqrt(Sxx)
+        half = float(scipy.stats.t.ppf(0.5 + level / 2, self.n - 2)) * s * np.sqrt(
+            float(new) + 1 / self.n + (u0 - self.u_mean) ** 2 / self.sxx)
         mid = self.intercept + self.slope * u0
-        return point, np.exp(mid - half), np.exp(mid + half)
+        return np.exp(mid), np.exp(mid - half), np.exp(mid + half)
 
 
 def power_law(x: np.ndarray, y: np.ndarray, offset: bool = False) -> PowerLawFit:
@@ -98,17 +104,7 @@ def confidence_band(x: np.ndarray, y: np.ndarray, at: np.ndarray, level: float =
     """The fitted line of `power_law` at ``at`` and its ``level`` t-interval (of the mean, not of a new point):
     exp(a + b·u₀ ± t·s·sqrt(1/n + (u₀ − ū)²/Sxx)), u₀ = ln at, s² = Σ residual²/(n − 2), t on n − 2 degrees of
     freedom, over the same finite positive pairs. Returns (line, low, high)."""
-    x = np.asarray(x, dtype=np.float64).ravel()
-    y = np.asarray(y, dtype=np.float64).ravel()
-    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
-    fit = power_law(x, y)
-    u = np.log(x[keep])
-    u0 = np.log(np.asarray(at, dtype=np.float64))
-    n, sxx = u.size, float(((u - u.mean()) ** 2).sum())
-    s = fit.stderr * np.sqrt(sxx)  # stderr = s/sqrt(Sxx)
-    half = float(scipy.stats.t.ppf(0.5 + level / 2, n - 2)) * s * np.sqrt(1 / n + (u0 - u.mean()) ** 2 / sxx)
-    mid = fit.intercept + fit.slope * u0
-    return np.exp(mid), np.exp(mid - half), np.exp(mid + half)
+    return power_law(x, y).band(at, level)
 
 
 def aicc(rss: float, n: int, k: int) -> float:
@@ -343,6 +339,27 @@ INTERVAL_COLUMNS = ("u_mean", "sxx", "n_points", "max_size")
 FAR = 10.0
 
 
+def open_runs(runs, caller: str, storage_options=None, chunks=None) -> list[tuple[str, object]]:
+    """(where, tree) of every run ``runs`` names: paths, globs or opened trees (``ss.open_run``); ``ValueError``
+    (prefixed with ``caller``) for a pattern that matches none."""
+    import xarray as xr
+
+    from .store import expand_runs, open_run
+
+    items = [runs] if isinstance(runs, (str, xr.DataTree)) or hasattr(runs, "__fspath__") else list(runs)
+    trees: list[tuple[str, object]] = []
+    for item in items:
+        if isinstance(item, xr.DataTree):
+            trees.append((f"tree{len(trees)}", item))
+            continue
+        text = str(item)
+        paths = expand_runs(text, storage_options)
+        if not paths:
+            raise ValueError(f"{caller}: no run matches {text!r}")
+        trees += [(p, open_run(p, storage_options, chunks)) for p in paths]
+    return trees
+
+
 def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None, by=None,
                 size: str = "model_size", window: tuple[float, float] = (0.5, 1.0), storage_options=None,
                 chunks=None, bucket: str = "all", target_size: float | None = None, interval: float = 0.95):
@@ -370,9 +387,8 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
     where the runs differ).
     """
     import pandas as pd
-    import xarray as xr
 
-    from .store import expand_runs, ns_entry, open_run
+    from .store import ns_entry
 
     given = [by] if isinstance(by, str) else None if by is None else list(by)
     current_steps = current_coefficients = None
@@ -391,17 +407,7 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
             tidy["quantile"] = np.nan
         tidy["run"] = tidy["size"]
     else:
-        items = [runs] if isinstance(runs, (str, xr.DataTree)) or hasattr(runs, "__fspath__") else list(runs)
-        trees = []
-        for item in items:
-            if isinstance(item, xr.DataTree):
-                trees.append((f"tree{len(trees)}", item))
-                continue
-            text = str(item)
-            paths = expand_runs(text, storage_options)
-            if not paths:
-                raise ValueError(f"fit_scaling: no run matches {text!r}")
-            trees += [(p, open_run(p, storage_options, chunks)) for p in paths]
+        trees = open_runs(runs, "fit_scaling", storage_options, chunks)
         frames, steps, schedules = [], set(), set()
         for i, (where, tree) in enumerate(trees):
             frame = settled_values(tree, metric, quantile, size, window, where, bucket)
@@ -525,20 +531,9 @@ def backtest(runs, metric: str = "momentum_sv", quantile: float | None = None, b
     and ``inside`` (actual within the interval). ``.attrs["coverage"]``: the share inside. Groups with fewer than 3
     sizes left are not backtested."""
     import pandas as pd
-    import xarray as xr
 
-    from .store import expand_runs, open_run
-
-    items = [runs] if isinstance(runs, (str, xr.DataTree)) or hasattr(runs, "__fspath__") else list(runs)
-    frames = []
-    for item in items:
-        trees = [item] if isinstance(item, xr.DataTree) else [open_run(p, storage_options) for p in
-                                                              (expand_runs(str(item), storage_options) or [])]
-        if not trees:
-            raise ValueError(f"backtest: no run matches {str(item)!r}")
-        for tree in trees:
-            frame = settled_values(tree, metric, quantile, size, window, "run", bucket)
-            frames.append(frame.assign(run=len(frames)))
+    frames = [settled_values(tree, metric, quantile, size, window, where, bucket).assign(run=i)
+              for i, (where, tree) in enumerate(open_runs(runs, "backtest", storage_options))]
     tidy = combine_runs(frames)
     sizes = sorted(tidy["size"].unique())
     if len(sizes) < 4:

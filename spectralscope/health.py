@@ -149,10 +149,10 @@ class Rule:
     check: Check
 
 
-def _settled(rec: Record, var: str) -> np.ndarray | None:
-    """The median of ``var`` over the last `Thresholds.settle` records, NaN-skipping; None before there are that
-    many."""
-    s = rec.series(var, rec.thresholds.settle)
+def _settled(rec: Record, var: str, level: float | None = None) -> np.ndarray | None:
+    """The median of ``var`` (at the quantile ``level``) over the last `Thresholds.settle` records, NaN-skipping;
+    None before there are that many."""
+    s = rec.series(var, rec.thresholds.settle, level)
     if s is None or len(s) < rec.thresholds.settle:
         return None
     with np.errstate(all="ignore"):
@@ -167,10 +167,7 @@ def ns_undershoot(rec: Record) -> Iterable[Finding]:
     frac = _settled(rec, "ns_fail_frac")
     if frac is None:
         return
-    sigma = _settled(rec, "momentum_sv") if "momentum_sv" in rec.row else None
-    median = None
-    if sigma is not None and len(rec.quantiles):
-        median = sigma[..., int(np.argmin(np.abs(np.asarray(rec.quantiles) - 0.5)))]
+    median = _settled(rec, "momentum_sv", 0.5) if "momentum_sv" in rec.row and len(rec.quantiles) else None
     for i, name in enumerate(rec.units):
         f = frac[i]
         if not (np.isfinite(f) and f > rec.thresholds.ns_fail_frac):
@@ -376,6 +373,13 @@ class Monitor:
                                     f"ended: {was.message}"))
         history.append(row)
         return events
+
+
+def events(columns: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """The rows of the ``health`` group as event dicts ({step, value, rule, group, layer, severity, state,
+    message}), from its columns as lists."""
+    names = list(columns)
+    return [dict(zip(names, row, strict=True)) for row in zip(*columns.values(), strict=True)]
 
 
 def spans(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import streamlit as st
 from spectralscope import schema
 from spectralscope.dashboards import charts, common, data
 from spectralscope.derived import DERIVED, holds
-from spectralscope.fit import INTERVAL_COLUMNS, fit_of, fit_scaling, group_label, group_of, recommend_ns_steps, run_size
+from spectralscope.fit import INTERVAL_COLUMNS, fit_scaling, group_label, group_of, recommend_ns_steps, run_size
 from spectralscope.store import ns_entry
 
 common.header("Scaling laws", "Settled value = median over the chosen window of each run's committed steps; "
@@ -74,7 +74,7 @@ else:
             st.info(f"No committed {metric} in the selected runs.")
             return
         try:
-            fits = fit_scaling(tidy, metric=metric, quantile=quantile)
+            fits = fit_scaling(tidy, metric=metric, quantile=quantile, target_size=target)
         except ValueError as exc:
             st.warning(str(exc))
             return
@@ -87,10 +87,8 @@ else:
         shown_groups = st.multiselect("groups drawn", labels, default=default_groups(fits), key="sc-groups")
         st.plotly_chart(charts.scaling(tidy, fits[fits["group"].isin(shown_groups)], target, metric, against),
                         key="sc-figure")
-        bands = [fit_of(r).predict(target, 0.95) for _, r in fits.iterrows()]
-        shown = fits.drop(columns=["kind", "depth", "optimizer", "arch", *INTERVAL_COLUMNS], errors="ignore").assign(
-            at_target=[float(b[0]) for b in bands], pred_low=[float(b[1]) for b in bands],
-            pred_high=[float(b[2]) for b in bands])
+        shown = fits.drop(columns=["kind", "depth", "optimizer", "arch", *INTERVAL_COLUMNS], errors="ignore").rename(
+            columns={"prediction": "at_target"})
         st.subheader("Fits")
         if metric in DERIVED:
             shown = holds(shown)
