@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -358,16 +359,32 @@ def report_runs(items: Sequence[str]) -> list[str]:
     return runs
 
 
+#: The exit status of a command whose reader closed its output early (``… | head``): a shell's for SIGPIPE.
+CLOSED_PIPE = 128 + 13
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _command(argv)
+        sys.stdout.flush()  # a closed pipe is found here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # the reader (head, less) has what it wanted: stop quietly, and let the exit flush write nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return CLOSED_PIPE
+
+
+def _command(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "info":
             try:
-                print(info_text(args.run, storage_options_arg(args.storage_options)))
+                text = info_text(args.run, storage_options_arg(args.storage_options))
             except UserError:
                 raise
             except Exception as exc:  # info reports on a store: whatever is wrong with it is said in one line
                 raise UserError(f"{args.run} cannot be read ({type(exc).__name__}: {exc})") from exc
+            print(text)
         elif args.command == "demo":
             from .demo import DemoConfig, run_demo
 
@@ -388,8 +405,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {n} scalars of {args.run} to {args.logdir}"
                   + (f" ({skipped} were there already)" if skipped else ""))
         elif args.command == "dashboard":
-            import os
-
             cmd = dashboard_command(args.runs_dir, args.host, args.port)
             env = dashboard_env(args.runs_dir, args.storage_options)
             print(f"spectralscope dashboard: serving {args.runs_dir} on http://{args.host}:{args.port} (Ctrl-C stops)",

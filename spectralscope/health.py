@@ -345,6 +345,19 @@ class Monitor:
     _history: dict[str, deque] = field(default_factory=dict)
     _first: dict[str, Mapping[str, Any]] = field(default_factory=dict)
 
+    def resume(self, earlier: Iterable[Mapping[str, Any]], first: Mapping[str, Mapping[str, Any]],
+               history: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        """Go on where a resumed run stopped: the alerts it left open (its ``health`` rows, as `events`, whose
+        start has no end) are active again, so that they end rather than start a second time; each group's
+        ``first`` row and last rows (``history``, oldest first) are the ones it recorded."""
+        for span in spans(earlier):
+            if span["end"] is None:
+                key = (span["rule"], span["group"], span["layer"])
+                self.active[key] = Finding(span["layer"], span["value"], span["severity"], span["message"])
+        self._first.update(first)
+        for group, rows in history.items():
+            self._history[group] = deque(rows, maxlen=HISTORY)
+
     def observe(self, group: str, step: int, row: Mapping[str, Any], units: Sequence[str] = (),
                 quantiles: Sequence[float] = ()) -> list[Event]:
         """The alerts that start or end at this record."""

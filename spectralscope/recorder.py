@@ -255,7 +255,24 @@ class Recorder:
         self.path = self.writer.path
         if opts.resume:
             self.ledger.restore(self.writer._attrs.get("errors", {}))
+            if self.monitor is not None:
+                self._resume_health()
         return start
+
+    def _resume_health(self) -> None:
+        """The health monitor of a resumed run takes up its open alerts, and each group's first and last records."""
+        def rows(group: str, start: int, stop: int | None = None) -> list[dict[str, Any]]:
+            cols = self.writer.committed(group, start, stop)
+            cols.pop("step", None)
+            n = len(next(iter(cols.values()))) if cols else 0
+            return [{v: a[i] for v, a in cols.items()} for i in range(n)]
+
+        groups = [g for g in self._specs if g != "health"]
+        first = {g: r[0] for g in groups if (r := rows(g, 0, 1))}
+        history = {g: r for g in groups if (r := rows(g, -health.HISTORY))}
+        done = {k: (v.tolist() if k in ("step", "value") else [str(x) for x in v.tolist()])
+                for k, v in self.writer.committed("health").items()}
+        self.monitor.resume(health.events(done), first, history)
 
     def _resume_step(self) -> int:
         seen = [int(self.writer._attrs.get("steps", 0))]

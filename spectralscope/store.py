@@ -514,6 +514,15 @@ class RunWriter:
             return None
         return int(st.array("step")[st.n - 1])
 
+    def committed(self, group: str, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        """Rows ``start:stop`` (negative: from the end) of ``group`` already in the store, a resumed run's
+        earlier rows: ``step`` and each variable. Empty for a group the store does not hold."""
+        st = self._groups.get(group)
+        if st is None or st.n == 0:
+            return {}
+        rows = slice(*slice(start, stop).indices(st.n))
+        return {name: np.asarray(st.array(name)[rows]) for name in ("step", *st.spec.variables)}
+
     # ---- writer thread -------------------------------------------------------------------------
     def _run(self) -> None:
         deadline = time.monotonic() + self.flush_seconds
@@ -663,6 +672,9 @@ class DiscardWriter:
 
     def last_step(self, group: str) -> int | None:
         return None
+
+    def committed(self, group: str, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        return {}
 
 
 def optimizer_entries(attrs: Mapping[str, Any]) -> list[dict[str, Any]]:

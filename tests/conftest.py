@@ -80,3 +80,11 @@ def optimizer_sweep(tmp_path_factory) -> list[str]:
     corpus = load_corpus("pcfg")
     return [str(train_one(cfg, o, w, 4, corpus, tqdm(disable=True)))
             for o in ("muon", "adamw", "normuon") for w in (16, 24, 32)]
+
+
+@pytest.fixture(scope="session")
+def sweep_comparison(optimizer_sweep):
+    """`compare.comparison` of the tiny sweep, read and fitted once for every test that only reads it."""
+    from spectralscope.compare import comparison
+
+    return comparison(optimizer_sweep)

@@ -61,6 +61,16 @@ def test_user_mistakes_print_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2 and "not a spectralscope run" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_reader_that_closes_the_pipe_early_stops_the_command_quietly(tmp_path):
+    path = _run(tmp_path)
+    for command in (["info", str(path)], ["doctor", str(path)]):
+        proc = subprocess.Popen([sys.executable, "-m", "spectralscope.cli", *command], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()  # as `| head` does, long before the command has imported torch and written
+        err = proc.stderr.read()
+        assert proc.wait() == 141 and err == "", (command, err)
+
+
 def test_fit_prints_the_table_and_the_recommendation(tmp_path, capsys):
     import pandas as pd
     from test_fit import ALPHA, _law, _write_run

@@ -12,8 +12,8 @@ from spectralscope.fit import confidence_band
 
 
 @pytest.fixture(scope="module")
-def sweep(optimizer_sweep):
-    return optimizer_sweep, comparison(optimizer_sweep)
+def sweep(optimizer_sweep, sweep_comparison):
+    return optimizer_sweep, sweep_comparison
 
 
 def test_a_sweep_is_read_as_its_optimizers_and_widths(sweep):

@@ -7,7 +7,7 @@ import pytest
 import scipy.stats
 
 import spectralscope as ss
-from spectralscope.compare import comparison, summary_text
+from spectralscope.compare import summary_text
 from spectralscope.derived import derive
 
 
@@ -24,8 +24,8 @@ def test_mup_ratios_are_the_stored_norms_over_sqrt_fan_out_over_fan_in(optimizer
         derive(ds.sel(quantile=[0.5]), "mup_update_ratio")
 
 
-def test_mup_exponents_are_ols_of_the_settled_ratios_and_say_whether_they_hold(optimizer_sweep):
-    c = comparison(optimizer_sweep)
+def test_mup_exponents_are_ols_of_the_settled_ratios_and_say_whether_they_hold(optimizer_sweep, sweep_comparison):
+    c = sweep_comparison
     sizes, values = [], []
     for r in optimizer_sweep[:3]:  # muon
         tree = ss.open_run(r)

@@ -151,6 +151,27 @@ def test_a_weight_scaled_away_from_its_mup_size_raises_mup_drift_until_it_is_bac
     assert frame["value"][0] == pytest.approx(ratio, rel=1e-12)
 
 
+def test_a_resumed_run_ends_the_alert_it_left_open_instead_of_starting_it_again(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab=32, width=32, depth=1, heads=2, ctx=16))
+    opt = torch.optim.Muon(model.hidden_matrices(), lr=1e-4)
+    data = torch.randint(0, 32, (12, 8, 17), generator=torch.Generator().manual_seed(1))
+    w = model.transformer["h"][0].mlp.c_proj.weight
+    path = tmp_path / "resumed.zarr"
+    for steps, resume in ((range(0, 6), False), (range(6, 12), True)):  # ×10 at step 4, back at step 8
+        with ss.watch(opt, model, path, every=2, background=False, overhead=None, activations=None, resume=resume):
+            for s in steps:
+                with torch.no_grad():
+                    w.mul_(10.0 if s == 4 else 0.1 if s == 8 else 1.0)
+                model.loss(data[s]).backward()
+                opt.step()
+                opt.zero_grad()
+    frame = _alerts(path)
+    assert list(frame["rule"]) == ["mup_drift"] and (frame["start"][0], frame["end"][0]) == (4, 8)
+    states = [e["state"] for e in recorded_events(ss.open_run(path))]
+    assert states == ["start", "end"]
+
+
 def test_user_rules_are_recorded_and_a_failing_rule_is_said_once(tmp_path, caplog):
     def loss_above_three(record):
         if record.group == "scalars" and record.row["loss"] > 3:

@@ -8,14 +8,13 @@ import re
 import pytest
 
 from spectralscope.cli import main
-from spectralscope.compare import comparison
 from spectralscope.report import report_html
 
 CHROMIUM = "/usr/bin/chromium"
 
 
-def test_the_report_is_self_contained(optimizer_sweep):
-    page = report_html(comparison(optimizer_sweep))
+def test_the_report_is_self_contained(sweep_comparison):
+    page = report_html(sweep_comparison)
     assert not re.search(r"<script[^>]+src=", page)  # plotly.js inlined: it opens offline
     assert page.count("Plotly.newPlot") == 6  # 4, and 2 of the token-frequency buckets
     for o in ("muon", "adamw", "normuon"):
@@ -35,7 +34,7 @@ def test_report_command_writes_the_page_and_says_bad_input_in_one_line(optimizer
 
 
 @pytest.mark.slow
-def test_report_opens_in_chromium_with_its_plots(optimizer_sweep, tmp_path):
+def test_report_opens_in_chromium_with_its_plots(sweep_comparison, tmp_path):
     if not os.path.exists(CHROMIUM):
         if os.environ.get("CI"):
             pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium")
@@ -43,7 +42,7 @@ def test_report_opens_in_chromium_with_its_plots(optimizer_sweep, tmp_path):
     from playwright.sync_api import sync_playwright
 
     path = tmp_path / "report.html"
-    path.write_text(report_html(comparison(optimizer_sweep)), encoding="utf-8")
+    path.write_text(report_html(sweep_comparison), encoding="utf-8")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:

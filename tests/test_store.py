@@ -147,7 +147,6 @@ def test_not_a_run_or_other_schema_is_refused_by_name(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_reader_beside_writer_never_sees_a_torn_row(tmp_path):
     path, stop = tmp_path / "live.zarr", tmp_path / "stop"
     proc = _worker("write", path, stop)
@@ -161,7 +160,9 @@ def test_reader_beside_writer_never_sees_a_torn_row(tmp_path):
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
                 time.sleep(0.05)
         reads, seen, growth = 0, 0, 0
-        while reads < 5000:
+        deadline = time.monotonic() + 600
+        while reads < 1500 or seen <= 2048:  # at least until the arrays have grown past 2048 rows (3 resizes)
+            assert time.monotonic() < deadline and proc.poll() is None, "the writer stopped before 2048 rows"
             # every 10th read through open_run (xarray), all rows checked; the others as the dashboard reads
             # (n_rows, then the rows below it), checked from two chunks before the last commit on: the rows a
             # writer could have touched since
@@ -179,7 +180,7 @@ def test_reader_beside_writer_never_sees_a_torn_row(tmp_path):
         proc.wait(60)
     assert proc.returncode == 0, proc.stderr.read()
     final = _check_rows(ss.open_run(path)["optimizer"].dataset)
-    assert final >= seen and final > 1024, "the reads spanned several array resizes"
+    assert final >= seen > 2048, "the reads spanned several array resizes"
 
 
 def _wait_gone(pid: int, timeout: float = 60.0) -> None:
@@ -198,14 +199,14 @@ def _wait_gone(pid: int, timeout: float = 60.0) -> None:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_leaves_an_intact_store(tmp_path):
-    """20 kills at random moments: the store always opens, every committed row is intact, and what is lost is
+    """12 kills at random moments: the store always opens, every committed row is intact, and what is lost is
     at most the last flush interval plus the writer thread's scheduling slack: 0.5 s on an idle machine, scaled by
     the load per core (the writer thread waits its turn behind every runnable thread; under CI beside other jobs
     a 0.5 s slack was once exceeded by a commit that came late, not by a row that was dropped)."""
     rnd = random.Random(20261122)
     flush = 0.25
     lost, late = [], []
-    for trial in range(20):
+    for trial in range(12):
         path = tmp_path / f"kill{trial}.zarr"
         proc = _worker("train", path, flush)
         word, child = proc.stdout.readline().split()
@@ -250,7 +251,7 @@ def test_sigkill_at_random_moments_leaves_an_intact_store(tmp_path):
                 assert rec.step > steps[-1]
             after = ss.open_run(path)["optimizer"]["step"].values
             assert after[-1] > steps[-1] and np.all(np.diff(after) > 0)
-    print(f"\nSIGKILL x20, flush {flush} s: time between the kill and the newest committed step: "
+    print(f"\nSIGKILL x12, flush {flush} s: time between the kill and the newest committed step: "
           f"median {np.median(lost):.3f} s, max {max(lost):.3f} s; the latest commit, beyond the flush interval: "
           f"{max(late, default=(0.0, 0.5))[0]:.3f} s (slack {max(late, default=(0.0, 0.5))[1]:.2f} s)")
 
