@@ -8,12 +8,15 @@ the spectral-scaling-laws protocol sweeps it).
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import recorder
 from .buckets import frequency_buckets
@@ -167,6 +170,17 @@ def health_line(runs: list[str]) -> str:
     return f"health alerts (spectralscope doctor RUN for each, with what to do): {said}"
 
 
+def _console_loggers() -> list[logging.Logger]:
+    """The loggers that print spectralscope's warnings and health alerts to the console, for tqdm to print them
+    above its progress bar instead of through it: the root logger where it has a console handler, spectralscope's
+    own where no handler is set up at all (Python's last-resort handler prints its warnings), else none."""
+    root = logging.getLogger()
+    if any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
+           for h in root.handlers):
+        return [root]
+    return [] if root.handlers else [logging.getLogger("spectralscope")]
+
+
 def run_demo(cfg: DemoConfig) -> str:
     """Train the sweep for each optimizer, compare, write the CSV tables and report.html, and return the summary."""
     from .compare import comparison, summary_text
@@ -178,7 +192,8 @@ def run_demo(cfg: DemoConfig) -> str:
     t0 = time.time()
     runs: list[str] = []
     points = cfg.points()
-    with tqdm(total=cfg.steps * len(points) * len(cfg.optimizers), desc="training", unit="step") as bar:
+    total = cfg.steps * len(points) * len(cfg.optimizers)
+    with logging_redirect_tqdm(_console_loggers(), tqdm), tqdm(total=total, desc="training", unit="step") as bar:
         for name in cfg.optimizers:
             for width, ratio in points:
                 runs.append(str(train_one(cfg, name, width, ratio, corpus, bar)))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -12,11 +13,15 @@ from spectralscope.cli import main
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_at_a_tiny_setting(tmp_path, capsys):
+def test_demo_end_to_end_at_a_tiny_setting(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
+    monkeypatch.setattr(logging.root, "handlers", [])  # as from the command line: no logging set up
     assert main(["demo", "--out", str(out), "--widths", "16", "24", "32", "40", "--depth", "2", "--steps", "24",
                  "--data", "pcfg", "--imbalance", "1.5"]) == 0
-    text = capsys.readouterr().out
+    said = capsys.readouterr()
+    text = said.out
+    # the run's warnings and alerts are printed, each on a line of its own above the progress bar, not through it
+    assert "spectralscope" in said.err and not re.search(r"[^\r\n]spectralscope", said.err)
     for opt in ("muon", "adamw", "normuon"):
         runs = sorted((out / opt).glob("w*.zarr"))
         assert [p.name for p in runs] == ["w16.zarr", "w24.zarr", "w32.zarr", "w40.zarr"]
