@@ -20,9 +20,10 @@ Per optimizer (the run's ``meta["optimizer"]``, else its class):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -195,19 +196,22 @@ def swept_size(trees) -> str:
     return "model_size"
 
 
-def comparison(runs: Sequence[str], swept: str | None = None, target_size: float | None = None) -> Comparison:
-    """Read and fit a sweep of runs of several optimizers (see the module docstring). ``swept``: the size the
-    activation ranks are fitted against (default `swept_size`); ``target_size``: the model size the NS
-    recommendation is made for (default 10× the largest run)."""
+def comparison(runs: Sequence[str] | Mapping[str, Any], swept: str | None = None,
+               target_size: float | None = None) -> Comparison:
+    """Read and fit a sweep of runs of several optimizers (see the module docstring): their paths, or a mapping of
+    paths to their opened trees (``ss.open_run``). ``swept``: the size the activation ranks are fitted against
+    (default `swept_size`); ``target_size``: the model size the NS recommendation is made for (default 10× the
+    largest run)."""
     import pandas as pd
 
     from .fit import run_labels
     from .store import open_run
 
-    runs = [str(r) for r in runs]
+    # every fit reads these trees: each store is opened and checked once
+    opened = {str(r): t for r, t in runs.items()} if isinstance(runs, Mapping) else {str(r): open_run(r) for r in runs}
+    runs, trees = list(opened), list(opened.values())
     if not runs:
         raise ValueError("compare: no runs given")
-    trees = [open_run(r) for r in runs]
     swept = swept or swept_size(trees)
     names = {run_labels(dict(t.attrs))["optimizer"]: optimizer_name(dict(t.attrs)) for t in trees}
     notes: list[str] = []
@@ -221,12 +225,12 @@ def comparison(runs: Sequence[str], swept: str | None = None, target_size: float
     per_run = per_run.sort_values(["optimizer", "size"], key=lambda s: s.map(order) if s.name == "optimizer" else s)
     nds = pd.concat([nds_series(t, swept) for t in trees], ignore_index=True)
     by3, by2 = ("optimizer", "kind", "depth"), ("optimizer", "kind")
-    momentum = _with_names(fit_scaling(runs, "momentum_sv", by=by3), names)
-    momentum_kind = _with_names(fit_scaling(runs, "momentum_sv", by=by2), names)
+    momentum = _with_names(fit_scaling(opened, "momentum_sv", by=by3), names)
+    momentum_kind = _with_names(fit_scaling(opened, "momentum_sv", by=by2), names)
     activations = {}
     for metric in ("act_soft_rank", "act_hard_rank"):
         try:
-            activations[metric] = _with_names(fit_scaling(runs, metric, by=by2, size=swept), names)
+            activations[metric] = _with_names(fit_scaling(opened, metric, by=by2, size=swept), names)
         except ValueError as exc:
             notes.append(f"{metric} against {swept} not fitted: {exc}")
     from .derived import DERIVED, holds
@@ -234,7 +238,7 @@ def comparison(runs: Sequence[str], swept: str | None = None, target_size: float
     mup = {}
     for metric in DERIVED:
         try:
-            fits = _with_names(fit_scaling(runs, metric, by=by2, size=swept), names)
+            fits = _with_names(fit_scaling(opened, metric, by=by2, size=swept), names)
             mup[metric] = holds(fits)
         except ValueError as exc:
             notes.append(f"{metric} against {swept} not fitted: {exc}")
@@ -242,7 +246,7 @@ def comparison(runs: Sequence[str], swept: str | None = None, target_size: float
     for metric in ("act_soft_rank", "act_hard_rank"):
         for b in buckets:
             try:
-                activations[f"{metric}@{b}"] = _with_names(fit_scaling(runs, metric, by=by2, size=swept, bucket=b),
+                activations[f"{metric}@{b}"] = _with_names(fit_scaling(opened, metric, by=by2, size=swept, bucket=b),
                                                            names)
             except ValueError as exc:
                 notes.append(f"{metric} of bucket {b} against {swept} not fitted: {exc}")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -28,6 +30,7 @@ from .hooks.gradients import GradientSpectra
 from .hooks.sharpness import Sharpness
 from .hooks.weights import WeightSpectra
 from .normuon import NorMuon
+from .store import open_run
 
 #: The optimizer of the hidden matrices and its learning rate, per demo name; embeddings, head and norms always
 #: take AdamW at ``REST_LR``. The rates are the best held-out loss of a sweep at width 64, 300 steps, 2 seeds
@@ -135,13 +138,13 @@ def train_one(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, corpus, pr
     return path
 
 
-def backtest_line(runs: list[str], optimizers: list[str]) -> str:
+def backtest_line(runs: Mapping[str, Any], optimizers: list[str]) -> str:
     """One line: per optimizer, refitting the momentum σ quantiles without the largest run and predicting it."""
     from .fit import backtest
 
     said = []
     for name in optimizers:
-        mine = [r for r in runs if Path(r).parent.name == name]
+        mine = {r: t for r, t in runs.items() if Path(r).parent.name == name}
         try:
             t = backtest(mine, "momentum_sv")
         except ValueError:
@@ -153,16 +156,16 @@ def backtest_line(runs: list[str], optimizers: list[str]) -> str:
             "inside the 95% prediction interval): " + ("; ".join(said) or "not enough sizes"))
 
 
-def health_line(runs: list[str]) -> str:
-    """The alerts the health rules raised in the demo's runs, per optimizer: how many of each severity, by rule."""
+def health_line(runs: Mapping[str, Any]) -> str:
+    """The alerts the health rules raised in the demo's runs (paths → opened trees), per optimizer: how many of
+    each severity, by rule."""
     from collections import Counter
 
     from .doctor import alerts
-    from .store import open_run
 
     per: dict[str, Counter] = {}
-    for r in runs:
-        frame, _ = alerts(open_run(r))
+    for r, tree in runs.items():
+        frame, _ = alerts(tree)
         c = per.setdefault(Path(r).parent.name, Counter())
         c.update(f"{s} {rule}" for s, rule in zip(frame["severity"], frame["rule"], strict=True))
     said = "; ".join(f"{o}: " + (", ".join(f"{n} {k}" for k, n in sorted(c.items())) or "none")
@@ -199,7 +202,8 @@ def run_demo(cfg: DemoConfig) -> str:
                 runs.append(str(train_one(cfg, name, width, ratio, corpus, bar)))
     trained = time.time() - t0
     size = "width" if cfg.sweep == "width" else "ffn_width"
-    result = comparison(runs, swept=size, target_size=cfg.target_size)
+    opened = {r: open_run(r) for r in runs}  # read once by the comparison, the backtest and the health line
+    result = comparison(opened, swept=size, target_size=cfg.target_size)
     out = Path(cfg.out)
     written = result.write_csv(out)
     report = write_report(result, out / "report.html")
@@ -212,8 +216,8 @@ def run_demo(cfg: DemoConfig) -> str:
         "",
         summary_text(result),
         "",
-        backtest_line(runs, cfg.optimizers),
-        health_line(runs),
+        backtest_line(opened, cfg.optimizers),
+        health_line(opened),
         "",
         f"full tables: {', '.join(p.name for p in written)} in {cfg.out}/; plots: {report}",
         f"demo done in {time.time() - start:.0f} s wall time (training {trained:.0f} s; torch on "

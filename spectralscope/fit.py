@@ -340,12 +340,17 @@ FAR = 10.0
 
 
 def open_runs(runs, caller: str, storage_options=None, chunks=None) -> list[tuple[str, object]]:
-    """(where, tree) of every run ``runs`` names: paths, globs or opened trees (``ss.open_run``); ``ValueError``
-    (prefixed with ``caller``) for a pattern that matches none."""
+    """(where, tree) of every run ``runs`` names: paths, globs, opened trees (``ss.open_run``), or a mapping of
+    paths to their opened trees (read as they are, named by their paths); ``ValueError`` (prefixed with
+    ``caller``) for a pattern that matches none."""
+    from collections.abc import Mapping
+
     import xarray as xr
 
     from .store import expand_runs, open_run
 
+    if isinstance(runs, Mapping):
+        return [(str(where), tree) for where, tree in runs.items()]
     items = [runs] if isinstance(runs, (str, xr.DataTree)) or hasattr(runs, "__fspath__") else list(runs)
     trees: list[tuple[str, object]] = []
     for item in items:
@@ -365,7 +370,8 @@ def fit_scaling(runs, metric: str = "momentum_sv", quantile: float | None = None
                 chunks=None, bucket: str = "all", target_size: float | None = None, interval: float = 0.95):
     """One `power_law` of the settled value against model size per layer group (and quantile).
 
-    ``runs``: run paths, globs, opened trees (``ss.open_run``), or a tidy DataFrame with the ``by`` columns,
+    ``runs``: run paths, globs, opened trees (``ss.open_run``), a mapping of paths to opened trees (`open_runs`),
+    or a tidy DataFrame with the ``by`` columns,
     ``size``, ``value`` (and optionally ``quantile``). For each run the settled value of a layer is the
     median over the steps in ``window``; layers are grouped across runs by ``by`` (depth rounded to the
     nearest 0.25 when the runs' depth grids differ), several layers of one group in one run by their median.
