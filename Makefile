@@ -39,6 +39,7 @@ bench: install
 	$(PY) benchmarks/overhead.py --demo
 	$(PY) benchmarks/overhead.py --demo --all-instruments
 	$(PY) benchmarks/instruments.py
+	$(PY) benchmarks/demo_cost.py
 	$(PY) benchmarks/peers.py
 	$(PY) benchmarks/dashboard.py
 

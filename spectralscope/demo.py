@@ -89,6 +89,10 @@ class DemoConfig:
         return float(self.lrs.get(name, OPTIMIZERS[name][1]["lr"]))
 
 
+#: the optimizer records' cadence, with the recording budget off: the fits need every one of them
+OPTIMIZER_EVERY = 10
+
+
 def build(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, vocab: int
           ) -> tuple[GPT, torch.optim.Optimizer, torch.optim.Optimizer]:
     """The model of one sweep point (seeded by ``cfg.seed``, so every optimizer starts from the same weights), the
@@ -103,19 +107,13 @@ def build(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, vocab: int
     return model, main, torch.optim.AdamW(rest, lr=REST_LR, weight_decay=0.0)
 
 
-def train_one(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, corpus, progress: tqdm) -> Path:
-    """Train one sweep point with optimizer ``name``, recording every instrument on its hidden matrices."""
-    model, main, rest = build(cfg, name, width, ffn_ratio, corpus.vocab)
-    gen = torch.Generator().manual_seed(cfg.seed)
+def instruments(cfg: DemoConfig, corpus) -> dict[str, Any]:
+    """The demo's instruments (`watch`'s keyword arguments besides the optimizer cadence): activations 12 times a
+    run, per token-frequency bucket; per-sample gradients, the per-layer sharpness probe, weight spectra and
+    attention logits 6 times."""
     probe = corpus.batch(cfg.batch, cfg.ctx, torch.Generator().manual_seed(cfg.seed + 1))
     cadence = max(1, cfg.steps // 6)
-    stem = f"w{width}" if cfg.sweep == "width" else f"ffn{ffn_ratio * width}"
-    path = Path(cfg.out) / name / f"{stem}.zarr"
-    meta = {"optimizer": name, "lr": cfg.lr(name), "sweep": cfg.sweep, "width": width, "ffn_width": ffn_ratio * width,
-            "depth": cfg.depth, "data": cfg.data, "imbalance": cfg.imbalance, "seed": cfg.seed}
-    with recorder.watch(
-        main, model, path, every=10, overwrite=True, overhead=None,  # the fits need this cadence
-        meta=meta,
+    return dict(
         # HEAD/MID/TAIL by the corpus's character frequencies (`buckets.frequency_buckets`' default cut)
         activations=ActivationSpectra(every=max(1, cfg.steps // 12), max_tokens=2048,
                                       buckets=frequency_buckets(corpus.ids.numpy(), corpus.vocab)),
@@ -124,7 +122,19 @@ def train_one(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, corpus, pr
         sharpness=Sharpness(GPT.loss, probe, every=cadence, per_layer=True),
         weights=WeightSpectra(every=cadence),
         attention=AttentionLogits(every=cadence),
-    ) as rec:
+    )
+
+
+def train_one(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, corpus, progress: tqdm) -> Path:
+    """Train one sweep point with optimizer ``name``, recording every instrument on its hidden matrices."""
+    model, main, rest = build(cfg, name, width, ffn_ratio, corpus.vocab)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    stem = f"w{width}" if cfg.sweep == "width" else f"ffn{ffn_ratio * width}"
+    path = Path(cfg.out) / name / f"{stem}.zarr"
+    meta = {"optimizer": name, "lr": cfg.lr(name), "sweep": cfg.sweep, "width": width, "ffn_width": ffn_ratio * width,
+            "depth": cfg.depth, "data": cfg.data, "imbalance": cfg.imbalance, "seed": cfg.seed}
+    with recorder.watch(main, model, path, every=OPTIMIZER_EVERY, overwrite=True, overhead=None, meta=meta,
+                        **instruments(cfg, corpus)) as rec:
         for _ in range(cfg.steps):
             loss = model.loss(corpus.batch(cfg.batch, cfg.ctx, gen))
             loss.backward()

@@ -65,3 +65,15 @@ def test_weight_alpha_benchmark_prints_agreement_and_speed():
     assert len(rows) == 2
     for r in rows:
         assert float(r[5]) <= 1e-9 and abs(float(r[3]) - float(r[4])) <= 1e-6  # the same α as WeightWatcher's
+
+
+def test_demo_cost_benchmark_prints_a_row_per_instrument_left_out():
+    # its table is docs/benchmarks.md's "Where the demo's time goes": it must keep running against the demo as it is
+    out = subprocess.run([sys.executable, "benchmarks/demo_cost.py", "--repeats", "1", "--steps", "12", "--width", "16",
+                          "--only", "but"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {ln[:46].strip(): ln[46:].split() for ln in out.stdout.splitlines()[2:]}
+    assert set(rows) == {"plain (not watched)"} | {f"every instrument but {n}" for n in
+                                                   ("activations", "gradients", "sharpness", "weights", "attention")}
+    assert rows["plain (not watched)"][1] == "1.00" and all(0 < float(r[2].rstrip("%")) <= 100 for r in rows.values())
+    assert "torch on" in out.stdout.splitlines()[0]
