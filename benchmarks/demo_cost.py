@@ -28,7 +28,7 @@ import torch
 import spectralscope as ss
 from spectralscope import worker
 from spectralscope.corpus import load_corpus
-from spectralscope.demo import OPTIMIZER_EVERY, DemoConfig, build, instruments
+from spectralscope.demo import OPTIMIZER_EVERY, DemoConfig, build, instruments, train_step
 
 
 def _busy() -> tuple[int, int]:
@@ -94,12 +94,7 @@ def run(cfg: DemoConfig, corpus, optimizer: str, width: int, kw: dict | None, pa
     t0, (all0, idle0) = time.perf_counter(), _busy()
     with waits, watching:
         for _ in range(cfg.steps):
-            loss = model.loss(corpus.batch(cfg.batch, cfg.ctx, gen))
-            loss.backward()
-            main.step()
-            rest.step()
-            main.zero_grad()
-            rest.zero_grad()
+            train_step(model, (main, rest), corpus.batch(cfg.batch, cfg.ctx, gen))
     wall, (all1, idle1) = time.perf_counter() - t0, _busy()
     return wall, 1.0 - (idle1 - idle0) / max(1, all1 - all0), waits.seconds
 

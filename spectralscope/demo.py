@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,17 @@ def instruments(cfg: DemoConfig, corpus) -> dict[str, Any]:
     )
 
 
+def train_step(model: GPT, optimizers: Sequence[torch.optim.Optimizer], batch: torch.Tensor) -> torch.Tensor:
+    """One training step on ``batch``: the loss, its gradients, each optimizer's step; returns the loss."""
+    loss = model.loss(batch)
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad()
+    return loss
+
+
 def train_one(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, corpus, progress: tqdm) -> Path:
     """Train one sweep point with optimizer ``name``, recording every instrument on its hidden matrices."""
     model, main, rest = build(cfg, name, width, ffn_ratio, corpus.vocab)
@@ -136,12 +147,7 @@ def train_one(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, corpus, pr
     with recorder.watch(main, model, path, every=OPTIMIZER_EVERY, overwrite=True, overhead=None, meta=meta,
                         **instruments(cfg, corpus)) as rec:
         for _ in range(cfg.steps):
-            loss = model.loss(corpus.batch(cfg.batch, cfg.ctx, gen))
-            loss.backward()
-            main.step()
-            rest.step()
-            main.zero_grad()
-            rest.zero_grad()
+            loss = train_step(model, (main, rest), corpus.batch(cfg.batch, cfg.ctx, gen))
             rec.log(loss=loss)
             progress.update(1)
             progress.set_postfix(opt=name, width=width, ffn=ffn_ratio * width, loss=f"{loss.item():.3f}")
