@@ -245,9 +245,7 @@ def health_events(path: Where, storage_options: Options = None) -> list[dict[str
     n = committed_rows(g)
     if n == 0:
         return []
-    return health.events({"step": np.asarray(g["step"][:n]).tolist(),
-                          "value": np.asarray(g["value"][:n], dtype=np.float64).tolist(),
-                          **{v: [str(x) for x in _plain(np.asarray(g[v][:n])).tolist()] for v in HEALTH_TEXT}})
+    return health.events({v: g[v][:n] for v in ("step", "value", *HEALTH_TEXT)})
 
 
 def health_badge(events: list[dict[str, Any]] | None) -> str:

@@ -29,8 +29,7 @@ def _text(values) -> list[str]:
 def recorded_events(tree) -> list[dict[str, Any]]:
     """The start/end rows of a run's ``health`` group, in order."""
     ds = tree["health"].dataset
-    return health.events({"step": ds["step"].values.tolist(), "value": ds["value"].values.tolist(),
-                          **{v: _text(ds[v].values) for v in schema.HEALTH.strings()}})
+    return health.events({v: ds[v].values for v in ("step", "value", *schema.HEALTH.strings())})
 
 
 def _layer_info(tree) -> dict[str, health.LayerInfo]:

@@ -58,6 +58,8 @@ from typing import Any
 
 import numpy as np
 
+from . import schema
+
 SEVERITIES = ("info", "warning", "critical")
 
 
@@ -388,11 +390,19 @@ class Monitor:
         return events
 
 
-def events(columns: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+def events(columns: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The rows of the ``health`` group as event dicts ({step, value, rule, group, layer, severity, state,
-    message}), from its columns as lists."""
+    message}), from its columns as the store hands them back (arrays or lists): ``step`` as int, the text
+    variables as str, the rest as float."""
+    text = set(schema.HEALTH.strings())
+
+    def plain(name: str, values: Any) -> list[Any]:
+        if name in text:
+            return [str(v) for v in np.asarray(values).tolist()]
+        return np.asarray(values, dtype=np.int64 if name == "step" else np.float64).tolist()
+
     names = list(columns)
-    return [dict(zip(names, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+    return [dict(zip(names, row, strict=True)) for row in zip(*(plain(n, v) for n, v in columns.items()), strict=True)]
 
 
 def spans(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

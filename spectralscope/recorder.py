@@ -270,9 +270,7 @@ class Recorder:
         groups = [g for g in self._specs if g != "health"]
         first = {g: r[0] for g in groups if (r := rows(g, 0, 1))}
         history = {g: r for g in groups if (r := rows(g, -health.HISTORY))}
-        done = {k: (v.tolist() if k in ("step", "value") else [str(x) for x in v.tolist()])
-                for k, v in self.writer.committed("health").items()}
-        self.monitor.resume(health.events(done), first, history)
+        self.monitor.resume(health.events(self.writer.committed("health")), first, history)
 
     def _resume_step(self) -> int:
         seen = [int(self.writer._attrs.get("steps", 0))]
