@@ -40,6 +40,7 @@ bench: install
 	$(PY) benchmarks/overhead.py --demo --all-instruments
 	$(PY) benchmarks/instruments.py
 	$(PY) benchmarks/demo_cost.py
+	$(PY) benchmarks/demo_jobs.py
 	$(PY) benchmarks/peers.py
 	$(PY) benchmarks/dashboard.py
 

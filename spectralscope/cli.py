@@ -297,6 +297,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--imbalance", type=float, default=1.0,
                       help="with --data pcfg: Zipf exponent of the word frequencies (0 = balanced)")
     demo.add_argument("--target-size", type=float, default=None, help="default: 10× the largest model")
+    demo.add_argument("--jobs", type=int, default=None,
+                      help="runs trained at once, each in its own process on cores // jobs torch threads "
+                           "(default: one per usable core; 1 trains in this process at torch's default threads)")
     dash = sub.add_parser("dashboard", help="serve the live dashboard of the runs under a folder")
     dash.add_argument("runs_dir", nargs="?", default="runs",
                       help="folder or fsspec URL (s3://bucket/runs) searched for run stores (default: runs)")
@@ -391,7 +394,7 @@ def _command(argv: Sequence[str] | None) -> int:
             try:
                 cfg = DemoConfig(out=args.out, optimizers=args.optimizers, sweep=args.sweep, widths=args.widths,
                                  width=args.width, ffn=args.ffn, depth=args.depth, steps=args.steps, data=args.data,
-                                 imbalance=args.imbalance, target_size=args.target_size)
+                                 imbalance=args.imbalance, target_size=args.target_size, jobs=args.jobs)
                 print(run_demo(cfg))
             except ValueError as exc:
                 raise UserError(str(exc)) from exc

@@ -9,7 +9,12 @@ the spectral-scaling-laws protocol sweeps it).
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import multiprocessing
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +66,7 @@ class DemoConfig:
     target_size: float | None = None
     seed: int = 0
     lrs: dict[str, float] = field(default_factory=dict)  # overrides of OPTIMIZERS' learning rates
+    jobs: int | None = None  # runs trained at once, each in a process of its own; None: one per usable core
 
     def check(self) -> None:
         unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
@@ -78,6 +84,8 @@ class DemoConfig:
             raise ValueError(f"sizes must be positive, got {sizes}")
         if self.steps < 20:
             raise ValueError(f"--steps must be at least 20, got {self.steps}")
+        if self.jobs is not None and self.jobs < 1:
+            raise ValueError(f"--jobs must be at least 1, got {self.jobs}")
 
     def points(self) -> list[tuple[int, int]]:
         """(model width, FFN ratio) of each model of the sweep, smallest first."""
@@ -136,12 +144,17 @@ def train_step(model: GPT, optimizers: Sequence[torch.optim.Optimizer], batch: t
     return loss
 
 
-def train_one(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, corpus, progress: tqdm) -> Path:
-    """Train one sweep point with optimizer ``name``, recording every instrument on its hidden matrices."""
+def run_stem(cfg: DemoConfig, width: int, ffn_ratio: int) -> str:
+    """The name of a sweep point's run: ``w96`` (width sweep) or ``ffn256`` (FFN sweep)."""
+    return f"w{width}" if cfg.sweep == "width" else f"ffn{ffn_ratio * width}"
+
+
+def train_one(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, corpus, progress: Any) -> Path:
+    """Train one sweep point with optimizer ``name``, recording every instrument on its hidden matrices; each step
+    is told to ``progress`` (a tqdm bar, or anything with its ``update`` and ``set_postfix``)."""
     model, main, rest = build(cfg, name, width, ffn_ratio, corpus.vocab)
     gen = torch.Generator().manual_seed(cfg.seed)
-    stem = f"w{width}" if cfg.sweep == "width" else f"ffn{ffn_ratio * width}"
-    path = Path(cfg.out) / name / f"{stem}.zarr"
+    path = Path(cfg.out) / name / f"{run_stem(cfg, width, ffn_ratio)}.zarr"
     meta = {"optimizer": name, "lr": cfg.lr(name), "sweep": cfg.sweep, "width": width, "ffn_width": ffn_ratio * width,
             "depth": cfg.depth, "data": cfg.data, "imbalance": cfg.imbalance, "seed": cfg.seed}
     with recorder.watch(main, model, path, every=OPTIMIZER_EVERY, overwrite=True, overhead=None, meta=meta,
@@ -152,6 +165,131 @@ def train_one(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, corpus, pr
             progress.update(1)
             progress.set_postfix(opt=name, width=width, ffn=ffn_ratio * width, loss=f"{loss.item():.3f}")
     return path
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def plan_jobs(jobs: int | None, runs: int) -> tuple[int, int]:
+    """(runs trained at once, torch threads in each): ``jobs``, or one per usable core, and never more than
+    ``runs``. One job trains in this process at torch's own thread count; more each take cores // jobs threads.
+    Why: the demo's models are small, so a second thread speeds a step up far less than twice, and two runs side
+    by side on one thread each finish the sweep sooner (docs/benchmarks.md)."""
+    cores = usable_cores()
+    n = max(1, min(jobs or cores, runs))
+    return (1, torch.get_num_threads()) if n == 1 else (n, max(1, cores // n))
+
+
+class _Stopped(Exception):
+    """The demo stops (interrupted, or another job failed): a job ends its run, closing it, and starts no other."""
+
+
+class _Progress:
+    """A job process's stand-in for the demo's progress bar: its steps and postfix go to the parent's queue, and a
+    step raises `_Stopped` once the parent has set ``stop``."""
+
+    def __init__(self, queue: Any, stop: Any) -> None:
+        self.queue, self.stop = queue, stop
+
+    def update(self, n: int = 1) -> None:
+        self.queue.put(("update", n))
+        if self.stop.is_set():
+            raise _Stopped
+
+    def set_postfix(self, **values: Any) -> None:
+        self.queue.put(("postfix", os.getpid(), values))
+
+
+_job: dict[str, Any] = {}  # a job process's queue, stop event, corpus and the run it trains now
+
+
+def _name_the_run(record: logging.LogRecord) -> bool:
+    """Begin a job's log line with the run it came from ("muon w96: …"): several runs are training at once."""
+    record.msg, record.args = f"{_job.get('run', '?')}: {record.getMessage()}", None
+    return True
+
+
+def _start_job(queue: Any, stop: Any, threads: int, levels: dict[str, int], corpus: Any) -> None:
+    """Set up a job process: torch's threads, and its log records (Python warnings among them) sent to the parent
+    at the parent's levels, each naming its run, for the parent to print above its progress bar. Ctrl-C is the
+    parent's to handle: it sets ``stop``, and the job closes its run at its next step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    handler = logging.handlers.QueueHandler(queue)
+    handler.addFilter(_name_the_run)
+    logging.getLogger().handlers = [handler]
+    for name, level in levels.items():
+        logging.getLogger(name or None).setLevel(level)
+    logging.captureWarnings(True)
+    _job.update(queue=queue, stop=stop, corpus=corpus)
+
+
+def _train_job(task: tuple[DemoConfig, str, int, int]) -> tuple[tuple[str, int, int], str | None]:
+    """Train one run in a job process: ((name, width, ratio), its path), or None for the path once stopped."""
+    cfg, name, width, ratio = task
+    if _job["stop"].is_set():
+        return (name, width, ratio), None
+    _job["run"] = f"{name} {run_stem(cfg, width, ratio)}"
+    path = train_one(cfg, name, width, ratio, _job["corpus"], _Progress(_job["queue"], _job["stop"]))
+    return (name, width, ratio), str(path)
+
+
+def _forward(queue: Any, bar: tqdm) -> None:
+    """Until None comes: the job processes' log records to this process's loggers, their steps and each one's
+    run and loss to ``bar``."""
+    running: dict[int, str] = {}  # per job process, its run and loss: the bar shows every job's
+    while (item := queue.get()) is not None:
+        if isinstance(item, logging.LogRecord):
+            logging.getLogger(item.name).handle(item)
+        elif item[0] == "update":
+            bar.update(item[1])
+        else:
+            running[item[1]] = " ".join(f"{k}={v}" for k, v in item[2].items())
+            bar.set_postfix_str(" | ".join(running.values()), refresh=False)
+
+
+def train_all(cfg: DemoConfig, corpus, bar: tqdm) -> tuple[list[str], int, int]:
+    """Train every (optimizer, sweep point) of ``cfg``: (the run paths in the order of ``cfg.optimizers`` and
+    ``cfg.points()``, runs trained at once, torch threads in each; `plan_jobs`). With more than one job, each run
+    trains in a spawned process of a pool, the largest first, so that no job is left alone with a large run at
+    the end; the runs are seeded as in this process and their warnings are printed here. When a run fails or
+    Ctrl-C comes, the other jobs close their runs at their next step and the error is raised here; a second
+    Ctrl-C kills them."""
+    tasks = [(name, w, r) for name in cfg.optimizers for w, r in cfg.points()]
+    jobs, threads = plan_jobs(cfg.jobs, len(tasks))
+    if jobs == 1:
+        return [str(train_one(cfg, *t, corpus, bar)) for t in tasks], 1, threads
+    ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools and locks mid-use
+    queue, stop = ctx.Queue(), ctx.Event()
+    listener = threading.Thread(target=_forward, args=(queue, bar), name="spectralscope-demo-jobs", daemon=True)
+    listener.start()
+    levels = {"": logging.getLogger().level,
+              "spectralscope": logging.getLogger("spectralscope").getEffectiveLevel()}
+    largest_first = sorted(tasks, key=lambda t: -t[1] ** 2 * (4 + 2 * t[2]))  # ∝ the parameters of a block
+    pool = ctx.Pool(jobs, _start_job, (queue, stop, threads, levels, corpus))
+    paths: dict[tuple[str, int, int], str | None] = {}
+    try:
+        try:
+            for task, path in pool.imap_unordered(_train_job, [(cfg, *t) for t in largest_first]):
+                paths[task] = path
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            pool.close()
+            pool.join()  # the jobs exit by themselves, after their last records and steps are in the queue
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        queue.put(None)
+        listener.join()
+    return [str(paths[t]) for t in tasks], jobs, threads
 
 
 def backtest_line(runs: Mapping[str, Any], optimizers: list[str]) -> str:
@@ -200,6 +338,11 @@ def _console_loggers() -> list[logging.Logger]:
     return [] if root.handlers else [logging.getLogger("spectralscope")]
 
 
+def _jobs_said(jobs: int, threads: int) -> str:
+    torch_threads = f"torch on {threads} thread{'s' if threads > 1 else ''}"
+    return torch_threads if jobs == 1 else f"{jobs} runs at a time, {torch_threads} each"
+
+
 def run_demo(cfg: DemoConfig) -> str:
     """Train the sweep for each optimizer, compare, write the CSV tables and report.html, and return the summary."""
     from .compare import comparison, summary_text
@@ -209,13 +352,10 @@ def run_demo(cfg: DemoConfig) -> str:
     start = time.time()
     corpus = load_corpus(cfg.data, cfg.imbalance)
     t0 = time.time()
-    runs: list[str] = []
     points = cfg.points()
     total = cfg.steps * len(points) * len(cfg.optimizers)
     with logging_redirect_tqdm(_console_loggers(), tqdm), tqdm(total=total, desc="training", unit="step") as bar:
-        for name in cfg.optimizers:
-            for width, ratio in points:
-                runs.append(str(train_one(cfg, name, width, ratio, corpus, bar)))
+        runs, jobs, threads = train_all(cfg, corpus, bar)
     trained = time.time() - t0
     size = "width" if cfg.sweep == "width" else "ffn_width"
     opened = {r: open_run(r) for r in runs}  # read once by the comparison, the backtest and the health line
@@ -236,6 +376,5 @@ def run_demo(cfg: DemoConfig) -> str:
         health_line(opened),
         "",
         f"full tables: {', '.join(p.name for p in written)} in {cfg.out}/; plots: {report}",
-        f"demo done in {time.time() - start:.0f} s wall time (training {trained:.0f} s; torch on "
-        f"{torch.get_num_threads()} threads)",
+        f"demo done in {time.time() - start:.0f} s wall time (training {trained:.0f} s; {_jobs_said(jobs, threads)})",
     ])

@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from spectralscope.demo import usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,3 +80,17 @@ def test_demo_cost_benchmark_prints_a_row_per_instrument_left_out():
                                                    ("activations", "gradients", "sharpness", "weights", "attention")}
     assert rows["plain (not watched)"][1] == "1.00" and all(0 < float(r[2].rstrip("%")) <= 100 for r in rows.values())
     assert "torch on" in out.stdout.splitlines()[0]
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="one core: there is nothing to train side by side")
+def test_demo_jobs_benchmark_prints_one_job_against_several():
+    # its table is docs/benchmarks.md's "The demo's runs side by side"
+    out = subprocess.run([sys.executable, "benchmarks/demo_jobs.py", "--repeats", "1", "--steps", "20", "--widths",
+                          "8", "12", "16", "--optimizers", "muon", "--jobs", "2"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {ln[:34].strip(): ln[34:].split() for ln in out.stdout.splitlines()[2:]}
+    assert list(rows) == [f"1 job, torch on {torch.get_num_threads()} thread" + "s" * (torch.get_num_threads() > 1),
+                          "2 jobs, torch on " + ("1 thread" if usable_cores() < 4 else f"{usable_cores() // 2} threads")
+                          + " each"]
+    assert rows[list(rows)[0]][1] == "1.00" and all(0 < float(r[2].rstrip("%")) <= 100 for r in rows.values())
