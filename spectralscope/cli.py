@@ -299,7 +299,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--target-size", type=float, default=None, help="default: 10× the largest model")
     demo.add_argument("--jobs", type=int, default=None,
                       help="runs trained at once, each in its own process on cores // jobs torch threads "
-                           "(default: one per usable core; 1 trains in this process at torch's default threads)")
+                           "(default: one per usable core while each has 1 GiB of available memory; 1 trains in this "
+                           "process at torch's default threads)")
     dash = sub.add_parser("dashboard", help="serve the live dashboard of the runs under a folder")
     dash.add_argument("runs_dir", nargs="?", default="runs",
                       help="folder or fsspec URL (s3://bucket/runs) searched for run stores (default: runs)")

@@ -175,13 +175,34 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+#: the memory a job takes by default planning: its process and its recorder's worker process (≈ 0.55 GiB each
+#: resident with torch loaded, some of it shared libraries)
+JOB_MEMORY = 1 << 30
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new processes (/proc/meminfo's MemAvailable), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def plan_jobs(jobs: int | None, runs: int) -> tuple[int, int]:
-    """(runs trained at once, torch threads in each): ``jobs``, or one per usable core, and never more than
-    ``runs``. One job trains in this process at torch's own thread count; more each take cores // jobs threads.
-    Why: the demo's models are small, so a second thread speeds a step up far less than twice, and two runs side
-    by side on one thread each finish the sweep sooner (docs/benchmarks.md)."""
+    """(runs trained at once, torch threads in each): ``jobs``, or by default one per usable core while each has
+    `JOB_MEMORY` of the available memory; never more than ``runs``. One job trains in this process at torch's own
+    thread count; more each take cores // jobs threads. Why: the demo's models are small, so a second thread
+    speeds a step up far less than twice, and two runs side by side on one thread each finish the sweep sooner
+    (docs/benchmarks.md)."""
     cores = usable_cores()
-    n = max(1, min(jobs or cores, runs))
+    if jobs is None:
+        free = available_memory()
+        jobs = cores if free is None else min(cores, free // JOB_MEMORY)
+    n = max(1, min(jobs, runs))
     return (1, torch.get_num_threads()) if n == 1 else (n, max(1, cores // n))
 
 

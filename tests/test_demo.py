@@ -86,7 +86,16 @@ def test_demo_bad_arguments_exit_2(capsys, tmp_path):
 
 def test_plan_jobs_takes_one_job_per_core_at_most_one_per_run():
     cores = usable_cores()
-    assert plan_jobs(None, 100) == ((cores, 1) if cores > 1 else (1, torch.get_num_threads()))
+
+    def jobs_the_memory_allows() -> int:  # the default needs a GiB of available memory per job
+        with open("/proc/meminfo") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:")) // (1 << 30)
+
+    before = jobs_the_memory_allows()
+    n, threads = plan_jobs(None, 100)
+    bounds = sorted((before, jobs_the_memory_allows()))  # the available memory moves meanwhile
+    assert max(1, min(cores, bounds[0])) <= n <= max(1, min(cores, bounds[1]))
+    assert threads == (max(1, cores // n) if n > 1 else torch.get_num_threads())
     assert plan_jobs(1, 12) == (1, torch.get_num_threads())  # in this process, at torch's own threads
     assert plan_jobs(3, 2) == (2, max(1, cores // 2))  # never more jobs than runs
     assert plan_jobs(4, 12) == (4, max(1, cores // 4))
