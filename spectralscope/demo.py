@@ -66,7 +66,7 @@ class DemoConfig:
     target_size: float | None = None
     seed: int = 0
     lrs: dict[str, float] = field(default_factory=dict)  # overrides of OPTIMIZERS' learning rates
-    jobs: int | None = None  # runs trained at once, each in a process of its own; None: one per usable core
+    jobs: int | None = None  # runs trained at once, each in a process of its own; None: `plan_jobs` decides
 
     def check(self) -> None:
         unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
