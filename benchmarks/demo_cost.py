@@ -31,11 +31,16 @@ from spectralscope.corpus import load_corpus
 from spectralscope.demo import OPTIMIZER_EVERY, DemoConfig, build, instruments, train_step
 
 
-def _busy() -> tuple[int, int]:
+def jiffies() -> tuple[int, int]:
     """(all jiffies, idle + iowait jiffies) of the machine so far."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     return sum(v), v[3] + v[4]
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of the machine's cores busy between two `jiffies` readings."""
+    return 1.0 - (after[1] - before[1]) / max(1, after[0] - before[0])
 
 
 class _Waits:
@@ -91,12 +96,11 @@ def run(cfg: DemoConfig, corpus, optimizer: str, width: int, kw: dict | None, pa
     watching = (contextlib.nullcontext() if kw is None else
                 ss.watch(main, model, path, every=OPTIMIZER_EVERY, overwrite=True, overhead=None, **kw))
     waits = _Waits()
-    t0, (all0, idle0) = time.perf_counter(), _busy()
+    t0, before = time.perf_counter(), jiffies()
     with waits, watching:
         for _ in range(cfg.steps):
             train_step(model, (main, rest), corpus.batch(cfg.batch, cfg.ctx, gen))
-    wall, (all1, idle1) = time.perf_counter() - t0, _busy()
-    return wall, 1.0 - (idle1 - idle0) / max(1, all1 - all0), waits.seconds
+    return time.perf_counter() - t0, busy_share(before, jiffies()), waits.seconds
 
 
 def main() -> None:

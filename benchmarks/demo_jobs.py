@@ -20,37 +20,18 @@ import time
 from pathlib import Path
 
 import torch
+from demo_cost import busy_share, jiffies  # the script's own folder is on the path
+from tqdm.auto import tqdm
 
 from spectralscope.corpus import load_corpus
 from spectralscope.demo import DemoConfig, plan_jobs, train_all, usable_cores
 
 
-def _busy() -> tuple[int, int]:
-    """(all jiffies, idle + iowait jiffies) of the machine so far."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return sum(v), v[3] + v[4]
-
-
-class _Quiet:
-    """A progress bar that shows nothing."""
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **_) -> None:
-        pass
-
-    def set_postfix_str(self, *_, **__) -> None:
-        pass
-
-
 def train(cfg: DemoConfig, corpus) -> tuple[float, float, int, int]:
     """(wall seconds, share of the cores busy, jobs, threads each) of training ``cfg``'s sweep once."""
-    t0, (all0, idle0) = time.perf_counter(), _busy()
-    _, jobs, threads = train_all(cfg, corpus, _Quiet())
-    wall, (all1, idle1) = time.perf_counter() - t0, _busy()
-    return wall, 1.0 - (idle1 - idle0) / max(1, all1 - all0), jobs, threads
+    t0, before = time.perf_counter(), jiffies()
+    _, jobs, threads = train_all(cfg, corpus, tqdm(disable=True))
+    return time.perf_counter() - t0, busy_share(before, jiffies()), jobs, threads
 
 
 def main() -> None:
