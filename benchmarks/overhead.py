@@ -21,7 +21,10 @@ wall clock — the training loop's slowdown when a core is free for the worker (
 here, the machine has two); process_time would not see the worker process at all. The account then adds
 the worker process's CPU (from /proc), which the training loop does not wait for. `--inline` watches with
 ``background=False`` (everything on the training thread, timed by time.process_time(), which also counts
-the writer's threads); `--thread` measures on a worker thread (what a GPU gets), by the wall clock.
+the writer's threads, when torch runs on one thread; by the wall clock when it runs on more, since the process
+clock then sums every torch thread's CPU, spin-waits included, and reads a record that holds training up for its
+whole time at about 1/threads of that); `--thread` measures on a worker thread (what a GPU gets), by the wall
+clock.
 """
 
 from __future__ import annotations
@@ -293,8 +296,8 @@ def main() -> None:
                     help="watch with background=False (records measured and written on the training thread)")
     ap.add_argument("--thread", action="store_true", help="watch with background='thread' (records on a worker thread)")
     ap.add_argument("--clock", choices=("process", "wall"), default=None,
-                    help="time blocks by process CPU time (default with --inline) or by the wall clock (default "
-                         "otherwise)")
+                    help="time blocks by process CPU time (default with --inline at one torch thread) or by the "
+                         "wall clock (default otherwise)")
     ap.add_argument("--overhead", type=float, default=None,
                     help="watch with this overhead budget (e.g. 0.02, watch's default); without it the budget is off "
                          "(the cadence is the user's); the stretch it settled on is printed")
@@ -311,7 +314,7 @@ def main() -> None:
         ap.error("--all-instruments needs --demo")
     if args.inline and args.thread:
         ap.error("--inline and --thread exclude each other")
-    args.clock = args.clock or ("process" if args.inline else "wall")
+    args.clock = args.clock or ("process" if args.inline and torch.get_num_threads() == 1 else "wall")
     mode = "inline" if args.inline else "on a worker thread" if args.thread else "in a worker process"
     if args.demo:
         base, make_opts, batches, instruments, desc = demo_setup(args)

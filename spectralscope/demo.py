@@ -379,7 +379,9 @@ def run_demo(cfg: DemoConfig) -> str:
         runs, jobs, threads = train_all(cfg, corpus, bar)
     trained = time.time() - t0
     size = "width" if cfg.sweep == "width" else "ffn_width"
-    opened = {r: open_run(r) for r in runs}  # read once by the comparison, the backtest and the health line
+    # read once, into memory, for the comparison, the backtest and the health line: the demo's runs are small, and
+    # the fits would otherwise read each variable chunk by chunk again for every metric
+    opened = {r: open_run(r).load() for r in runs}
     result = comparison(opened, swept=size, target_size=cfg.target_size)
     out = Path(cfg.out)
     written = result.write_csv(out)

@@ -46,6 +46,9 @@ def test_overhead_benchmark_runs_and_states_its_thread_setting(mode):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "watched/plain" in out.stdout and "direct account" in out.stdout
     assert ("torch on 1 thread(s);" if mode == ["--threads", "1"] else "(its default)") in out.stdout
+    # the process clock sums every torch thread's CPU: it times inline records only where torch has one thread
+    one = "torch on 1 thread(s)" in out.stdout
+    assert ("process clock" if mode == ["--inline"] and one else "wall clock") in out.stdout
     assert "failed" not in out.stderr
 
 
