@@ -25,6 +25,7 @@ from spectralscope.buckets import ALL, bucket_lookup, check_buckets
 from spectralscope.covariance import CovarianceStats, activation_metrics, covariance_eigenvalues, token_matrix
 from spectralscope.layers import in_features
 from spectralscope.store import GroupSpec
+from spectralscope.threads import one_blas_thread
 
 from .modules import Context, check_every, check_modules, find_modules, module_coords, module_kinds
 
@@ -242,7 +243,10 @@ class ActivationSpectra:
                 return
             t = time.perf_counter()
             try:
-                self._add(i, args[0])
+                # where the inputs are summed here, not deferred to a worker, SciPy's dsyrk runs inside training's
+                # forward pass: OpenBLAS's pool at its own size would spin against torch's threads there
+                with one_blas_thread():
+                    self._add(i, args[0])
             except Exception as exc:  # never into the forward pass
                 self._ledger.failed("act_eig", self._names[i], exc)
             finally:

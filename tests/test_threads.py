@@ -83,6 +83,32 @@ def test_a_record_on_the_training_thread_runs_on_one_blas_thread(tmp_path, two_b
     assert set(_blas_threads()) == {2}
 
 
+def test_activations_summed_in_the_forward_pass_run_on_one_blas_thread(tmp_path, two_blas_threads, monkeypatch):
+    # inline, the activation hooks add each input's xᵀx with SciPy's dsyrk inside training's forward pass: on two
+    # BLAS threads, OpenBLAS's spinning pool slowed torch's own layers of that step about tenfold
+    from spectralscope import covariance
+
+    seen, add_gram = [], covariance._add_gram
+
+    def spy(ss_, x):
+        seen.append(_blas_threads())
+        add_gram(ss_, x)
+
+    monkeypatch.setattr(covariance, "_add_gram", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with ss.watch(opt, model, tmp_path / "a.zarr", every=1, activations=ss.ActivationSpectra(every=1),
+                  background=False) as rec:
+        for _ in range(3):
+            model(torch.randn(5, 8)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            assert set(_blas_threads()) == {2}  # given back after each forward pass
+    assert len(seen) >= 6 and all(set(s) == {1} for s in seen)
+    assert rec.errors == {} or "act_eig" not in str(rec.errors)
+
+
 def test_the_worker_process_runs_at_the_lowest_priority(tmp_path):
     model = nn.Linear(4, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
