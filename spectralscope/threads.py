@@ -4,9 +4,10 @@ A record's linear algebra runs partly in torch (its intra-op pool, sized by ``to
 in SciPy's LAPACK and BLAS (OpenBLAS's own pool, sized by ``OPENBLAS_NUM_THREADS`` or the core count). Left to
 their defaults on a machine with few cores, the two pools take turns on the same cores, and each one's threads
 spin while the other works: a record on the training thread cost about four times as much at torch's default
-two threads as at one (docs/benchmarks.md). So a record finished in the training process holds the BLAS pools
-to one thread (`one_blas_thread`); the worker process runs on one thread at the lowest priority (`WORKER_NICE`),
-so that a training run using every core keeps them.
+two threads as at one (docs/benchmarks.md). So a record finished in the training process, and the activation
+hooks' sums taken inside its forward pass, hold the BLAS pools to one thread (`one_blas_thread`); the worker
+process runs on one thread at the lowest priority (`WORKER_NICE`), so that a training run using every core keeps
+them.
 """
 
 from __future__ import annotations
