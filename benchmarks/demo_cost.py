@@ -2,6 +2,7 @@
 instrument, and with every instrument but one, by wall clock at torch's default threads.
 
     python benchmarks/demo_cost.py [--repeats 2] [--optimizer muon] [--width 96] [--steps 300] [--threads N]
+                                   [--only TEXT ...]
 
 Each row is one whole run of the demo's largest model (`spectralscope.demo`: its data, seed, optimizers and
 instruments, `spectralscope.demo.instruments`), watched as the demo watches it (optimizer records every 10 steps,
@@ -9,7 +10,8 @@ the recording budget off). The rows run in turn, then again in the reverse order
 so that a drift of the machine's speed falls on every row alike; each row gives its median wall time, its ratio to
 the plain run's median, the share of both cores busy over the run (from /proc/stat: the machine's, training and
 the worker process together), and the seconds training waited for room in the worker process's queue (a record
-is handed over only while fewer than `worker.MAX_PENDING` are in flight).
+is handed over only while fewer than `worker.MAX_PENDING` are in flight). The rows marked *core lent* watch with
+``lend_core=True``: training runs on one torch thread fewer while the worker process measures (`threads.lend_core`).
 """
 
 from __future__ import annotations
@@ -68,9 +70,9 @@ class _Waits:
         worker.WorkerProcess.submit = self._submit
 
 
-def cases(cfg: DemoConfig, corpus) -> dict[str, Callable[[], dict | None]]:
-    """Row label → a function making that row's `watch` keyword arguments, fresh instruments each time (None: not
-    watched)."""
+def cases(cfg: DemoConfig, corpus) -> dict[str, tuple[Callable[[], dict | None], bool]]:
+    """Row label → (a function making that row's `watch` keyword arguments, fresh instruments each time (None: not
+    watched); whether training lends the worker process a core while it measures)."""
     every = lambda: instruments(cfg, corpus)  # noqa: E731
 
     def but(name: str) -> Callable[[], dict]:
@@ -81,20 +83,26 @@ def cases(cfg: DemoConfig, corpus) -> dict[str, Callable[[], dict | None]]:
         probe = kw["sharpness"]
         return {**kw, "sharpness": ss.Sharpness(probe.loss_fn, probe.batch, every=probe.every, per_layer=False)}
 
-    rows: dict[str, Callable[[], dict | None]] = {"plain (not watched)": lambda: None,
-                                                  "optimizer records only": lambda: dict.fromkeys(every(), None),
-                                                  "every instrument (the demo)": every}
-    rows.update({f"every instrument but {name}": but(name) for name in every()})
-    rows["every instrument, sharpness per_layer=False"] = flat_probe
+    records = lambda: dict.fromkeys(every(), None)  # noqa: E731
+    rows: dict[str, tuple[Callable[[], dict | None], bool]] = {
+        "plain (not watched)": (lambda: None, False),
+        "optimizer records only": (records, False),
+        "optimizer records only, core lent": (records, True),
+        "every instrument (the demo)": (every, False),
+        "every instrument, core lent": (every, True)}
+    rows.update({f"every instrument but {name}": (but(name), False) for name in every()})
+    rows["every instrument, sharpness per_layer=False"] = (flat_probe, False)
     return rows
 
 
-def run(cfg: DemoConfig, corpus, optimizer: str, width: int, kw: dict | None, path: Path) -> tuple[float, float, float]:
-    """One run of the sweep point: (wall seconds, share of the cores busy, seconds waited for the worker)."""
+def run(cfg: DemoConfig, corpus, optimizer: str, width: int, kw: dict | None, path: Path,
+        lend: bool = False) -> tuple[float, float, float]:
+    """One run of the sweep point: (wall seconds, share of the cores busy, seconds waited for the worker); ``lend``:
+    whether training lends the worker process a core while it measures."""
     model, main, rest = build(cfg, optimizer, width, 4, corpus.vocab)
     gen = torch.Generator().manual_seed(cfg.seed)
     watching = (contextlib.nullcontext() if kw is None else
-                ss.watch(main, model, path, every=OPTIMIZER_EVERY, overwrite=True, overhead=None, **kw))
+                ss.watch(main, model, path, every=OPTIMIZER_EVERY, overwrite=True, overhead=None, lend_core=lend, **kw))
     waits = _Waits()
     t0, before = time.perf_counter(), jiffies()
     with waits, watching:
@@ -110,7 +118,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=None, help="default: the demo's largest width")
     ap.add_argument("--steps", type=int, default=None, help="default: the demo's steps")
     ap.add_argument("--threads", type=int, default=None, help="torch's threads (default: its own default)")
-    ap.add_argument("--only", default="", help="run the rows whose label contains this text (and the plain one)")
+    ap.add_argument("--only", nargs="*", default=[],
+                    help="run the rows whose label contains one of these texts (and the plain one)")
     args = ap.parse_args()
     logging.getLogger("spectralscope").setLevel(logging.ERROR)  # the runs' health alerts are the demo's business
     if args.threads:
@@ -120,7 +129,8 @@ def main() -> None:
         cfg = DemoConfig(steps=args.steps)
     width = args.width or max(cfg.widths)
     corpus = load_corpus(cfg.data)
-    rows = {k: v for k, v in cases(cfg, corpus).items() if k.startswith("plain") or args.only in k}
+    rows = {k: v for k, v in cases(cfg, corpus).items() if k.startswith("plain") or not args.only
+            or any(text in k for text in args.only)}
     print(f"the demo's {args.optimizer} run at width {width}: depth {cfg.depth}, {cfg.steps} steps of "
           f"{cfg.batch}x{cfg.ctx} tokens; torch on {torch.get_num_threads()} threads, wall clock, "
           f"{args.repeats} passes alternating the order of the rows")
@@ -128,7 +138,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
             for label in (list(rows) if rep % 2 == 0 else list(rows)[::-1]):
-                results[label].append(run(cfg, corpus, args.optimizer, width, rows[label](), Path(tmp) / "run.zarr"))
+                make, lend = rows[label]
+                results[label].append(run(cfg, corpus, args.optimizer, width, make(), Path(tmp) / "run.zarr", lend))
     plain = statistics.median(w for w, _, _ in results["plain (not watched)"])
     print(f"{'watching':<46} {'wall s':>7} {'× plain':>8} {'cores busy':>11} {'waited s':>9}")
     for label, got in results.items():

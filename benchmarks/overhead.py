@@ -100,8 +100,14 @@ def optimizers(model: nn.Module):
     return torch.optim.Muon(hidden, lr=0.02), torch.optim.AdamW(rest, lr=3e-3)
 
 
-def make_block(model, opts, batches, clock=time.process_time):
+def make_block(model, opts, batches, clock=time.process_time, lent: list[int] | None = None):
+    """A function training ``n`` steps and returning their time by ``clock``; ``lent``: counts the blocks that begin
+    with torch on fewer threads than its default (a core still lent to the worker process by the other model)."""
+    threads = torch.get_num_threads()
+
     def run(n: int) -> float:
+        if lent is not None and torch.get_num_threads() != threads:
+            lent[0] += 1
         t = clock()
         for _ in range(n):
             x = next(batches)
@@ -295,6 +301,9 @@ def main() -> None:
     ap.add_argument("--inline", action="store_true",
                     help="watch with background=False (records measured and written on the training thread)")
     ap.add_argument("--thread", action="store_true", help="watch with background='thread' (records on a worker thread)")
+    ap.add_argument("--lend-core", action="store_true",
+                    help="watch with lend_core=True (training on one torch thread fewer while the worker process "
+                         "measures)")
     ap.add_argument("--clock", choices=("process", "wall"), default=None,
                     help="time blocks by process CPU time (default with --inline at one torch thread) or by the "
                          "wall clock (default otherwise)")
@@ -314,8 +323,11 @@ def main() -> None:
         ap.error("--all-instruments needs --demo")
     if args.inline and args.thread:
         ap.error("--inline and --thread exclude each other")
+    if args.lend_core and (args.inline or args.thread):
+        ap.error("--lend-core is about the worker process: not with --inline or --thread")
     args.clock = args.clock or ("process" if args.inline and torch.get_num_threads() == 1 else "wall")
-    mode = "inline" if args.inline else "on a worker thread" if args.thread else "in a worker process"
+    mode = ("inline" if args.inline else "on a worker thread" if args.thread else
+            "in a worker process" + (", a core lent to it" if args.lend_core else ""))
     if args.demo:
         base, make_opts, batches, instruments, desc = demo_setup(args)
         stream_a, stream_b = batches(1), batches(1)
@@ -330,7 +342,8 @@ def main() -> None:
     del base
     opts_a, opts_b = make_opts(plain), make_opts(watched)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    run_a = make_block(plain, opts_a, stream_a, clock)
+    lent = [0]  # plain blocks begun while the watched model's loan of a core was still out
+    run_a = make_block(plain, opts_a, stream_a, clock, lent)
     run_b = make_block(watched, opts_b, stream_b, clock)
     steps = args.block * args.group
     with tempfile.TemporaryDirectory() as tmp:
@@ -340,6 +353,8 @@ def main() -> None:
         if args.inline or args.thread:
             extra["background"] = False if args.inline else "thread"
         extra["overhead"] = args.overhead
+        if args.lend_core:
+            extra["lend_core"] = True
         rec = None if args.control else ss.watch(opts_b[0], watched, f"{tmp}/bench.zarr", every=args.every, **extra)
         if rec is not None and child_process(rec) is not None:
             child_process(rec).wait_ready(120)  # records wait for no one while it starts: they are measured inline
@@ -371,6 +386,8 @@ def main() -> None:
     print(f"{1e3 * step:9.1f}ms {100 * overhead:+13.2f}% {100 * (q[0] - 1):+6.2f}…{100 * (q[2] - 1):+.2f}% "
           f"{100 * (min(ratios) - 1):+6.2f}…{100 * (max(ratios) - 1):+.2f}% {100 * (sum(tb) / sum(ta) - 1):+11.2f}% "
           f"{overhead * steps:17.2f} steps")
+    if lent[0]:
+        print(f"WARNING: {lent[0]} plain blocks began with a core still lent to the worker process: they ran slower")
     if budget is not None:
         print(f"overhead budget {100 * budget['budget']:.1f}%: the recorder's own account {100 * budget['achieved']:.2f}% "
               f"of training time (since the cadence settled {budget['settled_share']}); cadence x{budget['stretch']} "

@@ -108,7 +108,7 @@ def check_layers(layers: Any) -> None:
 
 def check_options(*, every: Any, meta: Any, name: Any, model_size: Any, ns_floor: Any, flush_seconds: Any,
                   resume: Any, overwrite: Any, storage_options: Any, exact_max: Any, sv_method: Any,
-                  tensorboard: Any, background: Any, overhead: Any = None) -> None:
+                  tensorboard: Any, background: Any, overhead: Any = None, lend_core: Any = False) -> None:
     """Every option of `watch` that is a plain value."""
     check(_is_int(every) and every >= 1, "every", "an int >= 1", every)
     check(overhead is None or (_is_number(overhead) and 0 < overhead < 1), "overhead",
@@ -139,6 +139,7 @@ def check_options(*, every: Any, meta: Any, name: Any, model_size: Any, ns_floor
     check(background is True or background is False or (isinstance(background, str)
                                                          and background in ("auto", "thread", "process")),
           "background", "'auto', True, False, 'thread' or 'process'", background)
+    check(isinstance(lend_core, bool), "lend_core", "True or False", lend_core)
 
 
 def check_writable(path: str | Path) -> None:
@@ -202,6 +203,7 @@ class Options:
     tensorboard: str | Path | None = None
     background: bool | str = "auto"
     overhead: float | None = DEFAULT_OVERHEAD
+    lend_core: bool = False
 
     def __post_init__(self) -> None:
         from .hooks.activations import ActivationSpectra
@@ -214,7 +216,7 @@ class Options:
                       ns_floor=self.ns_floor, flush_seconds=self.flush_seconds, resume=self.resume,
                       overwrite=self.overwrite, storage_options=self.storage_options, exact_max=self.exact_max,
                       sv_method=self.sv_method, tensorboard=self.tensorboard, background=self.background,
-                      overhead=self.overhead)
+                      overhead=self.overhead, lend_core=self.lend_core)
         check_layers(self.layers)
         self.quantiles = check_quantiles(self.quantiles)
         self.kind_rules = check_kinds(self.kinds)

@@ -36,6 +36,7 @@ from .hooks.sharpness import Sharpness
 from .hooks.weights import WeightSpectra
 from .normuon import NorMuon
 from .store import open_run
+from .threads import usable_cores
 
 #: The optimizer of the hidden matrices and its learning rate, per demo name; embeddings, head and norms always
 #: take AdamW at ``REST_LR``. The rates are the best held-out loss of a sweep at width 64, 300 steps, 2 seeds
@@ -165,14 +166,6 @@ def train_one(cfg: DemoConfig, name: str, width: int, ffn_ratio: int, corpus, pr
             progress.update(1)
             progress.set_postfix(opt=name, width=width, ffn=ffn_ratio * width, loss=f"{loss.item():.3f}")
     return path
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 #: the memory a job takes by default planning: its process and its recorder's worker process (≈ 0.55 GiB each

@@ -17,7 +17,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import threading
 import time
 import weakref
@@ -34,7 +33,7 @@ from spectralscope.hooks.gradients import GradientSpectra
 from spectralscope.hooks.modules import Context
 from spectralscope.hooks.weights import WeightSpectra
 
-from . import arguments, distributed, health, schema
+from . import arguments, distributed, health, schema, threads
 from . import budget as budget_policy
 from .adapters import adapter_for, qualified_name
 from .budget import Budget
@@ -145,7 +144,7 @@ class Recorder:
             inline_only=self.sharded or not self.writes, sink=self._emit, ledger=self.ledger,
             devices={lay.param.device for lay in self.layers}, writer=self.writer, specs=self._specs,
             finishers={g: f for g, f in finishers.items() if getattr(f, "portable", True)},
-            storage_options=opts.storage_options, name=self.path)
+            storage_options=opts.storage_options, name=self.path, lend_core=opts.lend_core)
         self.background = not isinstance(self.runner, InlineRunner)
         for inst in self.instruments:  # hooks copy what is finished elsewhere (not what must be reduced here)
             inst.defer = self.runner.finishes_elsewhere(inst.group, inst.finisher) and getattr(inst, "may_defer", True)
@@ -379,6 +378,7 @@ class Recorder:
 
     def _before_step(self, j: int, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Before optimizer ``j`` steps (0: the clock, which also drives the module instruments)."""
+        self.runner.tick()
         if self.budget is None:
             return self._before(j)
         t = time.perf_counter()
@@ -404,6 +404,7 @@ class Recorder:
     def _after_step(self, j: int, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """After optimizer ``j`` stepped: its part of the optimizer record (submitted once every optimizer has
         stepped), and for the clock the module instruments' records and the next training step."""
+        self.runner.tick()
         if self.budget is None:
             return self._after(j)
         t = time.perf_counter()
@@ -451,11 +452,12 @@ class Recorder:
         self.writer.update_attrs(overhead=self.overhead_report())
 
     def _child_cpu(self) -> float:
-        """The worker process's CPU seconds, when it competes with training for the cores: torch's threads take
-        every core (its nice level makes it yield, yet what it runs is then not training's). Counted whole, so
-        the budget errs on the side of training. 0 with a core to spare, or without a worker process."""
+        """The worker process's CPU seconds, when it competes with training for the cores: torch's threads, as the
+        user set them, take every usable core (its nice level makes it yield, and ``lend_core`` lends it a core when
+        it falls behind, yet what it runs is then not training's). Counted whole, so the budget errs on the side of
+        training. 0 with a core to spare, or without a worker process."""
         process = getattr(self.runner, "process", None)
-        if process is None or torch.get_num_threads() < (os.cpu_count() or 1):
+        if process is None or threads.training_threads() < threads.usable_cores():
             return 0.0
         return process.cpu_seconds()
 
@@ -620,12 +622,18 @@ calls of a recorded step's forward; off by default), ``tensorboard`` (a log
     them; a killed training process loses at most the last flush interval, and the worker process commits
     what it measured when its parent is gone; not under FSDP2; the rows are bit for bit the inline ones; the
     worker process runs at nice 19 on one thread, and a record on the training thread holds the BLAS pools to
-    one thread, `spectralscope.threads`), ``overhead`` (a budget: the share of training time recording may
-    take, 0.02 by default; None: no budget, the cadence given whatever it costs. The training thread's wall time
-    in the recorder's hooks, waits for a record in flight included, and the worker process's CPU time when
-    torch's threads take every core, is measured against the time between decisions (windows of at least a
-    second, the first once a worker process is ready; under torch.distributed rank 0 decides for all ranks), and
-    every group's cadence is stretched ×2 while over budget and relaxed ×½ under a quarter of it, never below the user's:
+    one thread, `spectralscope.threads`), ``lend_core`` (False by default; True: when a record is handed to the
+    worker process while it still measures an earlier one, and torch's threads take every usable core, training
+    runs on one torch thread fewer until the first optimizer hook after the child has nothing in flight. Much
+    faster at torch's default thread count when the records are large against the steps, but the steps trained
+    meanwhile order their float32 sums for fewer threads, so the parameters are no longer bit for bit those of
+    an unwatched run, nor of another watched one: which steps are lent depends on the child's timing.
+    `spectralscope.threads`), ``overhead`` (a budget: the share of training time recording may take, 0.02 by
+    default; None: no budget, the cadence given whatever it costs. The training thread's wall time in the
+    recorder's hooks, waits for a record in flight included, and the worker process's CPU time when torch's
+    threads take every core, is measured against the time between decisions (windows of at least a second, the
+    first once a worker process is ready; under torch.distributed rank 0 decides for all ranks), and every group's
+    cadence is stretched ×2 while over budget and relaxed ×½ under a quarter of it, never below the user's:
     `spectralscope.budget`; the root attribute ``overhead`` and ``spectralscope info`` give the share and the
     cadence used).
     Under torch.distributed call it on every rank with the same arguments: only rank 0 writes (the path is

@@ -279,6 +279,11 @@ class WorkerProcess:
         first recorder; True also once the child is gone, which `submit` then reports)."""
         return self.child.ready.is_set() or not self.alive
 
+    @property
+    def busy(self) -> bool:
+        """Whether the worker process has a job in flight, this recorder's or another's."""
+        return bool(self.child.routes)
+
     def cpu_seconds(self) -> float:
         """The child's CPU time so far (user + system, all its recorders' work), 0 where /proc cannot say."""
         return stat_cpu_seconds(f"/proc/{self.proc.pid}/stat") or 0.0

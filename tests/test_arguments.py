@@ -44,6 +44,7 @@ BAD = {
     "name": st.one_of(st.integers(), st.just(""), st.just(["a"])),
     "resume": st.one_of(st.integers(min_value=2), st.text(min_size=1, max_size=2), st.none()),
     "overwrite": st.one_of(st.integers(min_value=2), st.text(min_size=1, max_size=2), st.none()),
+    "lend_core": st.one_of(st.integers(min_value=2), st.text(min_size=1, max_size=2), st.none()),
     "storage_options": st.one_of(st.integers(), st.text(min_size=1, max_size=3), st.just([("a", 1)])),
     "exact_max": st.one_of(st.integers(max_value=0), st.floats(), st.booleans(), st.text(max_size=2)),
     "sv_method": st.one_of(st.text(max_size=4).filter(_not("auto", "exact", "slq")), st.integers(), st.none()),

@@ -28,6 +28,9 @@ class InlineRunner:
     def finishes_elsewhere(self, group: str, finisher: Any) -> bool:
         return False
 
+    def tick(self) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..threads import lend_core, reclaim_core
 from ..worker import WorkerProcess, can_pickle
 
 log = logging.getLogger("spectralscope")
@@ -98,8 +99,10 @@ class ProcessRunner:
     None when it cannot be had."""
 
     def __init__(self, sink: Any, ledger: Any, writer: Any, specs: Mapping[str, Any], finishers: Mapping[str, Any],
-                 storage_options: Mapping[str, Any] | None, fallback: Any, inline: Any, required: bool) -> None:
+                 storage_options: Mapping[str, Any] | None, fallback: Any, inline: Any, required: bool,
+                 lend_core: bool = False) -> None:
         self.sink, self.ledger, self.writer, self.specs = sink, ledger, writer, dict(specs)
+        self.lend_core = lend_core
         self.fallback, self.inline = fallback, inline
         self._fallback_name = "inline" if fallback is inline else "on a worker thread"
         # groups the child appends to, with their committed rows when handed over and the rows it has confirmed
@@ -158,7 +161,10 @@ class ProcessRunner:
     def submit(self, group: str, step: int, payload: Any, finisher: Any, live: bool = False) -> None:
         proc = self.process
         if proc is not None and proc.ready and group in self.groups:
+            behind = proc.busy  # the cycles training leaves it did not finish the last record
             if self._to_child(Job("finish", group), step, payload):
+                if self.lend_core and behind:  # it measures on a core of its own, training on the others
+                    lend_core()
                 return
         if self.process is not None and not self.process.ready and group in self.groups:  # starting: here, not queued
             self.inline.submit(group, step, payload, finisher, live)
@@ -190,6 +196,12 @@ class ProcessRunner:
         self._take_back()
         return False
 
+    def tick(self) -> None:
+        """At each optimizer hook, on the training thread: the core lent to the child comes back once it has
+        nothing in flight (`threads.reclaim_core`)."""
+        proc = self.process
+        reclaim_core(proc is not None and proc.alive and proc.busy)
+
     def flush(self) -> None:
         self.fallback.flush()  # first: its rows may go through the child
         if self.process is not None:
@@ -203,6 +215,7 @@ class ProcessRunner:
         if self.handed and not self.child_closed:
             self._take_back()  # the child died: its groups are trimmed and counted here
         self.fallback.close()
+        reclaim_core(False)
 
     # ---- the groups the child writes ------------------------------------------------------------------
     def _hand_over(self) -> None:

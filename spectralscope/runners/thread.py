@@ -102,6 +102,9 @@ class ThreadRunner:
                 item = payload = None  # the copies go now, not when the next job arrives
                 self._jobs.task_done()
 
+    def tick(self) -> None:
+        pass
+
     def flush(self) -> None:
         if self._thread is not None:
             self._jobs.join()
