@@ -35,7 +35,7 @@ def test_gpu_benchmark_refuses_a_cpu_without_smoke():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [[], ["--inline"], ["--threads", "1"]])
+@pytest.mark.parametrize("mode", [[], ["--inline"], ["--threads", "1"], ["--lend-core"]])
 def test_overhead_benchmark_runs_and_states_its_thread_setting(mode):
     # its tables are docs/benchmarks.md's: it must keep running against the recorder as it is (it once read a
     # recorder attribute a refactor had removed, and nobody saw)
@@ -49,6 +49,7 @@ def test_overhead_benchmark_runs_and_states_its_thread_setting(mode):
     # the process clock sums every torch thread's CPU: it times inline records only where torch has one thread
     one = "torch on 1 thread(s)" in out.stdout
     assert ("process clock" if mode == ["--inline"] and one else "wall clock") in out.stdout
+    assert ("a core lent to it" in out.stdout) == (mode == ["--lend-core"])
     assert "failed" not in out.stderr
 
 
@@ -76,11 +77,11 @@ def test_weight_alpha_benchmark_prints_agreement_and_speed():
 def test_demo_cost_benchmark_prints_a_row_per_instrument_left_out():
     # its table is docs/benchmarks.md's "Where the demo's time goes": it must keep running against the demo as it is
     out = subprocess.run([sys.executable, "benchmarks/demo_cost.py", "--repeats", "1", "--steps", "12", "--width", "16",
-                          "--only", "but"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--only", "but", "core lent"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {ln[:46].strip(): ln[46:].split() for ln in out.stdout.splitlines()[2:]}
-    assert set(rows) == {"plain (not watched)"} | {f"every instrument but {n}" for n in
-                                                   ("activations", "gradients", "sharpness", "weights", "attention")}
+    assert set(rows) == {"plain (not watched)", "optimizer records only, core lent", "every instrument, core lent"} | {
+        f"every instrument but {n}" for n in ("activations", "gradients", "sharpness", "weights", "attention")}
     assert rows["plain (not watched)"][1] == "1.00" and all(0 < float(r[2].rstrip("%")) <= 100 for r in rows.values())
     assert "torch on" in out.stdout.splitlines()[0]
 
